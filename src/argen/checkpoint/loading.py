@@ -1,0 +1,171 @@
+"""Load and save tokenizers and generators (released LlamaGen files and argen's own)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from argen.checkpoint.released import extract_state_dict, read_torch_file
+from argen.models.gpt import GPT, GPTConfig, gpt_config
+from argen.models.tokenizer import VQConfig, VQModel, vq_config
+from argen.utils.errors import ArgenError, CheckpointError
+from argen.utils.io import atomic_write, atomic_write_json
+
+FORMAT = "argen"
+FILE_STEMS = {"vq": "tokenizer", "gpt": "gpt"}
+
+
+# ------------------------------------------------------------------ strict loading
+def load_strict(model: torch.nn.Module, state: dict, source: str, config_desc: str) -> None:
+    """Copy `state` into `model`; fail naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                shown = ", ".join(items[:6]) + (f", ... (+{len(items) - 6} more)" if len(items) > 6 else "")
+                parts.append(f"{len(items)} {label} key(s): {shown}")
+        raise CheckpointError(f"{source} does not match {config_desc}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------ argen format
+def _resolve_argen_file(path: Path, family: str) -> Path | None:
+    if path.is_dir():
+        candidate = path / f"{FILE_STEMS[family]}.safetensors"
+        if not candidate.is_file():
+            raise CheckpointError(f"{path} is a directory without {candidate.name}")
+        return candidate
+    if path.suffix == ".safetensors":
+        return path
+    return None
+
+
+def _read_argen_meta(file: Path, family: str) -> dict:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {file}: the file is truncated or corrupt ({exc})") from exc
+    if "argen" in meta:
+        info = json.loads(meta["argen"])
+    else:
+        sidecar = file.with_suffix(".json")
+        if not sidecar.is_file():
+            raise CheckpointError(f"{file} carries no argen config and has no {sidecar.name} beside it")
+        info = json.loads(sidecar.read_text())
+    if info.get("family") != family:
+        raise CheckpointError(f"{file} holds a {info.get('family')!r} model, not a {family!r} model")
+    return info
+
+
+def _load_argen_weights(file: Path) -> dict:
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {file}: the file is truncated or corrupt ({exc})") from exc
+
+
+def _save_argen(model: torch.nn.Module, config_dict: dict, family: str, path: str | Path,
+                extra: dict | None = None) -> Path:
+    path = Path(path)
+    file = path / f"{FILE_STEMS[family]}.safetensors" if path.suffix != ".safetensors" else path
+    info = {"format": FORMAT, "family": family, "config": config_dict, **(extra or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"argen": json.dumps(info, sort_keys=True)}
+    atomic_write(file, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    atomic_write_json(file.with_suffix(".json"), info)
+    return file
+
+
+def _finish(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+# ------------------------------------------------------------------ tokenizer
+def save_tokenizer(model: VQModel, path: str | Path, extra: dict | None = None) -> Path:
+    """Write `<path>/tokenizer.safetensors` (+ .json), or to `path` itself if it ends in .safetensors."""
+    return _save_argen(model, model.config.to_dict(), "vq", path, extra)
+
+
+def load_tokenizer(path: str | Path, config: str | VQConfig | None = None, device=None,
+                   dtype: torch.dtype | None = None, container: str | None = None) -> VQModel:
+    """Load a tokenizer in eval mode. Released files need `config` (e.g. "VQ-16")."""
+    path = Path(path)
+    argen_file = _resolve_argen_file(path, "vq")
+    if argen_file is not None:
+        info = _read_argen_meta(argen_file, "vq")
+        cfg = VQConfig.from_dict(info["config"])
+        if config is not None:
+            asked = vq_config(config) if isinstance(config, str) else config
+            if asked != cfg:
+                raise CheckpointError(f"{argen_file} holds tokenizer config {cfg.name!r}, not {asked.name!r}")
+        model = VQModel(cfg)
+        load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"tokenizer config {cfg.name!r}")
+        return _finish(model, device, dtype)
+    if config is None:
+        raise ArgenError(f"{path} is a released (torch) checkpoint: pass the tokenizer config, e.g. "
+                         f"config='VQ-16' (--tokenizer-config VQ-16)")
+    cfg = vq_config(config) if isinstance(config, str) else config
+    state = extract_state_dict(read_torch_file(path), str(path), container)
+    model = VQModel(cfg)
+    load_strict(model, state, str(path), f"tokenizer config {cfg.name!r}")
+    return _finish(model, device, dtype)
+
+
+# ------------------------------------------------------------------ generator
+def build_gpt_config(config: str | GPTConfig, kind: str | None = None, image_size: int | None = None,
+                     downsample: int | None = None, **overrides) -> GPTConfig:
+    """Named config plus the released-file flags; for t2i the released caption width is 2048."""
+    base = gpt_config(config) if isinstance(config, str) else config
+    fields = {k: v for k, v in (("kind", kind), ("image_size", image_size), ("downsample", downsample))
+              if v is not None}
+    fields.update(overrides)
+    if not fields:
+        return base
+    return GPTConfig.from_dict({**base.to_dict(), **fields})
+
+
+def save_gpt(model: GPT, path: str | Path, extra: dict | None = None) -> Path:
+    """Write `<path>/gpt.safetensors` (+ .json), or to `path` itself if it ends in .safetensors."""
+    return _save_argen(model, model.config.to_dict(), "gpt", path, extra)
+
+
+def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str | None = None,
+             image_size: int | None = None, downsample: int | None = None, device=None,
+             dtype: torch.dtype | None = None, container: str | None = None) -> GPT:
+    """Load a generator in eval mode. Released files need `config` and usually `kind`,
+    `image_size` and `downsample`; argen files carry their own config (a different
+    `image_size` may be given to sample at another resolution, since RoPE is not stored)."""
+    path = Path(path)
+    argen_file = _resolve_argen_file(path, "gpt")
+    if argen_file is not None:
+        info = _read_argen_meta(argen_file, "gpt")
+        cfg = GPTConfig.from_dict(info["config"])
+        if kind is not None and kind != cfg.kind:
+            raise CheckpointError(f"{argen_file} is a {cfg.kind} generator, not {kind}")
+        if image_size is not None or downsample is not None:
+            cfg = build_gpt_config(cfg, image_size=image_size, downsample=downsample)
+        model = GPT(cfg)
+        load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"generator config {cfg.name!r}")
+        return _finish(model, device, dtype)
+    if config is None:
+        raise ArgenError(f"{path} is a released (torch) checkpoint: pass the generator config, e.g. "
+                         f"config='GPT-B', kind='c2i', image_size=256, downsample=16")
+    cfg = build_gpt_config(config, kind=kind, image_size=image_size, downsample=downsample)
+    state = extract_state_dict(read_torch_file(path), str(path), container)
+    model = GPT(cfg)
+    desc = f"generator config {cfg.name!r} (kind={cfg.kind}, image_size={cfg.image_size}, downsample={cfg.downsample})"
+    load_strict(model, state, str(path), desc)
+    return _finish(model, device, dtype)

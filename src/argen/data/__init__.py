@@ -1,0 +1,1 @@
+"""Data: datasets, transforms, the bundled demo set, code shards and text features."""

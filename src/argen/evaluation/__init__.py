@@ -1,0 +1,1 @@
+"""Evaluation: ADM-protocol FID / sFID / IS / precision / recall and reconstruction metrics."""

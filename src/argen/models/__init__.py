@@ -1,0 +1,1 @@
+"""Single-device models: the VQ image tokenizer and the Llama generator, with named configs."""

@@ -1,0 +1,103 @@
+"""Pure functions on logits: guidance, temperature, top-k, top-p. No state, no randomness.
+
+Semantics follow LlamaGen: temperature divides the logits first, then top-k keeps every logit >=
+the k-th largest (ties kept), then top-p keeps the smallest prefix of the sorted distribution whose
+mass reaches p (the token that crosses p is kept, and the top token always is). top_k=0 and
+top_p=1.0 disable the filters. Guidance: uncond + s * (cond - uncond).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from argen.utils.errors import ArgenError
+
+GUIDANCE_SCHEDULES = ("constant", "linear", "power")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    cfg_scale: float = 1.0
+    cfg_interval: int = -1
+    cfg_schedule: str = "constant"
+    cfg_power: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ArgenError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ArgenError(f"temperature must be > 0, got {self.temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ArgenError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ArgenError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if int(self.cfg_interval) != self.cfg_interval or self.cfg_interval < -1:
+            raise ArgenError(f"cfg_interval must be -1 (always guide) or a token index >= 0, got "
+                             f"{self.cfg_interval}")
+        if self.cfg_schedule not in GUIDANCE_SCHEDULES:
+            raise ArgenError(f"cfg_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.cfg_schedule!r}")
+        if self.cfg_power <= 0:
+            raise ArgenError(f"cfg_power must be > 0, got {self.cfg_power}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional branch is needed at all."""
+        return self.cfg_scale != 1.0 or self.cfg_schedule != "constant"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def guidance_scale_at(params: SamplingParams, token_index: int, num_tokens: int) -> float:
+    """Guidance scale for image token `token_index` (0-based) of `num_tokens`.
+
+    `cfg_interval` = i (LlamaGen's meaning) guides tokens 0..i+1 and uses the conditional logits
+    alone afterwards. Schedules ramp from 1 at token 0 to cfg_scale at the last token:
+    linear 1 + (s-1) * t, power 1 + (s-1) * t**cfg_power, with t = token_index / (num_tokens - 1).
+    """
+    if params.cfg_interval > -1 and token_index > params.cfg_interval + 1:
+        return 1.0
+    if params.cfg_schedule == "constant":
+        return params.cfg_scale
+    t = token_index / max(num_tokens - 1, 1)
+    if params.cfg_schedule == "power":
+        t = t ** params.cfg_power
+    return 1.0 + (params.cfg_scale - 1.0) * t
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    return uncond + scale * (cond - uncond)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set logits below the k-th largest (per row) to -inf. k=0 disables."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: drop tokens whose preceding cumulative probability already exceeds p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative > p
+    remove_sorted[..., 1:] = remove_sorted[..., :-1].clone()
+    remove_sorted[..., 0] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Temperature, then top-k, then top-p; returns filtered float32 logits (B, V)."""
+    logits = logits.float() / max(temperature, 1e-5)
+    logits = top_k_filter(logits, top_k)
+    return top_p_filter(logits, top_p)

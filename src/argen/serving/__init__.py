@@ -1,0 +1,1 @@
+"""HTTP serving over the generation engine."""

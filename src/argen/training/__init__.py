@@ -1,0 +1,1 @@
+"""Training loops for the tokenizer and the generator."""

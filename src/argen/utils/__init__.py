@@ -1,0 +1,1 @@
+"""Lowest layer: errors, atomic file writes, device/dtype helpers. Imports nothing from argen."""
