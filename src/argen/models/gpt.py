@@ -14,7 +14,6 @@ Entry points (the model keeps no inference state; the KV cache belongs to the ca
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -307,5 +306,3 @@ class GPT(nn.Module):
         return 6.0 * self.num_parameters()
 
 
-def ceil_to(value: int, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)
