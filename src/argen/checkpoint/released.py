@@ -29,8 +29,12 @@ def read_torch_file(path: str | Path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} holds objects that are not allowed in a weights file "
-                              f"(refusing to unpickle arbitrary code): {str(exc).splitlines()[0]}") from exc
+        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        detail = detail[0] if detail else type(exc).__name__
+        if "Unsupported global" in str(exc):
+            raise CheckpointError(f"{path} holds objects that are not allowed in a weights file (refusing to "
+                                  f"unpickle arbitrary code): {detail}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({detail})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({first})") from exc

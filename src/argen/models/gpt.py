@@ -189,7 +189,7 @@ class GPT(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         hidden = swiglu_hidden_dim(config.dim, config.multiple_of, config.ffn_dim_multiplier)
-        drop_path = torch.linspace(0, config.drop_path_rate, config.n_layer).tolist()
+        drop_path = [config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]
         self.layers = nn.ModuleList([
             TransformerBlock(config.dim, config.n_head, config.n_kv_head, hidden, config.norm_eps,
                              config.attn_dropout_p, config.resid_dropout_p, config.ffn_dropout_p, drop_path[i])

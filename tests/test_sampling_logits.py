@@ -1,0 +1,91 @@
+"""Pure logit functions: top-k / top-p edge cases, guidance math and schedules, parameter validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from argen.sampling import SamplingParams, guidance_scale_at, guided_logits, process_logits, top_k_filter, top_p_filter
+from argen.utils.errors import ArgenError
+
+NEG = float("-inf")
+
+
+def kept(logits: torch.Tensor) -> list[list[int]]:
+    return [torch.nonzero(torch.isfinite(row)).flatten().tolist() for row in logits]
+
+
+def test_top_k_keeps_k_largest_and_ties():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [1.0, 2.0, 2.0, 0.0, 2.0]])
+    assert kept(top_k_filter(logits, 2)) == [[1, 3], [1, 2, 4]]
+    assert kept(top_k_filter(logits, 1)) == [[1], [1, 2, 4]]
+
+
+def test_top_k_zero_or_larger_than_vocab_is_a_no_op():
+    logits = torch.randn(3, 7)
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    assert torch.equal(top_k_filter(logits, 7), logits)
+    assert torch.equal(top_k_filter(logits, 100), logits)
+
+
+def test_top_p_keeps_the_token_that_crosses_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert kept(top_p_filter(logits, 0.45)) == [[0]]
+    assert kept(top_p_filter(logits, 0.6)) == [[0, 1]]
+    assert kept(top_p_filter(logits, 0.96)) == [[0, 1, 2, 3]]
+    assert kept(top_p_filter(logits, 0.81)) == [[0, 1, 2]]
+
+
+def test_top_p_always_keeps_the_top_token_and_one_is_a_no_op():
+    logits = torch.tensor([[0.0, 10.0, 1.0], [3.0, 2.0, 1.0]])
+    assert kept(top_p_filter(logits, 1e-6)) == [[1], [0]]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_top_p_works_on_unsorted_rows_independently():
+    logits = torch.tensor([[0.1, 0.2, 5.0, 0.0], [5.0, 4.9, -3.0, -3.0]])
+    assert kept(top_p_filter(logits, 0.9)) == [[2], [0, 1]]
+
+
+def test_process_logits_applies_temperature_before_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    out = process_logits(logits, temperature=0.5, top_k=2)
+    assert torch.allclose(out[0, :2], torch.tensor([4.0, 2.0]))
+    assert out[0, 2] == NEG
+    # a low temperature sharpens the distribution so that top-p keeps fewer tokens
+    assert kept(process_logits(logits, temperature=2.0, top_p=0.7)) == [[0, 1]]
+    assert kept(process_logits(logits, temperature=0.25, top_p=0.7)) == [[0]]
+
+
+def test_guidance_math():
+    cond, uncond = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])
+    assert torch.equal(guided_logits(cond, uncond, 1.0), cond)
+    assert torch.equal(guided_logits(cond, uncond, 0.0), uncond)
+    assert torch.allclose(guided_logits(cond, uncond, 4.0), torch.tensor([5.0, -7.0]))
+
+
+def test_guidance_interval_follows_llamagen():
+    params = SamplingParams(cfg_scale=4.0, cfg_interval=2)
+    assert [guidance_scale_at(params, t, 10) for t in range(6)] == [4.0, 4.0, 4.0, 4.0, 1.0, 1.0]
+    always = SamplingParams(cfg_scale=4.0)
+    assert all(guidance_scale_at(always, t, 10) == 4.0 for t in range(10))
+
+
+@pytest.mark.parametrize("schedule,power,mid", [("linear", 1.0, 2.5), ("power", 2.0, 1.75)])
+def test_guidance_schedules_ramp_from_one_to_scale(schedule, power, mid):
+    params = SamplingParams(cfg_scale=4.0, cfg_schedule=schedule, cfg_power=power)
+    assert guidance_scale_at(params, 0, 11) == 1.0
+    assert math.isclose(guidance_scale_at(params, 5, 11), mid)
+    assert math.isclose(guidance_scale_at(params, 10, 11), 4.0)
+    assert params.guided and not SamplingParams(cfg_scale=1.0).guided
+
+
+@pytest.mark.parametrize("bad", [dict(cfg_scale=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+                                 dict(temperature=0.0), dict(temperature=-1.0), dict(cfg_interval=-2),
+                                 dict(cfg_schedule="cubic"), dict(cfg_scale=float("nan"))])
+def test_invalid_sampling_parameters_are_rejected(bad):
+    with pytest.raises(ArgenError):
+        SamplingParams(**bad)
