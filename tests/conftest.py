@@ -38,9 +38,10 @@ def tiny_gpt(kind: str = "c2i", seed: int = 0, **overrides) -> GPT:
     return randomize(GPT(build_gpt_config("GPT-tiny", kind=kind, **overrides)), seed)
 
 
-def tiny_tokenizer(seed: int = 0) -> VQModel:
+def tiny_tokenizer(seed: int = 0, name: str = "VQ-tiny-16") -> VQModel:
+    """A tiny tokenizer whose downsample (16) and codebook (512) match GPT-tiny."""
     torch.manual_seed(seed)
-    return VQModel(vq_config("VQ-tiny")).eval()
+    return VQModel(vq_config(name)).eval()
 
 
 def save_released(model: torch.nn.Module, path, container: str | None = "model", with_args: bool = True):
