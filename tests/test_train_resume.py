@@ -1,0 +1,77 @@
+"""Exact resume: a training process killed with SIGKILL (between steps, or in the middle of writing a
+checkpoint) and resumed ends with bit-identical weights to an uninterrupted run."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import make_codes
+
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from argen.training import checkpointing
+    from argen.training.gpt import TrainConfig, train
+
+    codes, out, kill_step, kill_in_save, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", \\
+        sys.argv[5] == "1"
+
+    def die(step):
+        if step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if kill_in_save:
+        real = checkpointing.write_state
+        def half_write(state, path):
+            if state["step"] == kill_step:
+                path.write_bytes(b"half a checkpoint")
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(state, path)
+        checkpointing.write_state = half_write
+
+    cfg = TrainConfig(codes=codes, out=out, config="GPT-tiny", max_steps=10, batch_size=6, lr=1e-2, ema=True,
+                      warmup=3, schedule="cosine", ckpt_every=2, keep=2, log_every=1, deterministic=True,
+                      tensorboard=False, progress=False, resume=resume)
+    train(cfg, on_step=None if kill_in_save else die)
+""")
+
+
+def _run(script, codes, out, kill_step=-1, kill_in_save=False, resume=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(script), str(codes), str(out), str(kill_step), str(int(kill_in_save)),
+            str(int(resume))]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    codes = make_codes(root)  # 24 images: batches of 6 cross epoch boundaries
+    script = root / "run.py"
+    script.write_text(SCRIPT)
+    full = _run(script, codes, root / "full")
+    assert full.returncode == 0, full.stderr
+    return root, codes, script
+
+
+@pytest.mark.parametrize("kill_in_save", [False, True])
+def test_sigkill_then_resume_is_exact(tmp_path, uninterrupted, kill_in_save):
+    root, codes, script = uninterrupted
+    # a step that is a checkpoint step when killing during the save, any step otherwise
+    kill_step = random.Random().choice([4, 6, 8] if kill_in_save else range(1, 10))
+    killed = _run(script, codes, tmp_path / "cut", kill_step=kill_step, kill_in_save=kill_in_save)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "gpt.safetensors").exists()
+    resumed = _run(script, codes, tmp_path / "cut", resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("gpt.safetensors", "raw/gpt.safetensors"):
+        a, b = load_file(str(root / "full" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (kill_step, name, key)
