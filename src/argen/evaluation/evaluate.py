@@ -1,0 +1,143 @@
+"""`evaluate(ref, samples, inception)`: FID, sFID, IS, precision and recall of an ADM sample batch.
+
+Contract:
+- Both files are ADM-format npz batches (`argen.evaluation.npz`); their images must share one size.
+- The reference's precomputed `mu`/`sigma`/`mu_s`/`sigma_s` are used when all four are present (as the
+  ADM evaluator does); its pool activations are always computed, for precision/recall.
+- Activations and statistics are cached next to each npz as `<name>.<sha256[:16]>.<weights id>.stats.npz`
+  (file content hash + network id), so a reference batch is run through Inception once. An unwritable
+  folder only skips the cache.
+- Returns the JSON-ready result dict; see `docs/evaluation.md` for its fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from argen import __version__
+from argen.evaluation.fid import Activations, compute_activations
+from argen.evaluation.metrics import frechet_distance, inception_score, precision_recall
+from argen.evaluation.npz import ImageBatchFile
+from argen.models.inception import FIDInception
+from argen.utils.errors import ArgenError
+from argen.utils.io import atomic_write
+
+PROTOCOL = ("ADM (guided-diffusion evaluator): FID/precision/recall on pool_3 (2048), sFID on mixed_6/conv[..., :7] "
+            "(2023), IS from unbiased logits over 10 splits, k-NN manifold k=3; TF1 bilinear resize to 299")
+RANDOM_WARNING = "RANDOM-WEIGHT INCEPTION: for testing the pipeline only; these numbers are NOT FIDs"
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_path(batch_path: Path, digest: str, weights_id: str) -> Path:
+    safe_id = re.sub(r"[^A-Za-z0-9_.-]", "-", weights_id)
+    return batch_path.with_name(f"{batch_path.name}.{digest[:16]}.{safe_id}.stats.npz")
+
+
+def _load_cache(path: Path) -> Activations | None:
+    try:
+        with np.load(path) as data:
+            return Activations(data["pool"], data["mu"], data["sigma"], data["mu_s"], data["sigma_s"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _save_cache(path: Path, acts: Activations) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, pool=acts.pool, mu=acts.mu, sigma=acts.sigma, mu_s=acts.mu_s, sigma_s=acts.sigma_s)
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        print(f"argen evaluate: note: could not write the statistics cache {path} ({exc})", file=sys.stderr)
+
+
+def batch_activations(batch: ImageBatchFile, inception: FIDInception, batch_size: int, use_cache: bool,
+                      label: str, progress: bool = True) -> tuple[Activations, str]:
+    """Activations of one npz batch, from its cache when valid. Returns (activations, 'cache'|'computed')."""
+    path = None
+    if use_cache:
+        path = cache_path(batch.path, file_digest(batch.path), inception.weights_id)
+        if path.is_file():
+            acts = _load_cache(path)
+            if acts is not None and acts.count == batch.count:
+                return acts, "cache"
+    acts = compute_activations(batch.iter_batches(batch_size), inception, batch_size, total=batch.count,
+                               desc=label, progress=progress)
+    if path is not None:
+        _save_cache(path, acts)
+    return acts, "computed"
+
+
+def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDInception, batch_size: int = 50,
+             use_cache: bool = True, k: int = 3, is_splits: int = 10, pr_block_size: int = 10000,
+             progress: bool = True) -> dict:
+    """All metrics of `sample_path` against `ref_path`; see the module docstring."""
+    start = time.perf_counter()
+    ref = ImageBatchFile(ref_path, "reference batch")
+    smp = ImageBatchFile(sample_path, "sample batch")
+    if ref.image_size != smp.image_size:
+        raise ArgenError(f"the reference images are {ref.image_size[0]}x{ref.image_size[1]} but the samples are "
+                               f"{smp.image_size[0]}x{smp.image_size[1]}; resize the samples to the reference size "
+                               f"(argen sample-batch --eval-size {ref.image_size[0]})")
+    minimum = max(2, k + 1)
+    for name, batch in (("reference", ref), ("sample", smp)):
+        if batch.count < minimum:
+            raise ArgenError(f"the {name} batch {batch.path} has {batch.count} images; FID, precision and "
+                                   f"recall (k={k}) need at least {minimum} (50,000 samples for the ImageNet protocol)")
+    ref_acts, ref_source = batch_activations(ref, inception, batch_size, use_cache, "reference", progress)
+    smp_acts, smp_source = batch_activations(smp, inception, batch_size, use_cache, "samples", progress)
+    ref_stats = ref.statistics()
+    stats_source = "precomputed in the reference npz" if ref_stats is not None else ref_source
+    if ref_stats is None:
+        ref_stats = {"mu": ref_acts.mu, "sigma": ref_acts.sigma, "mu_s": ref_acts.mu_s, "sigma_s": ref_acts.sigma_s}
+    fid = frechet_distance(ref_stats["mu"], ref_stats["sigma"], smp_acts.mu, smp_acts.sigma)
+    sfid = frechet_distance(ref_stats["mu_s"], ref_stats["sigma_s"], smp_acts.mu_s, smp_acts.sigma_s)
+    device = inception.fc.weight.device
+    splits = min(is_splits, smp_acts.count)
+    logits = inception.logits_from_pool(torch.from_numpy(smp_acts.pool).to(device)).cpu().numpy()
+    isc = inception_score(logits, splits)
+    precision, recall = precision_recall(ref_acts.pool, smp_acts.pool, k=k, block_size=pr_block_size, device=device)
+    result = {
+        "fid": fid,
+        "sfid": sfid,
+        "inception_score": isc,
+        "precision": precision,
+        "recall": recall,
+        "num_reference": ref.count,
+        "num_samples": smp.count,
+        "image_size": list(smp.image_size),
+        "inception_score_splits": splits,
+        "precision_recall_k": k,
+        "protocol": PROTOCOL,
+        "reference": str(ref.path),
+        "samples": str(smp.path),
+        "reference_statistics": stats_source,
+        "sample_statistics": smp_source,
+        "inception_weights": {
+            "id": inception.weights_id,
+            "random": bool(inception.is_random),
+            "matches_published_sha256_prefix": bool(inception.matches_published),
+        },
+        "argen_version": __version__,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if inception.is_random:
+        result["warning"] = RANDOM_WARNING
+    if smp.count < 50000:
+        result["note"] = (f"{smp.count} samples: FID is biased upwards below the 50,000 of the ImageNet protocol; "
+                          f"compare only numbers computed with the same sample count")
+    return result
