@@ -1,0 +1,111 @@
+"""ADM npz reading/writing, statistics caching and `argen evaluate` (errors, JSON contract)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from argen.cli.main import main
+from argen.evaluation.evaluate import batch_activations, cache_path, file_digest
+from argen.evaluation.npz import ImageBatchFile, NpzImageWriter
+from argen.models.inception import random_inception
+from argen.utils.errors import ArgenError
+
+
+def images(n, size=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return random_inception(0)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_streamed_reader_returns_the_stored_images(tmp_path, compressed):
+    data = images(11)
+    path = tmp_path / "batch.npz"
+    (np.savez_compressed if compressed else np.savez)(path, data, np.arange(11))
+    batch = ImageBatchFile(path)
+    assert batch.count == 11 and batch.image_size == (16, 16) and batch.has("arr_1")
+    chunks = list(batch.iter_batches(4))
+    assert [c.shape[0] for c in chunks] == [4, 4, 3]
+    assert np.array_equal(np.concatenate(chunks), data)
+    assert batch.statistics() is None
+
+
+def test_writer_streams_an_npz_that_numpy_reads(tmp_path):
+    data = images(7)
+    writer = NpzImageWriter(tmp_path / "out.npz", data.shape)
+    writer.write(data[:3])
+    writer.write(data[3:])
+    path = writer.close({"arr_1": np.arange(7)})
+    with np.load(path) as loaded:
+        assert np.array_equal(loaded["arr_0"], data) and np.array_equal(loaded["arr_1"], np.arange(7))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]  # no temp file left behind
+
+
+def test_writer_refuses_short_writes(tmp_path):
+    writer = NpzImageWriter(tmp_path / "out.npz", (4, 16, 16, 3))
+    writer.write(images(2))
+    with pytest.raises(ValueError, match="wrote 2"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.zeros((4, 16, 16, 3), np.float32), "must be uint8"),
+    (np.zeros((4, 3, 16, 16), np.uint8), "NCHW"),
+    (np.zeros((16, 16, 3), np.uint8), "4-D"),
+    (np.zeros((4, 16, 16, 4), np.uint8), "3 \\(RGB\\) channels"),
+])
+def test_malformed_batches_get_clear_errors(tmp_path, array, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, array)
+    with pytest.raises(ArgenError, match=message):
+        ImageBatchFile(path)
+
+
+def test_missing_arr_0_and_non_npz(tmp_path):
+    np.savez(tmp_path / "named.npz", images=images(4))
+    with pytest.raises(ArgenError, match="no `arr_0`"):
+        ImageBatchFile(tmp_path / "named.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(ArgenError, match="cannot read"):
+        ImageBatchFile(tmp_path / "text.npz")
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_reports_bad_inputs_with_exit_2(tmp_path, capsys):
+    np.savez(tmp_path / "ref.npz", images(6, 16))
+    np.savez(tmp_path / "nchw.npz", images(6, 16).transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "big.npz", images(6, 24))
+    np.savez(tmp_path / "few.npz", images(3, 16))
+    base = ["evaluate", str(tmp_path / "ref.npz")]
+    for name, message in (("nchw.npz", "NCHW"), ("big.npz", "16x16 but the samples are 24x24"),
+                          ("few.npz", "need at least 4")):
+        code, _, err = run_cli(base + [str(tmp_path / name), "--inception", "random", "--quiet"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err
+    code, _, err = run_cli(base + [str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "none.pth")], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_activation_cache_is_keyed_by_content_and_network(tmp_path, net):
+    path = tmp_path / "set.npz"
+    np.savez(path, images(5, 16))
+    batch = ImageBatchFile(path)
+    first, source = batch_activations(batch, net, batch_size=8, use_cache=True, label="t", progress=False)
+    assert source == "computed" and first.pool.shape == (5, 2048) and first.mu_s.shape == (2023,)
+    cached = cache_path(path, file_digest(path), net.weights_id)
+    assert cached.is_file() and "random-seed0" in cached.name
+    again, source = batch_activations(batch, net, batch_size=8, use_cache=True, label="t", progress=False)
+    assert source == "cache" and np.array_equal(again.pool, first.pool)
+    np.testing.assert_allclose(again.sigma_s, first.sigma_s)
+    np.savez(path, images(5, 16, seed=1))  # new content: new key, recomputed
+    changed, source = batch_activations(ImageBatchFile(path), net, 8, True, "t", progress=False)
+    assert source == "computed" and not np.array_equal(changed.pool, first.pool)
