@@ -1,5 +1,13 @@
-"""Generation engine: the default sampling path of argen (`argen.generate`)."""
+"""Generation engine: the default sampling path of argen (`argen.generate`).
 
-from argen.engine.generate import generate
+- `generate(gpt, cond, ...)`: drop-in for the reference sampler, through a cached `Engine`.
+- `Engine`: static KV cache, lean decode loop, on-device sampling, CUDA graphs on GPUs; per-row
+  sampling parameters and generators for the server.
+- `decode_codes`: tokens -> uint8 images in bounded-memory chunks.
+"""
 
-__all__ = ["generate"]
+from argen.engine.decode import decode_codes
+from argen.engine.engine import Engine
+from argen.engine.generate import engine_for, generate
+
+__all__ = ["Engine", "decode_codes", "engine_for", "generate"]

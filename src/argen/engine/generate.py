@@ -1,15 +1,37 @@
-"""`generate`: the public sampling entry point (currently delegates to the reference sampler)."""
+"""`generate`: the public sampling entry point, backed by one cached `Engine` per model.
+
+Same signature and results as `argen.sampling.reference_generate` (bit-identical tokens in float32
+on the CPU for the same generator), but through the fast engine. The engine (cache, CUDA graphs)
+is kept per model, by weak reference, and rebuilt when the model's device or dtype changes.
+"""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from argen.engine.engine import Engine
 from argen.models.gpt import GPT
-from argen.sampling.reference import reference_generate
+from argen.sampling.logits import SamplingParams
+
+_ENGINES: weakref.WeakKeyDictionary[GPT, Engine] = weakref.WeakKeyDictionary()
+
+
+def engine_for(gpt: GPT) -> Engine:
+    """The cached engine of `gpt` (created on first use)."""
+    weight = gpt.tok_embeddings.weight
+    engine = _ENGINES.get(gpt)
+    if engine is None or engine.device != weight.device or engine.dtype != weight.dtype:
+        engine = Engine(gpt, weak=True)
+        _ENGINES[gpt] = engine
+    return engine
 
 
 def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, cfg_scale: float = 1.0,
              cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
-    return reference_generate(gpt, cond, cond_mask, cfg_scale, cfg_interval, temperature, top_k, top_p,
-                              generator, **kwargs)
+             generator: torch.Generator | None = None, *, max_new_tokens: int | None = None,
+             cfg_schedule: str = "constant", cfg_power: float = 1.0) -> torch.Tensor:
+    """Sample (B, max_new_tokens) int64 image tokens (default: the full grid) on the model's device."""
+    params = SamplingParams(cfg_scale, cfg_interval, cfg_schedule, cfg_power, temperature, top_k, top_p)
+    return engine_for(gpt).generate(cond, cond_mask, params, generator=generator, max_new_tokens=max_new_tokens)
