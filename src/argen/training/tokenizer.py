@@ -1,0 +1,345 @@
+"""VQ tokenizer training loop (LlamaGen recipe) with exact resume.
+
+Contract:
+- `TokenizerTrainConfig`: every knob of a run (data, tokenizer config + overrides, optimisation, losses,
+  precision, checkpointing). `train_tokenizer(cfg)` trains for `cfg.max_steps` optimizer steps and returns
+  a summary dict; the final weights (the EMA copy when `ema` is on) go to `<out>/tokenizer.safetensors`
+  (+ .json) through `argen.checkpoint.save_tokenizer`, so `argen.load_tokenizer(out)` reads them.
+- Files in `out`: `train_config.json`, `train_state.pt` (model, discriminator, optimizers, EMA, step, data
+  failure counts; written atomically every `ckpt_every` steps and at the end), `log.jsonl` (one line per
+  `log_every` steps: losses, PSNR, codebook usage over the quantizer's rolling 65,536-code window,
+  images/s, learning rate).
+- Exact resume: the data order is a pure function of (seed, step) (one permutation per epoch, batches
+  never straddle epochs, per-image augmentation seeded by (seed, epoch, index)) and every parameter,
+  buffer and optimizer moment is in the state file, so `resume=True` after a crash (even SIGKILL) ends
+  with the same weights as an uninterrupted run on the same device in deterministic mode.
+- Losses: L2 (or L1) reconstruction + LPIPS + codebook + commitment (beta in the tokenizer config) +
+  optional entropy + PatchGAN hinge adversarial loss (weight `disc_weight`, from step `disc_start`).
+  AdamW (beta1, beta2), weight decay, constant learning rate, gradient clipping, optional EMA.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from argen.checkpoint import save_tokenizer
+from argen.data.datasets import TransformedDataset, collate_skip, open_dataset
+from argen.data.images import FailureTracker
+from argen.data.transforms import TrainTransform
+from argen.models.discriminator import PatchGANDiscriminator
+from argen.models.lpips import LPIPS, resolve_vgg_weights
+from argen.models.tokenizer import VQModel, vq_config
+from argen.training.losses import TokenizerLoss, psnr
+from argen.utils.errors import ArgenError
+from argen.utils.io import atomic_path, atomic_write, atomic_write_json
+from argen.utils.torch_utils import parse_device
+
+log = logging.getLogger("argen.training")
+STATE_FILE = "train_state.pt"
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "log.jsonl"
+# settings that may change between a run and its resumption
+_RESUMABLE_CHANGES = {"max_steps", "resume", "ckpt_every", "log_every", "num_workers", "progress", "out"}
+
+
+@dataclass
+class TokenizerTrainConfig:
+    out: str
+    data: str = "demo"
+    split: str = "train"
+    config: str = "VQ-tiny"
+    codebook_size: int | None = None
+    entropy_loss_ratio: float | None = None
+    image_size: int = 64
+    batch_size: int = 128
+    max_steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    ema: bool = False
+    ema_decay: float = 0.9999
+    reconstruction: str = "l2"
+    reconstruction_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    vgg_weights: str | None = "auto"
+    lpips_heads: str | None = None
+    codebook_weight: float = 1.0
+    disc_weight: float = 0.5
+    disc_start: int = 20000
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_adaptive: bool = False
+    use_disc: bool = True
+    min_crop_frac: float = 0.8
+    hflip: bool = True
+    max_bad_fraction: float = 0.05
+    ckpt_every: int = 1000
+    log_every: int = 10
+    num_workers: int = 0
+    deterministic: bool = False
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def _precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if name in ("fp32", "float32"):
+        return torch.float32
+    raise ArgenError(f"unknown precision {name!r}; use auto, bf16 or fp32")
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Keys (epoch, index) for steps [start, stop): one seeded permutation per epoch, drop-last batches."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
+        if size < batch_size:
+            raise ArgenError(f"the dataset has {size} images, fewer than one batch of {batch_size}; "
+                             f"lower --batch-size")
+        self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
+        self.per_epoch = size // batch_size
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        epoch, slot = divmod(step, self.per_epoch)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        chosen = order[slot * self.batch_size:(slot + 1) * self.batch_size]
+        return [(epoch, int(i)) for i in chosen]
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+
+def _check_out_dir(cfg: TokenizerTrainConfig, out: Path) -> dict | None:
+    state_file = out / STATE_FILE
+    if not cfg.resume:
+        if state_file.exists() or (out / "tokenizer.safetensors").exists():
+            raise ArgenError(f"{out} already holds a tokenizer training run; pass --resume to continue it or "
+                             f"choose another --out")
+        return None
+    if not state_file.exists():
+        return None
+    old = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else {}
+    new = cfg.to_dict()
+    changed = sorted(k for k in new if k not in _RESUMABLE_CHANGES and k in old and old[k] != new[k])
+    if changed:
+        raise ArgenError(f"--resume with settings that differ from the run in {out}: {', '.join(changed)}; "
+                         f"use the original settings or another --out")
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ArgenError(f"cannot read {state_file} ({exc}); delete it to restart the run") from exc
+
+
+def _save_state(out: Path, state: dict) -> None:
+    with atomic_path(out / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the crash
+    atomic_write(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8"))
+
+
+def build_tokenizer(cfg: TokenizerTrainConfig) -> VQModel:
+    overrides = {}
+    if cfg.codebook_size is not None:
+        overrides["codebook_size"] = cfg.codebook_size
+    if cfg.entropy_loss_ratio is not None:
+        overrides["entropy_loss_ratio"] = cfg.entropy_loss_ratio
+    vq = vq_config(cfg.config, **overrides)
+    if overrides:
+        vq = replace(vq, name=f"{vq.name}+" + ",".join(f"{k}={v}" for k, v in overrides.items()))
+    if cfg.image_size % vq.downsample:
+        raise ArgenError(f"--image-size {cfg.image_size} is not a multiple of {vq.name}'s downsample {vq.downsample}")
+    return VQModel(vq)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
+    """Run (or resume) a training run; the caller's global RNG and determinism settings are left as they were."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(cfg: TokenizerTrainConfig) -> dict:
+    out = Path(cfg.out)
+    if cfg.max_steps < 0:
+        raise ArgenError("--max-steps must be >= 0")
+    device = parse_device(cfg.device)
+    dtype = _precision(cfg.precision, device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    state = _check_out_dir(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    dataset = open_dataset(cfg.data, cfg.split)
+    if len(dataset) == 0:
+        raise ArgenError(f"--data {cfg.data} split {cfg.split} has no images")
+    transform = TrainTransform(cfg.image_size, hflip=cfg.hflip, min_frac=cfg.min_crop_frac)
+
+    torch.manual_seed(cfg.seed)
+    model = build_tokenizer(cfg).to(device)
+    vgg = resolve_vgg_weights(cfg.vgg_weights)
+    perceptual, perceptual_weight = None, cfg.perceptual_weight
+    if perceptual_weight > 0:
+        if vgg is None and str(cfg.vgg_weights).lower() in ("auto", "none"):
+            log.warning("no VGG16 weights found (pass --vgg-weights PATH or 'download'); perceptual loss is off")
+            perceptual_weight = 0.0
+        else:
+            perceptual = LPIPS(vgg, cfg.lpips_heads).to(device)
+    disc = None
+    if cfg.use_disc:
+        layers = cfg.disc_layers
+        while layers > 1 and cfg.image_size / 2 ** layers < 3:  # the last two 4x4 convs need >= 3x3 inputs
+            layers -= 1
+        if layers != cfg.disc_layers:
+            log.info("using a %d-layer discriminator for %dpx images", layers, cfg.image_size)
+        disc = PatchGANDiscriminator(3, cfg.disc_channels, layers)
+        disc.reset_parameters(torch.Generator().manual_seed(cfg.seed + 1))
+        disc.to(device)
+    loss_fn = TokenizerLoss(perceptual, disc, cfg.reconstruction, cfg.reconstruction_weight, perceptual_weight,
+                            cfg.codebook_weight, cfg.disc_weight, cfg.disc_start, cfg.disc_adaptive)
+    opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt_d = (torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+             if disc is not None else None)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+    tracker = FailureTracker(cfg.max_bad_fraction, min_count=min(100, len(dataset)))
+
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt_g.load_state_dict(state["opt_g"])
+        if disc is not None:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["opt_d"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
+        tracker.tried, tracker.failed, tracker.skipped = state["tracker"]
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        log.info("resuming %s at step %d", out, step)
+        _truncate_log(out / LOG_FILE, step)
+    atomic_write_json(out / CONFIG_FILE, {**cfg.to_dict(), "tokenizer_config": model.config.to_dict()})
+
+    def checkpoint() -> None:
+        _save_state(out, {
+            "step": step, "model": model.state_dict(), "opt_g": opt_g.state_dict(),
+            "disc": disc.state_dict() if disc is not None else None,
+            "opt_d": opt_d.state_dict() if opt_d is not None else None,
+            "ema": ema.model.state_dict() if ema is not None else None,
+            "tracker": (tracker.tried, tracker.failed, tracker.skipped),
+            "torch_rng": torch.get_rng_state(), "config": cfg.to_dict(),
+        })
+
+    sampler = StepBatches(len(dataset), cfg.batch_size, cfg.seed, step, cfg.max_steps)
+    loader = torch.utils.data.DataLoader(TransformedDataset(dataset, transform, cfg.seed), batch_sampler=sampler,
+                                         collate_fn=collate_skip, num_workers=cfg.num_workers)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train-tokenizer", disable=not cfg.progress, unit="step")
+    window = {"images": 0, "time": time.perf_counter()}
+    last_logs: dict = {}
+    log_file = open(out / LOG_FILE, "a", encoding="utf-8")
+    try:
+        for images, _, _, failures in loader:
+            for source, reason in failures:
+                tracker.fail(source, reason)
+            if images is not None:
+                tracker.ok(images.shape[0])
+                images = images.to(device)
+                model.train()
+                with autocast:
+                    vq_out = model(images)
+                    g_loss, logs = loss_fn.generator(images, vq_out, step, model.decoder.last_layer)
+                opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                opt_g.step()
+                if disc is not None and step >= cfg.disc_start:
+                    disc.train()
+                    with autocast:
+                        d_loss, d_logs = loss_fn.discriminator_loss(images, vq_out.reconstruction, step)
+                    opt_d.zero_grad(set_to_none=True)
+                    d_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.max_grad_norm)
+                    opt_d.step()
+                    logs.update(d_logs)
+                if ema is not None:
+                    ema.update(model)
+                logs["psnr"] = float(psnr(vq_out.reconstruction, images).mean())
+                logs["codebook_usage"] = vq_out.codebook_usage
+                window["images"] += images.shape[0]
+                last_logs = logs
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window["time"]
+                record = {"step": step, **last_logs, "lr": cfg.lr,
+                          "images_per_s": window["images"] / max(elapsed, 1e-9)}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                psnr=f"{record.get('psnr', float('nan')):.2f}",
+                                usage=f"{record.get('codebook_usage', 0.0):.3f}",
+                                ips=f"{record['images_per_s']:.1f}")
+                window = {"images": 0, "time": time.perf_counter()}
+            if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+                checkpoint()
+        tracker.check(final=True)
+    finally:
+        bar.close()
+        log_file.close()
+    checkpoint()
+    final = ema.model if ema is not None else model
+    info = {"steps": step, "data": cfg.data, "image_size": cfg.image_size, "ema": cfg.ema,
+            "perceptual": perceptual is not None, "skipped_images": tracker.failed}
+    path = save_tokenizer(final.eval(), out, extra={"training": info})
+    return {"tokenizer": str(path), **info, "last": last_logs}
