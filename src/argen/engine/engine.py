@@ -25,6 +25,7 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class _Session:
         self.cache_len = engine.cache_len
         self.cache = engine.gpt.new_cache(rows, self.cache_len, dtype=engine.dtype, device=device)
         self.uniforms = torch.zeros(batch, num_tokens, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple, dict[int, torch.cuda.CUDAGraph]] = {}  # static facts -> kv bucket -> graph
         self.rp = rp  # static copies (graph mode) or the caller's (eager mode)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
@@ -101,25 +102,35 @@ class _Session:
         self.key_valid = torch.ones(rows, self.cache_len, dtype=torch.bool, device=device)
 
 
+class _EagerStep:
+    """Stands in for a captured graph: `replay()` runs the same static-shape step eagerly."""
+
+    def __init__(self, engine: Engine, w: _Weights, session: _Session, srp: RowParams, kv_bucket: int):
+        self.args = (w, session, srp, kv_bucket)
+        self.engine = engine
+
+    def replay(self) -> None:
+        self.engine._decode_step(*self.args)
+
+
 class Engine:
     """Fast generator for one `GPT`. Reuse one instance: caches and graphs persist across calls.
 
     dtype: compute dtype of weights and cache (default: the model's); bf16 weights are cast copies
-    when the model is float32. cuda_graphs: None = on for CUDA devices. max_batch: images per chunk
+    when the model is float32. cuda_graphs: None = on for CUDA devices; True on a CPU runs the
+    same static-shape, bucket-masked step eagerly (to test the graph path without a GPU). max_batch: images per chunk
     (larger requests are split). weak: hold the model by weak reference (the per-model cache of
     `argen.generate` uses this so that the cache never keeps a model alive).
     """
 
     def __init__(self, gpt: GPT, dtype: torch.dtype | None = None, cuda_graphs: bool | None = None,
-                 max_batch: int | None = None, kv_bucket: int = KV_BUCKET, max_sessions: int = 4,
+                 max_batch: int | None = None, kv_bucket: int = KV_BUCKET, max_sessions: int = 2,
                  weak: bool = False):
         self._gpt = weakref.ref(gpt) if weak else (lambda: gpt)
         weight = gpt.tok_embeddings.weight
         self.device = weight.device
         self.dtype = dtype or weight.dtype
         self.use_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
-        if self.use_graphs and self.device.type != "cuda":
-            raise ArgenError("CUDA graphs need a CUDA device; the model is on " + str(self.device))
         self.max_batch = max_batch or (256 if self.device.type == "cuda" else 64)
         self.kv_bucket = kv_bucket
         cfg = gpt.config
@@ -198,16 +209,32 @@ class Engine:
             guided = params.guided
         else:
             guided = any(p.guided for p in params)
+        batch = cond.shape[0]
+        if self.use_graphs:  # pad to a power of two so that few graph sets serve every batch size
+            padded = min(self.max_batch, 1 << (batch - 1).bit_length())
+            if padded > batch:
+                cond, cond_mask, params, row_generators = self._pad(cond, cond_mask, params, row_generators,
+                                                                   padded - batch)
         with torch.inference_mode():
             rows, key_mask = prepare_condition(self.gpt, cond, cond_mask, guided)
-            batch = cond.shape[0]
-            rp = build_row_params(params, batch, max_new_tokens, self.gpt.config.vocab_size, self.device,
+            rp = build_row_params(params, cond.shape[0], max_new_tokens, self.gpt.config.vocab_size, self.device,
                                   k_bucket=64 if self.use_graphs else 1)
             if self.use_graphs:
                 out = self._run_graphs(weights, rows, key_mask, rp, generator, row_generators, max_new_tokens)
             else:
                 out = self._run_eager(weights, rows, key_mask, rp, generator, row_generators, max_new_tokens)
-        return out.clone()  # a normal tensor, usable outside inference mode
+        return out[:batch].clone()  # a normal tensor, usable outside inference mode
+
+    def _pad(self, cond, cond_mask, params, row_generators, extra: int):
+        """Repeat the last row `extra` times (its output is dropped)."""
+        cond = torch.cat([cond, cond[-1:].expand(extra, *cond.shape[1:])])
+        if cond_mask is not None:
+            cond_mask = torch.cat([cond_mask, cond_mask[-1:].expand(extra, *cond_mask.shape[1:])])
+        if not isinstance(params, SamplingParams):
+            params = list(params) + [params[-1]] * extra
+        if row_generators is not None:
+            row_generators = list(row_generators) + [torch.Generator(device=self.device) for _ in range(extra)]
+        return cond, cond_mask, params, row_generators
 
     def _session(self, key: tuple, make) -> _Session:
         session = self._sessions.get(key)
@@ -333,9 +360,23 @@ class Engine:
     # ------------------------------------------------------------ CUDA graphs
     def _run_graphs(self, w, rows, key_mask, rp: RowParams, generator, row_generators, num_tokens):
         batch, n_rows = rp.batch, rows.shape[0]
-        static_key = ("graph", n_rows, batch, num_tokens, rp.k_max, rp.use_top_p, rp.guided, rp.all_guided)
-        session = self._session(static_key, lambda: self._capture(w, n_rows, batch, num_tokens, rp))
-        srp = session.rp
+
+        def make():
+            static = RowParams(rp.temperature.clone(), rp.top_k.clone(), rp.top_p.clone(), rp.guided_rows.clone(),
+                               rp.scales.clone(), rp.guided, rp.all_guided, rp.k_max, rp.use_top_p, uniform=None)
+            return _Session(self, n_rows, batch, num_tokens, static)
+
+        session = self._session(("graph", n_rows, batch, num_tokens), make)
+        flags = (rp.k_max, rp.use_top_p, rp.guided, rp.all_guided)
+        srp = replace(session.rp, k_max=rp.k_max, use_top_p=rp.use_top_p, guided=rp.guided,
+                      all_guided=rp.all_guided)  # same static tensors, this batch's static facts
+        graphs = session.graphs.get(flags)
+        if graphs is None:
+            if self.device.type == "cuda":
+                graphs = session.graphs[flags] = self._capture(w, session, srp, num_tokens)
+            else:  # the static-shape step without capture, so that the graph path is testable on a CPU
+                graphs = {kv: _EagerStep(self, w, session, srp, kv) for kv in {self._bucket(t)
+                                                                              for t in range(1, num_tokens)}}
         for name in ("temperature", "top_k", "top_p", "guided_rows", "scales"):
             getattr(srp, name).copy_(getattr(rp, name))
         session.key_valid.fill_(True)
@@ -348,15 +389,14 @@ class Engine:
         session.tokens.copy_(torch.cat([token, token]) if srp.guided else token)
         session.step.fill_(1)
         for t in range(1, num_tokens):
-            session.graphs[self._bucket(t)].replay()
+            graphs[self._bucket(t)].replay()
         return session.out
 
     def _bucket(self, t: int) -> int:
         return min(self.cache_len, self.kv_bucket * math.ceil((self.cond_len + t) / self.kv_bucket))
 
-    def _decode_step(self, w: _Weights, session: _Session, kv_bucket: int) -> None:
+    def _decode_step(self, w: _Weights, session: _Session, srp: RowParams, kv_bucket: int) -> None:
         """One graph-safe decode step: reads session.tokens/step, writes out[:, step], advances step."""
-        srp = session.rp
         step = session.step
         pos = step + (self.cond_len - 1)  # (1,) position of the input token
         h = F.embedding(session.tokens[:, None], w.embedding)  # (B', 1, C)
@@ -371,10 +411,9 @@ class Engine:
         session.tokens.copy_(torch.cat([token, token]) if srp.guided else token)
         step.add_(1)
 
-    def _capture(self, w: _Weights, n_rows: int, batch: int, num_tokens: int, rp: RowParams) -> _Session:
-        static = RowParams(rp.temperature.clone(), rp.top_k.clone(), rp.top_p.clone(), rp.guided_rows.clone(),
-                           rp.scales.clone(), rp.guided, rp.all_guided, rp.k_max, rp.use_top_p, uniform=None)
-        session = _Session(self, n_rows, batch, num_tokens, static)
+    def _capture(self, w: _Weights, session: _Session, srp: RowParams, num_tokens: int) -> dict:
+        """Capture one graph per kv bucket. Capturing runs nothing; the warm-up does run, but only
+        writes state (cache slots, out, step) that every real run overwrites before reading."""
         session.uniforms.fill_(0.5)
         buckets = sorted({self._bucket(t) for t in range(1, num_tokens)})
         if self._pool is None:
@@ -382,15 +421,16 @@ class Engine:
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for kv in buckets:  # warm-up: kernels are selected and workspaces allocated outside capture
+            for kv in buckets:  # kernels are selected and workspaces allocated outside capture
                 session.step.fill_(1)
-                self._decode_step(w, session, kv)
+                self._decode_step(w, session, srp, kv)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        graphs = {}
         for kv in buckets:
             graph = torch.cuda.CUDAGraph()
             session.step.fill_(1)
             with torch.cuda.graph(graph, pool=self._pool):
-                self._decode_step(w, session, kv)
-            session.graphs[kv] = graph
+                self._decode_step(w, session, srp, kv)
+            graphs[kv] = graph
         torch.cuda.synchronize(self.device)
-        return session
+        return graphs
