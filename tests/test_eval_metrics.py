@@ -32,10 +32,24 @@ def test_fid_matches_independent_computation(n, d):
     rng = np.random.default_rng(n * 1000 + d)
     mu1, s1 = stats(rng, n, d)
     mu2, s2 = stats(rng, n + 3, d, scale=1.4, shift=0.3)
-    got = frechet_distance(mu1, s1, mu2, s2)
     want = fid_by_eigh(mu1, s1, mu2, s2)
-    assert isinstance(got, float)
-    assert abs(got - want) / want <= 1e-6
+    for method in ("sqrtm", "eigh"):
+        got = frechet_distance(mu1, s1, mu2, s2, method=method)
+        assert isinstance(got, float)
+        assert abs(got - want) / want <= 1e-6, method
+
+
+def test_eigh_method_matches_nonsymmetric_eigenvalues():
+    rng = np.random.default_rng(11)
+    mu1, s1 = stats(rng, 300, 20)
+    mu2, s2 = stats(rng, 300, 20, scale=0.7)
+    trace_root = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()  # eigenvalues of S1 S2 are real, >= 0
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_root
+    assert abs(frechet_distance(mu1, s1, mu2, s2, method="eigh") - want) / want <= 1e-9
+    with pytest.raises(ArgenError, match="negative eigenvalue"):
+        frechet_distance(mu1, -s1, mu2, s2, method="eigh")
+    with pytest.raises(ArgenError, match="unknown FID method"):
+        frechet_distance(mu1, s1, mu2, s2, method="svd")
 
 
 def test_fid_offset_for_singular_product_matches_offset_reference():

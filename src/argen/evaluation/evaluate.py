@@ -84,7 +84,7 @@ def batch_activations(batch: ImageBatchFile, inception: FIDInception, batch_size
 
 def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDInception, batch_size: int = 50,
              use_cache: bool = True, k: int = 3, is_splits: int = 10, pr_block_size: int = 10000,
-             progress: bool = True) -> dict:
+             progress: bool = True, fid_method: str = "sqrtm") -> dict:
     """All metrics of `sample_path` against `ref_path`; see the module docstring."""
     start = time.perf_counter()
     ref = ImageBatchFile(ref_path, "reference batch")
@@ -104,8 +104,9 @@ def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDIncept
     stats_source = "precomputed in the reference npz" if ref_stats is not None else ref_source
     if ref_stats is None:
         ref_stats = {"mu": ref_acts.mu, "sigma": ref_acts.sigma, "mu_s": ref_acts.mu_s, "sigma_s": ref_acts.sigma_s}
-    fid = frechet_distance(ref_stats["mu"], ref_stats["sigma"], smp_acts.mu, smp_acts.sigma)
-    sfid = frechet_distance(ref_stats["mu_s"], ref_stats["sigma_s"], smp_acts.mu_s, smp_acts.sigma_s)
+    fid = frechet_distance(ref_stats["mu"], ref_stats["sigma"], smp_acts.mu, smp_acts.sigma, method=fid_method)
+    sfid = frechet_distance(ref_stats["mu_s"], ref_stats["sigma_s"], smp_acts.mu_s, smp_acts.sigma_s,
+                            method=fid_method)
     device = inception.fc.weight.device
     splits = min(is_splits, smp_acts.count)
     logits = inception.logits_from_pool(torch.from_numpy(smp_acts.pool).to(device)).cpu().numpy()
@@ -121,6 +122,7 @@ def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDIncept
         "num_samples": smp.count,
         "image_size": list(smp.image_size),
         "inception_score_splits": splits,
+        "fid_method": fid_method,
         "precision_recall_k": k,
         "protocol": PROTOCOL,
         "reference": str(ref.path),

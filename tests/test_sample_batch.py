@@ -1,0 +1,168 @@
+"""`argen sample-batch`: per-image determinism across world sizes, resumable shards, labels, resizing,
+the ADM npz contract, and the end-to-end sample-batch -> evaluate run with a random-weight Inception."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import argen
+import argen.evaluation.sample_batch as sb
+from argen.cli.main import main
+from argen.evaluation.sample_batch import SampleBatchConfig, batch_seed, class_labels, resize_images, sample_batch
+from argen.models.gpt import GPT, gpt_config
+from argen.models.tokenizer import VQModel, vq_config
+from argen.utils.errors import ArgenError
+from argen.utils.images import to_uint8
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    tokenizer = VQModel(vq_config("VQ-tiny")).eval()
+    gpt = GPT(gpt_config("GPT-tiny", image_size=8, downsample=2)).eval()  # 4x4 = 16 tokens, 8x8 images
+    return tokenizer, gpt
+
+
+def config(**overrides):
+    base = dict(num_samples=10, batch_size=3, shard_size=4, eval_size=12, top_k=50, cfg_scale=1.5, seed=7)
+    return SampleBatchConfig(**{**base, **overrides})
+
+
+def load(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_same_images_whatever_the_world_size(tmp_path, models):
+    single = load(sample_batch(*models, config(), tmp_path / "one", progress=False))
+    for rank in (2, 1):
+        assert sample_batch(*models, config(), tmp_path / "three", rank=rank, world_size=3, progress=False) is None
+    three = load(sample_batch(*models, config(), tmp_path / "three", rank=0, world_size=3, progress=False))
+    assert single["arr_0"].shape == (10, 12, 12, 3) and single["arr_0"].dtype == np.uint8
+    assert np.array_equal(single["arr_0"], three["arr_0"]) and np.array_equal(single["arr_1"], three["arr_1"])
+    assert np.array_equal(single["arr_1"], np.arange(10) % 10)
+    assert len({single["arr_0"][i].tobytes() for i in range(10)}) == 10
+
+
+def test_first_batch_is_generate_then_decode_then_resize_then_uint8(tmp_path, models):
+    tokenizer, gpt = models
+    out = load(sample_batch(tokenizer, gpt, config(num_samples=3), tmp_path, progress=False))
+    generator = torch.Generator().manual_seed(batch_seed(7, 0))
+    codes = argen.generate(gpt, torch.arange(3), cfg_scale=1.5, top_k=50, generator=generator)
+    decoded = tokenizer.decode(codes.view(3, 4, 4))
+    resized = F.interpolate(decoded, size=(12, 12), mode="bicubic", antialias=True)
+    want = ((resized.clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(out["arr_0"].astype(int) - want.astype(int)).max() <= 1  # round-half-even vs half-up only
+    assert np.array_equal(out["arr_0"], to_uint8(resized))
+
+
+def test_resume_generates_only_missing_shards(tmp_path, models, monkeypatch):
+    first = load(sample_batch(*models, config(), tmp_path, progress=False))
+    (tmp_path / "shards" / "shard_00001.npz").unlink()
+    (tmp_path / "samples.npz").unlink()
+    calls = []
+    real = sb.generate
+
+    def counting(gpt, cond, *args, **kwargs):
+        calls.append(cond.shape[0])
+        return real(gpt, cond, *args, **kwargs)
+
+    monkeypatch.setattr(sb, "generate", counting)
+    again = load(sample_batch(*models, config(), tmp_path, progress=False))
+    assert calls == [3, 1]  # shard 1 = images 4..7, in batches of 3 from its first index
+    assert np.array_equal(first["arr_0"], again["arr_0"])
+
+
+def test_resuming_with_another_config_is_refused(tmp_path, models):
+    sample_batch(*models, config(num_samples=4), tmp_path, progress=False)
+    with pytest.raises(ArgenError, match="another config"):
+        sample_batch(*models, config(num_samples=4, cfg_scale=2.0), tmp_path, progress=False)
+
+
+def test_class_balanced_labels_and_class_range(tmp_path, models):
+    counts = np.bincount(class_labels(50000, 1000))
+    assert counts.min() == counts.max() == 50
+    with pytest.raises(ArgenError, match="num-classes"):
+        sample_batch(*models, config(num_classes=11), tmp_path, progress=False)
+
+
+def test_batch_seeds_are_deterministic_and_distinct():
+    seeds = {batch_seed(0, i) for i in range(1000)}
+    assert len(seeds) == 1000 and batch_seed(3, 5) == batch_seed(3, 5) != batch_seed(4, 5)
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_resize_modes():
+    x = torch.rand(2, 3, 24, 24) * 2 - 1
+    plain = resize_images(x, 16, "bicubic")
+    assert torch.equal(plain, F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False))
+    smooth = resize_images(x, 16, "bicubic-antialias")
+    assert smooth.shape == (2, 3, 16, 16) and not torch.allclose(plain, smooth)
+    assert resize_images(x, 24, "bicubic") is x and resize_images(x, None, "bicubic") is x
+
+
+def test_text_conditional_batches_cycle_over_caption_rows(tmp_path):
+    torch.manual_seed(1)
+    tokenizer = VQModel(vq_config("VQ-tiny")).eval()
+    gpt = GPT(gpt_config("GPT-tiny", kind="t2i", image_size=8, downsample=2)).eval()
+    features = torch.randn(3, gpt.config.caption_len, gpt.config.caption_dim)
+    mask = torch.ones(3, gpt.config.caption_len)
+    mask[0, :5] = 0
+    out = load(sample_batch(tokenizer, gpt, config(num_samples=5, eval_size=None), tmp_path, features, mask,
+                            progress=False))
+    assert out["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(out["prompt_index"], [0, 1, 2, 0, 1])
+    with pytest.raises(ArgenError, match="features"):
+        sample_batch(tokenizer, gpt, config(num_samples=5), tmp_path / "x", progress=False)
+
+
+@pytest.fixture()
+def checkpoint_dir(tmp_path, models):
+    argen.save_tokenizer(models[0], tmp_path / "ckpt")
+    argen.save_gpt(models[1], tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def cli_args(ckpt, out, *extra):
+    return ["sample-batch", "--tokenizer", str(ckpt), "--gpt", str(ckpt), "--device", "cpu", "--num-samples", "6",
+            "--batch-size", "4", "--shard-size", "4", "--eval-size", "16", "--top-k", "100", "--seed", "3",
+            "--out", str(out), "--quiet", *extra]
+
+
+def test_cli_ranks_from_torchrun_environment(tmp_path, checkpoint_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(cli_args(checkpoint_dir, tmp_path / "out", "--png")) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["shard_00001.npz"]
+    assert sorted(p.name for p in (tmp_path / "out" / "png").iterdir()) == ["000004.png", "000005.png"]
+    assert not (tmp_path / "out" / "samples.npz").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert main(cli_args(checkpoint_dir, tmp_path / "out")) == 0
+    assert load(tmp_path / "out" / "samples.npz")["arr_0"].shape == (6, 16, 16, 3)
+    monkeypatch.setenv("RANK", "5")
+    assert main(cli_args(checkpoint_dir, tmp_path / "out")) == 2
+    assert "RANK" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_sample_batch_then_evaluate_with_random_inception(tmp_path, checkpoint_dir, capsys):
+    assert main(cli_args(checkpoint_dir, tmp_path / "samples")) == 0
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    results = tmp_path / "results.json"
+    code = main(["evaluate", str(reference), str(tmp_path / "samples" / "samples.npz"), "--inception", "random",
+                 "--out", str(results), "--quiet", "--device", "cpu", "--fid-method", "eigh"])
+    err = capsys.readouterr().err
+    assert code == 0 and "RANDOM-WEIGHT" in err
+    data = json.loads(results.read_text())
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert isinstance(data[key], float) and np.isfinite(data[key])
+    assert data["fid"] > 0 and data["sfid"] > 0 and data["inception_score"] >= 1.0
+    assert 0 <= data["precision"] <= 1 and 0 <= data["recall"] <= 1
+    assert data["num_samples"] == data["num_reference"] == 6 and data["image_size"] == [16, 16]
+    assert data["inception_weights"]["random"] is True and "NOT FIDs" in data["warning"]
+    assert data["fid_method"] == "eigh" and data["sample_statistics"] == "computed"
