@@ -1,14 +1,59 @@
-"""Serve the generation engine over HTTP (FastAPI + uvicorn).
+"""Serve the generation engine over HTTP (FastAPI + uvicorn) with dynamic batching.
 
-Not implemented yet.
+    argen serve --tokenizer vq_ds16_c2i.pt --tokenizer-config VQ-16 --gpt c2i_B_256.pt --gpt-config GPT-B \\
+                --kind c2i --image-size 256 --device cuda --dtype bf16 --port 8000
+    curl -s localhost:8000/v1/generate -H 'content-type: application/json' -d '{"classes": [207], "seed": 1}'
+
+POST /v1/generate takes {"classes": [..]} or {"prompts": [..]} plus optional n, cfg_scale, cfg_interval,
+cfg_schedule, cfg_power, top_k, top_p, temperature, seed; GET /health and GET /metrics report state.
+t2i models encode prompts with --text-encoder (default minilm). Ctrl-C / SIGTERM finish in-flight work.
 """
 
+from __future__ import annotations
+
+import argparse
+
+from argen.cli.common import add_checkpoint_arguments, load_models
 from argen.utils.errors import ArgenError
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    group.add_argument("--max-batch-size", type=int, default=16, help="images per engine batch (default 16)")
+    group.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="how long the oldest request waits for others to join its batch (default 10)")
+    group.add_argument("--max-queue", type=int, default=256, help="queued images before 503 (default 256)")
+    group.add_argument("--max-images-per-request", type=int, default=16,
+                       help="larger requests get 413 (default 16)")
+    group.add_argument("--decode-chunk", type=int, default=16, help="images decoded at once (default 16)")
+    group.add_argument("--text-encoder", default="minilm",
+                       help="t2i only: 'minilm' (default) or a local transformers folder (e.g. flan-t5-xl)")
+    group.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
 
 
-def run(args):
-    raise ArgenError("`argen serve` is not implemented yet")
+def run(args: argparse.Namespace) -> int:
+    from argen.serving import GenerationService, ServeConfig, create_app
+
+    if not 0 < args.port < 65536:
+        raise ArgenError(f"--port must lie in 1..65535, got {args.port}")
+    config = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         max_images_per_request=args.max_images_per_request, decode_chunk=args.decode_chunk)
+    tokenizer, gpt, device, _ = load_models(args)
+    encode = None
+    if gpt.config.kind == "t2i":
+        from argen.serving.text import prompt_encoder
+
+        encode = prompt_encoder(gpt, args.text_encoder, device)
+    try:
+        import uvicorn
+    except ImportError:
+        raise ArgenError("argen serve needs uvicorn: pip install uvicorn") from None
+    service = GenerationService(tokenizer, gpt, config, encode_prompts=encode)
+    app = create_app(service)
+    print(f"argen serve: {gpt.config.kind} {gpt.config.name} ({gpt.config.num_image_tokens} tokens) on {device}; "
+          f"http://{args.host}:{args.port}/v1/generate", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
