@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from argen.cli.main import main
-from argen.evaluation.evaluate import batch_activations, cache_path, file_digest
+from argen.evaluation.evaluate import batch_activations, cache_path, file_digest, open_batch
 from argen.evaluation.npz import ImageBatchFile, NpzImageWriter
 from argen.models.inception import random_inception
 from argen.utils.errors import ArgenError
@@ -109,3 +109,16 @@ def test_activation_cache_is_keyed_by_content_and_network(tmp_path, net):
     np.savez(path, images(5, 16, seed=1))  # new content: new key, recomputed
     changed, source = batch_activations(ImageBatchFile(path), net, 8, True, "t", progress=False)
     assert source == "computed" and not np.array_equal(changed.pool, first.pool)
+
+
+def test_demo_reference_and_limit(tmp_path):
+    demo = open_batch("demo", "reference", limit=5)
+    assert demo.count == 5 and demo.image_size == (64, 64) and demo.key == "images" and not demo.cacheable
+    chunks = list(demo.iter_batches(2))
+    assert [c.shape[0] for c in chunks] == [2, 2, 1]
+    with np.load(demo.path) as data:
+        assert np.array_equal(np.concatenate(chunks), data["images"][:5])
+    path = tmp_path / "b.npz"
+    np.savez(path, images(4))
+    name = cache_path(path, "0" * 64, "random-seed0", "arr_0", 3).name
+    assert name == "b.npz.first3.0000000000000000.random-seed0.stats.npz"

@@ -149,13 +149,13 @@ def test_cli_ranks_from_torchrun_environment(tmp_path, checkpoint_dir, monkeypat
 
 
 @pytest.mark.slow
-def test_end_to_end_sample_batch_then_evaluate_with_random_inception(tmp_path, checkpoint_dir, capsys):
-    assert main(cli_args(checkpoint_dir, tmp_path / "samples")) == 0
-    reference = tmp_path / "ref.npz"
-    np.savez(reference, np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+def test_end_to_end_on_the_demo_set_with_random_inception(tmp_path, checkpoint_dir, capsys):
+    args = cli_args(checkpoint_dir, tmp_path / "samples")
+    args[args.index("--eval-size") + 1] = "64"  # the demo images are 64x64
+    assert main(args) == 0
     results = tmp_path / "results.json"
-    code = main(["evaluate", str(reference), str(tmp_path / "samples" / "samples.npz"), "--inception", "random",
-                 "--out", str(results), "--quiet", "--device", "cpu", "--fid-method", "eigh"])
+    code = main(["evaluate", "demo", str(tmp_path / "samples" / "samples.npz"), "--reference-limit", "6",
+                 "--inception", "random", "--out", str(results), "--quiet", "--device", "cpu", "--fid-method", "eigh"])
     err = capsys.readouterr().err
     assert code == 0 and "RANDOM-WEIGHT" in err
     data = json.loads(results.read_text())
@@ -163,6 +163,6 @@ def test_end_to_end_sample_batch_then_evaluate_with_random_inception(tmp_path, c
         assert isinstance(data[key], float) and np.isfinite(data[key])
     assert data["fid"] > 0 and data["sfid"] > 0 and data["inception_score"] >= 1.0
     assert 0 <= data["precision"] <= 1 and 0 <= data["recall"] <= 1
-    assert data["num_samples"] == data["num_reference"] == 6 and data["image_size"] == [16, 16]
+    assert data["num_samples"] == data["num_reference"] == 6 and data["image_size"] == [64, 64]
     assert data["inception_weights"]["random"] is True and "NOT FIDs" in data["warning"]
     assert data["fid_method"] == "eigh" and data["sample_statistics"] == "computed"

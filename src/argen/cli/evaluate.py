@@ -22,7 +22,8 @@ from argen.utils.torch_utils import parse_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("reference", help="reference batch npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
+    parser.add_argument("reference", help="reference batch npz (e.g. VIRTUAL_imagenet256_labeled.npz), or `demo` "
+                                          "for the packaged 64x64 demo images")
     parser.add_argument("samples", help="sample batch npz (arr_0: uint8 N x H x W x 3)")
     parser.add_argument("--inception", required=True,
                         help="path to pt_inception-2015-12-05-6726825d.pth, or `random` (tests only)")
@@ -32,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
     parser.add_argument("--pr-block-size", type=int, default=10000,
                         help="rows/columns per distance block for precision/recall (default 10000)")
+    parser.add_argument("--reference-limit", type=int, default=None,
+                        help="use only the first N reference images (quick runs; ignores precomputed mu/sigma)")
     parser.add_argument("--fid-method", choices=["sqrtm", "eigh"], default="sqrtm",
                         help="matrix square root: sqrtm (scipy, as ADM; default) or eigh (faster, same value to ~1e-9)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
               f"that of the published file (6726825d...)", file=sys.stderr)
     result = evaluate(args.reference, args.samples, inception, batch_size=args.batch_size,
                       use_cache=not args.no_cache, pr_block_size=args.pr_block_size, progress=not args.quiet,
-                      fid_method=args.fid_method)
+                      fid_method=args.fid_method, reference_limit=args.reference_limit)
     if args.out:
         atomic_write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall",

@@ -1,12 +1,14 @@
 """`evaluate(ref, samples, inception)`: FID, sFID, IS, precision and recall of an ADM sample batch.
 
 Contract:
-- Both files are ADM-format npz batches (`argen.evaluation.npz`); their images must share one size.
+- Both files are ADM-format npz batches (`argen.evaluation.npz`); their images must share one size. The
+  reference may be the word `demo` (the packaged emoji64 demo set) and may be cut to its first
+  `reference_limit` images.
 - The reference's precomputed `mu`/`sigma`/`mu_s`/`sigma_s` are used when all four are present (as the
   ADM evaluator does); its pool activations are always computed, for precision/recall.
-- Activations and statistics are cached next to each npz as `<name>.<sha256[:16]>.<weights id>.stats.npz`
-  (file content hash + network id), so a reference batch is run through Inception once. An unwritable
-  folder only skips the cache.
+- Activations and statistics are cached (except for `demo`) next to each npz as
+  `<name>.<sha256[:16]>.<weights id>.stats.npz` (file content hash + network id), so a reference batch
+  goes through Inception once. An unwritable folder only skips the cache.
 - Returns the JSON-ready result dict; see `docs/evaluation.md` for its fields.
 """
 
@@ -16,6 +18,7 @@ import hashlib
 import re
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ from argen.utils.io import atomic_write
 
 PROTOCOL = ("ADM (guided-diffusion evaluator): FID/precision/recall on pool_3 (2048), sFID on mixed_6/conv[..., :7] "
             "(2023), IS from unbiased logits over 10 splits, k-NN manifold k=3; TF1 bilinear resize to 299")
+DEMO_FILE = "emoji64.npz"  # the packaged demo set (argen/data/demo), images under the key `images`
 RANDOM_WARNING = "RANDOM-WEIGHT INCEPTION: for testing the pipeline only; these numbers are NOT FIDs"
 
 
@@ -42,9 +46,25 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def cache_path(batch_path: Path, digest: str, weights_id: str) -> Path:
+def cache_path(batch_path: Path, digest: str, weights_id: str, key: str = "arr_0", limit: int | None = None) -> Path:
     safe_id = re.sub(r"[^A-Za-z0-9_.-]", "-", weights_id)
-    return batch_path.with_name(f"{batch_path.name}.{digest[:16]}.{safe_id}.stats.npz")
+    subset = ("" if key == "arr_0" else f".{key}") + ("" if limit is None else f".first{limit}")
+    return batch_path.with_name(f"{batch_path.name}{subset}.{digest[:16]}.{safe_id}.stats.npz")
+
+
+def demo_reference() -> tuple[Path, str]:
+    """(path, key) of the packaged demo set (emoji64.npz, member `images`)."""
+    return Path(str(resources.files("argen.data") / "demo" / DEMO_FILE)), "images"
+
+
+def open_batch(spec: str | Path, name: str, limit: int | None = None) -> ImageBatchFile:
+    """An npz path, or `demo` for the packaged demo images."""
+    if str(spec) == "demo":
+        path, key = demo_reference()
+        batch = ImageBatchFile(path, name, key=key, limit=limit)
+        batch.cacheable = False  # never write statistics into the installed package
+        return batch
+    return ImageBatchFile(spec, name, limit=limit)
 
 
 def _load_cache(path: Path) -> Activations | None:
@@ -69,8 +89,8 @@ def batch_activations(batch: ImageBatchFile, inception: FIDInception, batch_size
                       label: str, progress: bool = True) -> tuple[Activations, str]:
     """Activations of one npz batch, from its cache when valid. Returns (activations, 'cache'|'computed')."""
     path = None
-    if use_cache:
-        path = cache_path(batch.path, file_digest(batch.path), inception.weights_id)
+    if use_cache and batch.cacheable:
+        path = cache_path(batch.path, file_digest(batch.path), inception.weights_id, batch.key, batch.limit)
         if path.is_file():
             acts = _load_cache(path)
             if acts is not None and acts.count == batch.count:
@@ -84,11 +104,11 @@ def batch_activations(batch: ImageBatchFile, inception: FIDInception, batch_size
 
 def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDInception, batch_size: int = 50,
              use_cache: bool = True, k: int = 3, is_splits: int = 10, pr_block_size: int = 10000,
-             progress: bool = True, fid_method: str = "sqrtm") -> dict:
+             progress: bool = True, fid_method: str = "sqrtm", reference_limit: int | None = None) -> dict:
     """All metrics of `sample_path` against `ref_path`; see the module docstring."""
     start = time.perf_counter()
-    ref = ImageBatchFile(ref_path, "reference batch")
-    smp = ImageBatchFile(sample_path, "sample batch")
+    ref = open_batch(ref_path, "reference batch", reference_limit)
+    smp = open_batch(sample_path, "sample batch")
     if ref.image_size != smp.image_size:
         raise ArgenError(f"the reference images are {ref.image_size[0]}x{ref.image_size[1]} but the samples are "
                                f"{smp.image_size[0]}x{smp.image_size[1]}; resize the samples to the reference size "
@@ -100,7 +120,7 @@ def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDIncept
                                    f"recall (k={k}) need at least {minimum} (50,000 samples for the ImageNet protocol)")
     ref_acts, ref_source = batch_activations(ref, inception, batch_size, use_cache, "reference", progress)
     smp_acts, smp_source = batch_activations(smp, inception, batch_size, use_cache, "samples", progress)
-    ref_stats = ref.statistics()
+    ref_stats = ref.statistics() if ref.limit is None else None
     stats_source = "precomputed in the reference npz" if ref_stats is not None else ref_source
     if ref_stats is None:
         ref_stats = {"mu": ref_acts.mu, "sigma": ref_acts.sigma, "mu_s": ref_acts.mu_s, "sigma_s": ref_acts.sigma_s}

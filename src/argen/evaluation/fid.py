@@ -9,10 +9,12 @@ Contract:
 - `compute_statistics(images, inception, ...)` -> (mu (2048,), sigma (2048, 2048)): the hook for rFID
   (`argen eval-tokenizer`): originals and reconstructions each go through it, then
   `frechet_distance(*stats_a, *stats_b)`.
+- Inception runs with cuDNN TF32 convolutions disabled (restored afterwards), in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -104,6 +106,17 @@ def rebatch(images: Iterable, batch_size: int) -> Iterator[np.ndarray]:
         yield np.concatenate(pending)
 
 
+@contextlib.contextmanager
+def full_precision_convolutions():
+    """Turn cuDNN's TF32 convolutions off for the duration (TF32 would move Inception features by ~1e-3)."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
 @torch.no_grad()
 def compute_activations(images: Iterable, inception: FIDInception, batch_size: int = 50, spatial: bool = True,
                         total: int | None = None, desc: str = "inception", progress: bool = True) -> Activations:
@@ -115,7 +128,8 @@ def compute_activations(images: Iterable, inception: FIDInception, batch_size: i
     spatial_stats = RunningCovariance() if spatial else None
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     for batch in rebatch(images, batch_size):
-        feats = inception(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+        with full_precision_convolutions():
+            feats = inception(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
         pools.append(feats.pool.cpu().numpy())
         if spatial_stats is not None:
             spatial_stats.update(feats.spatial.double().cpu().numpy())

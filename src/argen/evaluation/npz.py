@@ -4,7 +4,8 @@ Format: `arr_0` uint8 (N, H, W, 3) NHWC images; optional `arr_1` (N,) int64 labe
 also carry precomputed `mu`, `sigma` (pool features) and `mu_s`, `sigma_s` (spatial features).
 
 Contract:
-- `ImageBatchFile(path)` validates the npz header without loading the images: a missing `arr_0`, a
+- `ImageBatchFile(path, key="arr_0", limit=None)` validates the npz header without loading the images
+  (`key` picks another uint8 NHWC member, e.g. the demo set's `images`; `limit` keeps the first N): a missing key, a
   non-uint8 dtype, a non-4D shape, NCHW layout or a channel count other than 3 raise `ArgenError`
   saying what to fix. `iter_batches(n)` reads `n` images at a time from the zip member (stored or
   deflated), so a 50k x 256 x 256 batch never sits in memory whole.
@@ -36,34 +37,41 @@ def _read_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
 class ImageBatchFile:
     """An ADM-format npz opened for streaming; see the module docstring."""
 
-    def __init__(self, path: str | Path, name: str = "batch"):
+    def __init__(self, path: str | Path, name: str = "batch", key: str = "arr_0", limit: int | None = None):
         self.path = Path(path)
+        self.key = key
         if not self.path.is_file():
             raise ArgenError(f"{name} {self.path} does not exist")
         try:
             with zipfile.ZipFile(self.path) as zf:
                 self.members = {Path(n).stem: n for n in zf.namelist() if n.endswith(".npy")}
-                if "arr_0" not in self.members:
-                    raise ArgenError(f"{self.path} has no `arr_0`: an ADM batch needs arr_0 = uint8 images "
+                if key not in self.members:
+                    raise ArgenError(f"{self.path} has no `{key}`: an ADM batch needs arr_0 = uint8 images "
                                      f"(N, H, W, 3); it holds {sorted(self.members) or 'no arrays'}")
-                with zf.open(self.members["arr_0"]) as handle:
+                with zf.open(self.members[key]) as handle:
                     self.shape, self.fortran_order, self.dtype = _read_header(handle)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise ArgenError(f"cannot read {self.path} as an npz file ({exc}); write it with numpy.savez") from exc
         self._validate()
+        if limit is not None:
+            if limit < 1:
+                raise ArgenError("the image limit must be >= 1")
+            self.shape = (min(int(self.shape[0]), limit),) + tuple(self.shape[1:])
+        self.limit = limit
+        self.cacheable = True
 
     def _validate(self) -> None:
         shape = self.shape
         if self.dtype != np.uint8:
-            raise ArgenError(f"{self.path}: arr_0 must be uint8 images on 0..255, got {self.dtype}; scale and "
+            raise ArgenError(f"{self.path}: {self.key} must be uint8 images on 0..255, got {self.dtype}; scale and "
                              f"convert with .clip(0, 255).round().astype(np.uint8)")
         if len(shape) != 4:
-            raise ArgenError(f"{self.path}: arr_0 must be 4-D (N, H, W, 3), got shape {shape}")
+            raise ArgenError(f"{self.path}: {self.key} must be 4-D (N, H, W, 3), got shape {shape}")
         if shape[-1] != 3:
             if shape[1] == 3:
-                raise ArgenError(f"{self.path}: arr_0 has shape {shape}, which is NCHW; ADM batches are NHWC: "
+                raise ArgenError(f"{self.path}: {self.key} has shape {shape}, which is NCHW; ADM batches are NHWC: "
                                  f"save arr_0.transpose(0, 2, 3, 1)")
-            raise ArgenError(f"{self.path}: arr_0 must have 3 (RGB) channels last, got shape {shape}")
+            raise ArgenError(f"{self.path}: {self.key} must have 3 (RGB) channels last, got shape {shape}")
 
     @property
     def count(self) -> int:
@@ -91,17 +99,17 @@ class ImageBatchFile:
     def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         per_image = int(np.prod(self.shape[1:]))
         if self.fortran_order:
-            images = self.load("arr_0")
+            images = self.load(self.key)[:self.count]
             for start in range(0, self.count, batch_size):
                 yield np.ascontiguousarray(images[start:start + batch_size])
             return
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.members["arr_0"]) as handle:
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.members[self.key]) as handle:
             _read_header(handle)
             for start in range(0, self.count, batch_size):
                 n = min(batch_size, self.count - start)
                 data = handle.read(n * per_image)
                 if len(data) != n * per_image:
-                    raise ArgenError(f"{self.path}: arr_0 is truncated at image {start + len(data) // per_image}")
+                    raise ArgenError(f"{self.path}: {self.key} is truncated at image {start + len(data) // per_image}")
                 yield np.frombuffer(data, dtype=np.uint8).reshape((n,) + tuple(self.shape[1:]))
 
 
