@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import argen.evaluation.fid as fid_module
 from argen.cli.main import main
 from argen.evaluation.evaluate import batch_activations, cache_path, file_digest, open_batch
+from argen.evaluation.fid import compute_statistics, paired_statistics, reconstruction_fid
 from argen.evaluation.npz import ImageBatchFile, NpzImageWriter
 from argen.models.inception import random_inception
 from argen.utils.errors import ArgenError
@@ -122,3 +124,25 @@ def test_demo_reference_and_limit(tmp_path):
     np.savez(path, images(4))
     name = cache_path(path, "0" * 64, "random-seed0", "arr_0", 3).name
     assert name == "b.npz.first3.0000000000000000.random-seed0.stats.npz"
+
+
+def test_rfid_hooks_agree_with_separate_statistics(net, monkeypatch):
+    originals = images(4, 16, seed=3)
+    noisy = np.clip(originals.astype(int) + np.random.default_rng(4).integers(-40, 41, originals.shape), 0, 255)
+    noisy = noisy.astype(np.uint8)
+    pairs = [(originals[:3], noisy[:3]), (originals[3:], noisy[3:])]
+    (mu_a, sigma_a), (mu_b, sigma_b) = paired_statistics(pairs, net, progress=False)
+    want_a = compute_statistics([originals], net, batch_size=4, progress=False)
+    np.testing.assert_allclose(mu_a, want_a[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sigma_a, want_a[1], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(mu_a, mu_b)
+    seen = []
+    monkeypatch.setattr(fid_module, "frechet_distance", lambda *args, **kw: seen.append((args, kw)) or 1.5)
+    assert reconstruction_fid(pairs, net, progress=False, method="eigh") == 1.5
+    (got_mu_a, _, got_mu_b, got_sigma_b), kwargs = seen[0]
+    np.testing.assert_allclose(got_mu_a, mu_a, rtol=1e-6)
+    np.testing.assert_allclose(got_mu_b, mu_b, rtol=1e-6)
+    np.testing.assert_allclose(got_sigma_b, sigma_b, rtol=1e-6, atol=1e-9)
+    assert kwargs == {"method": "eigh"}
+    with pytest.raises(ArgenError, match="differ in shape"):
+        paired_statistics([(originals, noisy[:2])], net, progress=False)

@@ -6,6 +6,7 @@ Public API:
     precision_recall(ref_features, sample_features, k=3) -> (precision, recall)
     feature_statistics(features) -> (mu, sigma)
     compute_statistics(uint8 NHWC image batches, inception) -> (mu, sigma)   # rFID hook
+    paired_statistics / reconstruction_fid((originals, reconstructions) batch pairs, inception)
     compute_activations(...) -> Activations
     evaluate(ref_npz, sample_npz, inception) -> result dict
     sample_batch(tokenizer, gpt, SampleBatchConfig, out_dir) -> npz path
@@ -23,6 +24,8 @@ _EXPORTS = {
     "feature_statistics": "argen.evaluation.metrics",
     "compute_statistics": "argen.evaluation.fid",
     "compute_activations": "argen.evaluation.fid",
+    "paired_statistics": "argen.evaluation.fid",
+    "reconstruction_fid": "argen.evaluation.fid",
     "Activations": "argen.evaluation.fid",
     "evaluate": "argen.evaluation.evaluate",
     "ImageBatchFile": "argen.evaluation.npz",

@@ -9,6 +9,9 @@ Contract:
 - `compute_statistics(images, inception, ...)` -> (mu (2048,), sigma (2048, 2048)): the hook for rFID
   (`argen eval-tokenizer`): originals and reconstructions each go through it, then
   `frechet_distance(*stats_a, *stats_b)`.
+- `paired_statistics(pairs, inception)`: one pass over an iterable of (originals, reconstructions) uint8
+  NHWC batch pairs -> ((mu, sigma) of the originals, (mu, sigma) of the reconstructions); with
+  `reconstruction_fid(pairs, inception)` = the Fréchet distance between the two (rFID).
 - Inception runs with cuDNN TF32 convolutions disabled (restored afterwards), in float32.
 """
 
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from argen.evaluation.metrics import feature_statistics
+from argen.evaluation.metrics import feature_statistics, frechet_distance
 from argen.models.inception import FIDInception
 from argen.utils.errors import ArgenError
 
@@ -150,3 +153,29 @@ def compute_statistics(images: Iterable, inception: FIDInception, batch_size: in
     """(mu, sigma) of the 2048-wide pool features of uint8 NHWC images: the rFID hook."""
     acts = compute_activations(images, inception, batch_size, spatial=False, total=total, progress=progress)
     return acts.mu, acts.sigma
+
+
+@torch.no_grad()
+def paired_statistics(pairs: Iterable, inception: FIDInception, total: int | None = None, progress: bool = True):
+    """((mu, sigma) of the originals, (mu, sigma) of the reconstructions) from (orig, recon) batch pairs."""
+    device = inception.fc.weight.device
+    stats = (RunningCovariance(), RunningCovariance())
+    bar = tqdm(total=total, desc="rFID inception", unit="img", disable=not progress, dynamic_ncols=True)
+    for originals, reconstructions in pairs:
+        batches = (_as_uint8_batch(originals), _as_uint8_batch(reconstructions))
+        if batches[0].shape != batches[1].shape:
+            raise ArgenError(f"originals {batches[0].shape} and reconstructions {batches[1].shape} differ in shape")
+        for batch, acc in zip(batches, stats):
+            with full_precision_convolutions():
+                pool = inception(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).pool
+            acc.update(pool.double().cpu().numpy())
+        bar.update(batches[0].shape[0])
+    bar.close()
+    return stats[0].finalize(), stats[1].finalize()
+
+
+def reconstruction_fid(pairs: Iterable, inception: FIDInception, total: int | None = None,
+                       progress: bool = True, method: str = "sqrtm") -> float:
+    """rFID: Fréchet distance between the Inception pool statistics of originals and reconstructions."""
+    (mu_a, sigma_a), (mu_b, sigma_b) = paired_statistics(pairs, inception, total, progress)
+    return frechet_distance(mu_a, sigma_a, mu_b, sigma_b, method=method)
