@@ -140,6 +140,7 @@ class Engine:
         table = rope_2d_table(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cond_len).to(self.device)
         self.cos = table[:, None, :, 0].contiguous()  # (S, 1, D/2)
         self.sin = table[:, None, :, 1].contiguous()
+        self.rotation = torch.complex(self.cos, self.sin)  # (S, 1, D/2)
         self.n_head = cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.head_dim
@@ -287,13 +288,11 @@ class Engine:
         n_head, n_kv, head_dim = self.n_head, self.n_kv_head, self.head_dim
         kv_dim = n_kv * head_dim
         kv_len = pos + 1
-        cos, sin = self.cos[pos], self.sin[pos]  # (1, D/2)
+        rot = self.rotation[pos]  # (1, D/2) complex: cos + i sin
         for (attn_norm, wqkv, wo, ffn_norm, w1, w3, w2), (eps1, eps2), layer_cache in zip(w.layers, w.eps, cache):
             qkv = F.linear(_rms(h, attn_norm, eps1), wqkv)  # (B', C + 2 kv_dim)
-            pairs = qkv[:, :dim + kv_dim].float().view(rows, n_head + n_kv, head_dim // 2, 2)
-            even, odd = pairs[..., 0], pairs[..., 1]
-            rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
-            rotated = rotated.view(rows, n_head + n_kv, head_dim).to(h.dtype)
+            pairs = torch.view_as_complex(qkv[:, :dim + kv_dim].float().view(rows, n_head + n_kv, head_dim // 2, 2))
+            rotated = torch.view_as_real(pairs * rot).view(rows, n_head + n_kv, head_dim).to(h.dtype)
             layer_cache[0, :, :, pos] = rotated[:, n_head:]
             layer_cache[1, :, :, pos] = qkv[:, dim + kv_dim:].view(rows, n_kv, head_dim)
             keys = layer_cache[0, :, :, :kv_len]  # (B', H_kv, kv, D)
