@@ -41,7 +41,7 @@ KV_BUCKET = 64
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:  # one fused op; same bits as the model's RMSNorm in float32
+    if x.dtype == torch.float32 or x.is_cuda:  # fused; in float32 the same bits as the model's RMSNorm
         return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
@@ -138,9 +138,7 @@ class Engine:
         full = cfg.cond_len + cfg.num_image_tokens
         self.cache_len = kv_bucket * math.ceil(full / kv_bucket) if self.use_graphs else full
         table = rope_2d_table(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cond_len).to(self.device)
-        self.cos = table[:, None, :, 0].contiguous()  # (S, 1, D/2)
-        self.sin = table[:, None, :, 1].contiguous()
-        self.rotation = torch.complex(self.cos, self.sin)  # (S, 1, D/2)
+        self.rotation = torch.complex(table[:, None, :, 0], table[:, None, :, 1])  # (S, 1, D/2): cos + i sin
         self.n_head = cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.head_dim
@@ -166,7 +164,7 @@ class Engine:
         """(B,) class ids or (B, L, D) captions -> (B, max_new_tokens) int64 tokens on the model's device.
 
         params: one SamplingParams for all rows or one per row. generator: one generator for the
-        whole batch (the reference's stream on the CPU); row_generators: one per row (server).
+        whole batch; row_generators: one per row (the server), so that each row's randomness is its own.
         """
         cfg = self.gpt.config
         num_tokens = cfg.num_image_tokens
@@ -247,17 +245,17 @@ class Engine:
         self._sessions.move_to_end(key)
         return session
 
-    def _forward(self, w: _Weights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos,
-                 kv_len: int, mask: torch.Tensor | None, cache: list[torch.Tensor]) -> torch.Tensor:
-        """Layer stack on h (B', T, C) at positions pos.. (int: slice writes; (1,) tensor: index writes)."""
+    def _forward(self, w: _Weights, h: torch.Tensor, rot: torch.Tensor, pos, kv_len: int,
+                 mask: torch.Tensor | None, cache: list[torch.Tensor]) -> torch.Tensor:
+        """Layer stack on h (B', T, C) at positions pos.. (int: slice writes; (1,) tensor: index
+        writes); rot (T, 1, D/2) complex rotations of those positions."""
         batch, seq, dim = h.shape
         n_head, n_kv, head_dim = self.n_head, self.n_kv_head, self.head_dim
         kv_dim = n_kv * head_dim
         for (attn_norm, wqkv, wo, ffn_norm, w1, w3, w2), (eps1, eps2), layer_cache in zip(w.layers, w.eps, cache):
             qkv = F.linear(_rms(h, attn_norm, eps1), wqkv)  # (B', T, C + 2 kv_dim)
             pairs = qkv[..., :dim + kv_dim].float().view(batch, seq, n_head + n_kv, head_dim // 2, 2)
-            even, odd = pairs[..., 0], pairs[..., 1]
-            rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(3)
+            rotated = torch.view_as_real(torch.view_as_complex(pairs) * rot).flatten(3)
             rotated = rotated.to(h.dtype)  # (B', T, H + H_kv, D)
             q = rotated[:, :, :n_head].transpose(1, 2)
             k = rotated[:, :, n_head:].transpose(1, 2)
@@ -317,7 +315,7 @@ class Engine:
         prefix = self.gpt.embed_condition(rows).to(self.dtype)  # (B', L, C)
         length = self.cond_len
         mask = None if key_mask is None else prefix_attention_mask(key_mask, length)
-        h = self._forward(w, prefix, self.cos[:length], self.sin[:length], 0, length, mask, cache)
+        h = self._forward(w, prefix, self.rotation[:length], 0, length, mask, cache)
         return self._head(w, h)
 
     def _run_eager(self, w, rows, key_mask, rp: RowParams, generator, row_generators, num_tokens):
@@ -352,7 +350,7 @@ class Engine:
                 logits = self._decode_cpu(w, F.embedding(tokens, embedding), pos, mask, cache)
             else:
                 h = F.embedding(tokens[:, None], embedding)  # (B', 1, C)
-                h = self._forward(w, h, self.cos[pos:pos + 1], self.sin[pos:pos + 1], pos, pos + 1, mask, cache)
+                h = self._forward(w, h, self.rotation[pos:pos + 1], pos, pos + 1, mask, cache)
                 logits = self._head(w, h)
         return out
 
@@ -401,8 +399,8 @@ class Engine:
         h = F.embedding(session.tokens[:, None], w.embedding)  # (B', 1, C)
         keys = torch.arange(kv_bucket, device=self.device)
         mask = (keys <= pos) & session.key_valid[:, :kv_bucket]  # (B', kv)
-        h = self._forward(w, h, self.cos.index_select(0, pos), self.sin.index_select(0, pos), pos, kv_bucket,
-                          mask[:, None, None, :], session.cache)
+        h = self._forward(w, h, self.rotation.index_select(0, pos), pos, kv_bucket, mask[:, None, None, :],
+                          session.cache)
         logits = self._head(w, h)
         scale = srp.scales.index_select(1, step)  # (B, 1)
         token = sample_tokens(logits, srp, scale, session.uniforms.index_select(1, step)[:, 0])
