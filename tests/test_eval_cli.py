@@ -146,3 +146,29 @@ def test_rfid_hooks_agree_with_separate_statistics(net, monkeypatch):
     assert kwargs == {"method": "eigh"}
     with pytest.raises(ArgenError, match="differ in shape"):
         paired_statistics([(originals, noisy[:2])], net, progress=False)
+
+
+def test_precomputed_reference_statistics_are_used_unless_ignored(tmp_path, net, monkeypatch):
+    import argen.evaluation.evaluate as evaluate_module
+
+    ref_mu, ref_sigma = np.full(2048, 0.25), np.eye(2048) * 2.0
+    ref_mu_s, ref_sigma_s = np.full(2023, -1.0), np.eye(2023) * 3.0
+    np.savez(tmp_path / "ref.npz", images(4, 16, seed=5), mu=ref_mu, sigma=ref_sigma, mu_s=ref_mu_s,
+             sigma_s=ref_sigma_s)
+    np.savez(tmp_path / "smp.npz", images(4, 16, seed=6))
+    calls = []
+    monkeypatch.setattr(evaluate_module, "frechet_distance", lambda *args, **kw: calls.append(args) or 7.0)
+    result = evaluate_module.evaluate(tmp_path / "ref.npz", tmp_path / "smp.npz", net, batch_size=4,
+                                      use_cache=False, progress=False)
+    assert result["reference_statistics"] == "precomputed in the reference npz"
+    assert np.array_equal(calls[0][0], ref_mu) and np.array_equal(calls[0][1], ref_sigma)
+    assert np.array_equal(calls[1][0], ref_mu_s) and np.array_equal(calls[1][1], ref_sigma_s)
+    assert result["fid"] == result["sfid"] == 7.0 and result["inception_score_splits"] == 4
+    assert 0 <= result["precision"] <= 1 and result["inception_score"] >= 1.0
+    assert result["inception_weights"] == {"id": "random-seed0", "random": True,
+                                           "matches_published_sha256_prefix": False}
+    calls.clear()
+    result = evaluate_module.evaluate(tmp_path / "ref.npz", tmp_path / "smp.npz", net, batch_size=4,
+                                      use_cache=False, progress=False, use_reference_stats=False)
+    assert result["reference_statistics"] == "computed" and not np.array_equal(calls[0][0], ref_mu)
+    assert calls[0][0].shape == (2048,) and calls[1][0].shape == (2023,)

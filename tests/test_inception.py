@@ -173,3 +173,14 @@ def test_load_refuses_pickled_code_and_missing_files(tmp_path):
         load_inception(tmp_path / "evil.pth")
     with pytest.raises(ArgenError, match="not found"):
         load_inception(tmp_path / "absent.pth")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_features_match_cpu_with_tf32_off(net, two_images, forward):
+    from argen.evaluation.fid import compute_activations
+
+    feats, _ = forward
+    gpu_net = random_inception(0).cuda()
+    acts = compute_activations([two_images.numpy()], gpu_net, batch_size=2, progress=False)
+    np.testing.assert_allclose(acts.pool, feats.pool.numpy(), rtol=1e-4, atol=1e-4)

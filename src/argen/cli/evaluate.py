@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows/columns per distance block for precision/recall (default 10000)")
     parser.add_argument("--reference-limit", type=int, default=None,
                         help="use only the first N reference images (quick runs; ignores precomputed mu/sigma)")
+    parser.add_argument("--ignore-reference-stats", action="store_true",
+                        help="compute the reference mu/sigma with argen's network even if the npz carries them")
     parser.add_argument("--fid-method", choices=["sqrtm", "eigh"], default="sqrtm",
                         help="matrix square root: sqrtm (scipy, as ADM; default) or eigh (faster, same value to ~1e-9)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
               f"that of the published file (6726825d...)", file=sys.stderr)
     result = evaluate(args.reference, args.samples, inception, batch_size=args.batch_size,
                       use_cache=not args.no_cache, pr_block_size=args.pr_block_size, progress=not args.quiet,
-                      fid_method=args.fid_method, reference_limit=args.reference_limit)
+                      fid_method=args.fid_method, reference_limit=args.reference_limit,
+                      use_reference_stats=not args.ignore_reference_stats)
     if args.out:
         atomic_write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall",

@@ -5,7 +5,8 @@ Contract:
   reference may be the word `demo` (the packaged emoji64 demo set) and may be cut to its first
   `reference_limit` images.
 - The reference's precomputed `mu`/`sigma`/`mu_s`/`sigma_s` are used when all four are present (as the
-  ADM evaluator does); its pool activations are always computed, for precision/recall.
+  ADM evaluator does) unless `use_reference_stats=False`; its pool activations are always computed, for
+  precision/recall.
 - Activations and statistics are cached (except for `demo`) next to each npz as
   `<name>.<sha256[:16]>.<weights id>.stats.npz` (file content hash + network id), so a reference batch
   goes through Inception once. An unwritable folder only skips the cache.
@@ -104,7 +105,8 @@ def batch_activations(batch: ImageBatchFile, inception: FIDInception, batch_size
 
 def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDInception, batch_size: int = 50,
              use_cache: bool = True, k: int = 3, is_splits: int = 10, pr_block_size: int = 10000,
-             progress: bool = True, fid_method: str = "sqrtm", reference_limit: int | None = None) -> dict:
+             progress: bool = True, fid_method: str = "sqrtm", reference_limit: int | None = None,
+             use_reference_stats: bool = True) -> dict:
     """All metrics of `sample_path` against `ref_path`; see the module docstring."""
     start = time.perf_counter()
     ref = open_batch(ref_path, "reference batch", reference_limit)
@@ -120,7 +122,7 @@ def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDIncept
                                    f"recall (k={k}) need at least {minimum} (50,000 samples for the ImageNet protocol)")
     ref_acts, ref_source = batch_activations(ref, inception, batch_size, use_cache, "reference", progress)
     smp_acts, smp_source = batch_activations(smp, inception, batch_size, use_cache, "samples", progress)
-    ref_stats = ref.statistics() if ref.limit is None else None
+    ref_stats = ref.statistics() if ref.limit is None and use_reference_stats else None
     stats_source = "precomputed in the reference npz" if ref_stats is not None else ref_source
     if ref_stats is None:
         ref_stats = {"mu": ref_acts.mu, "sigma": ref_acts.sigma, "mu_s": ref_acts.mu_s, "sigma_s": ref_acts.sigma_s}
