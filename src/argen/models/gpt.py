@@ -106,6 +106,11 @@ GPT_CONFIGS: dict[str, GPTConfig] = {
                           caption_dim=32, caption_len=8, image_size=64, downsample=16, name="GPT-tiny"),
     "GPT-mini": GPTConfig(n_layer=4, n_head=4, dim=128, multiple_of=64, vocab_size=1024, num_classes=10,
                           caption_dim=384, caption_len=16, image_size=64, downsample=8, name="GPT-mini"),
+    # the `argen demo` generators: VQ-demo codes (512 entries, 8x8 grid at 64 px), MiniLM captions
+    "GPT-demo": GPTConfig(n_layer=4, n_head=4, dim=128, multiple_of=64, vocab_size=512, num_classes=10,
+                          caption_dim=384, caption_len=16, image_size=64, downsample=8, name="GPT-demo"),
+    "GPT-demo-L": GPTConfig(n_layer=8, n_head=8, dim=384, multiple_of=64, vocab_size=512, num_classes=10,
+                            caption_dim=384, caption_len=16, image_size=64, downsample=8, name="GPT-demo-L"),
     "GPT-small": GPTConfig(n_layer=6, n_head=6, dim=384, multiple_of=64, vocab_size=1024, num_classes=10,
                            caption_dim=384, caption_len=16, image_size=64, downsample=8, name="GPT-small"),
 }
