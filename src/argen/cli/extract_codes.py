@@ -1,14 +1,61 @@
-"""Encode a dataset to image-token shards for generator training.
+"""Encode a dataset to image-token shards for generator training (resumable, torchrun-aware).
 
-Not implemented yet.
+Example: argen extract-codes --tokenizer runs/vq-demo --data demo --out runs/codes --image-size 64 --ten-crop --flip
+Every image x {center crop, or 5 crops of a --crop-range larger center crop with --ten-crop} x {as is, mirrored
+with --flip} is encoded; `--ten-crop --flip` gives LlamaGen's 10 copies. Shards hold codes (n, A, h, w) and labels
+(class ids; for a JSONL manifest the row of the image's first caption in --text-features). A rerun skips finished
+shards. Under torchrun each rank takes every WORLD_SIZE-th shard.
 """
 
-from argen.utils.errors import ArgenError
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from argen.checkpoint import load_tokenizer
+from argen.data.datasets import open_dataset
+from argen.data.extract import dist_env, extract_codes
+from argen.utils.torch_utils import parse_device
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
+    parser.add_argument("--tokenizer-config", default=None, help="named config, needed for released (.pt) files")
+    parser.add_argument("--data", required=True, help="'demo', a class-folder path or a .jsonl manifest")
+    parser.add_argument("--split", default="train", help="train, val or all (default train)")
+    parser.add_argument("--label", default="category", help="demo labels: category (10) or subcategory (99)")
+    parser.add_argument("--out", required=True, help="codes directory")
+    parser.add_argument("--image-size", type=int, required=True)
+    parser.add_argument("--ten-crop", action="store_true", help="4 corner + center crops of a larger center crop")
+    parser.add_argument("--crop-range", type=float, default=1.1, help="ten-crop source size / image size (1.05, 1.1)")
+    parser.add_argument("--flip", action="store_true", help="also encode the mirrored copy of every crop")
+    parser.add_argument("--text-features", default=None, help="caption features dir (required for JSONL data)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per shard")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args):
-    raise ArgenError("`argen extract-codes` is not implemented yet")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank, world = dist_env()
+    device = args.device
+    if world > 1 and device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = parse_device(device)
+    model = load_tokenizer(args.tokenizer, config=args.tokenizer_config, device=device)
+    dataset = open_dataset(args.data, args.split, label=args.label)
+    index = extract_codes(model, dataset, args.out, args.image_size, ten_crop=args.ten_crop, flip=args.flip,
+                          crop_range=args.crop_range, shard_size=args.shard_size, batch_size=args.batch_size,
+                          num_workers=args.num_workers, device=device, text_features=args.text_features,
+                          max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress)
+    if index is not None:
+        print(json.dumps({"out": args.out, "num_images": index["num_images"], "num_augs": index["num_augs"],
+                          "grid": index["grid"], "shards": len(index["shards"]), "kind": index["kind"]}, indent=2))
+    return 0
