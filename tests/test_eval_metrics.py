@@ -53,17 +53,22 @@ def test_eigh_method_matches_nonsymmetric_eigenvalues():
 
 
 def test_fid_offset_for_singular_product_matches_offset_reference():
+    mpmath = pytest.importorskip("mpmath")
     u = np.array([1.0, 0.0, -1.0, -1.0])
     s1, s2 = np.outer(u, u), np.ones((4, 4))
     assert not np.isfinite(_sqrtm(s1 @ s2)).all()  # this is the case where ADM adds eps * I
     mu1, mu2 = np.zeros(4), np.full(4, 0.5)
     eps = 1e-6
     got = frechet_distance(mu1, s1, mu2, s2, eps=eps)
-    want = fid_by_eigh(mu1, s1 + eps * np.eye(4), mu2, s2 + eps * np.eye(4))
-    # (s1 + eps I)(s2 + eps I) has eigenvalues ~1e-12 next to ~1: scipy's sqrtm (ADM's algorithm) is only
-    # accurate to ~1e-6 relative on a matrix this ill-conditioned (the eigh form is within 1e-11 of a
-    # 50-digit computation), hence the looser bound for this branch alone.
-    assert np.isfinite(got) and abs(got - want) / want <= 5e-6
+    # ADM: the offset enters the square root only; the trace terms keep the original covariances.
+    with mpmath.workdps(50):  # 50-digit reference: tr sqrt(A B) = sum sqrt(eig(A B)), A, B positive definite
+        a = mpmath.matrix((s1 + eps * np.eye(4)).tolist())
+        b = mpmath.matrix((s2 + eps * np.eye(4)).tolist())
+        trace_root = sum(mpmath.sqrt(mpmath.re(e)) for e in mpmath.eig(a * b, left=False, right=False))
+        want = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_root)
+    assert np.isfinite(got) and abs(got - want) / want <= 1e-6
+    with_offset_traces = fid_by_eigh(mu1, s1 + eps * np.eye(4), mu2, s2 + eps * np.eye(4))
+    assert abs(got + 8 * eps - with_offset_traces) / want <= 1e-6
     larger_offset = frechet_distance(mu1, s1, mu2, s2, eps=1e-3)
     assert abs(larger_offset - got) > 1e-4  # eps really enters the result
 
