@@ -273,5 +273,58 @@ def test_shutdown_finishes_queued_and_running_work(checkpoints):
     with pytest.raises(ShuttingDown):
         service.submit(JobSpec([1], SamplingParams(), seed=0))
     with pytest.raises(Overloaded):
-        overloaded = make_service(checkpoints, max_queue=1)
+        overloaded = make_service(checkpoints, max_queue=1, max_images_per_request=1)
         overloaded.submit(JobSpec([1, 2], SamplingParams(), seed=0))
+
+
+# ------------------------------------------------------------------------- CLI and text encoder
+def test_serve_config_limits_are_checked():
+    from argen.utils.errors import ArgenError
+
+    with pytest.raises(ArgenError, match="max-batch-size"):
+        ServeConfig(max_batch_size=0)
+    with pytest.raises(ArgenError, match="cannot exceed"):
+        ServeConfig(max_queue=4, max_images_per_request=8)
+
+
+def test_cli_serve_builds_the_app_from_checkpoint_flags(checkpoints, monkeypatch, capsys):
+    import uvicorn
+
+    from argen.cli.main import main
+
+    served = {}
+
+    def fake_run(app, host, port, log_level):
+        served.update(host=host, port=port)
+        with TestClient(app) as c:  # runs startup and the graceful shutdown
+            served["response"] = c.post("/v1/generate", json={"classes": [2], "seed": 9, "top_k": 1})
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    rc = main(["serve", "--tokenizer", str(checkpoints / "vq"), "--gpt", str(checkpoints / "c2i"), "--device", "cpu",
+               "--port", "8123", "--max-batch-size", "4"])
+    assert rc == 0 and served["port"] == 8123 and served["host"] == "127.0.0.1"
+    assert served["response"].status_code == 200 and len(served["response"].json()["codes"][0]) == 16
+    assert main(["serve", "--tokenizer", str(checkpoints / "vq"), "--gpt", str(checkpoints / "c2i"),
+                 "--port", "0"]) == 2
+    assert "--port" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_t2i_prompt_encoder_checks_width_and_serves_prompts(tmp_path):
+    from argen.serving.text import prompt_encoder
+    from argen.utils.errors import ArgenError
+
+    torch.manual_seed(0)
+    with pytest.raises(ArgenError, match="384-wide"):
+        prompt_encoder(GPT(gpt_config("GPT-tiny", kind="t2i")), "minilm", "cpu")  # caption_dim 32
+    gpt = GPT(gpt_config("GPT-tiny", kind="t2i", caption_dim=384)).eval()
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)
+    encode = prompt_encoder(gpt, "minilm", "cpu")
+    features, mask = encode(["a small red bird", "a boat"])
+    assert features.shape == (2, 8, 384) and mask.shape == (2, 8)
+    assert mask[1].sum() < mask[0].sum() and mask[:, -1].all()  # left padded
+    service = GenerationService(VQModel(vq_config("VQ-tiny-16")).eval(), gpt, ServeConfig(max_wait_ms=1),
+                                encode_prompts=encode)
+    with TestClient(create_app(service)) as c:
+        r = c.post("/v1/generate", json={"prompts": ["a small red bird"], "seed": 1})
+    assert r.status_code == 200 and len(r.json()["codes"][0]) == 16

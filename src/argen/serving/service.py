@@ -57,6 +57,9 @@ class ServeConfig:
                 raise ArgenError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_wait_ms < 0:
             raise ArgenError("--max-wait-ms must be >= 0")
+        if self.max_images_per_request > self.max_queue:
+            raise ArgenError(f"--max-images-per-request ({self.max_images_per_request}) cannot exceed --max-queue "
+                             f"({self.max_queue})")
 
 
 @dataclass
@@ -120,7 +123,8 @@ class GenerationService:
         self.config = config
         self.encode_prompts = encode_prompts
         self.device = gpt.tok_embeddings.weight.device
-        self.engine = engine or Engine(gpt, max_batch=config.max_batch_size)
+        # many sessions: every power-of-two batch size, guided or not, keeps its CUDA graphs
+        self.engine = engine or Engine(gpt, max_batch=config.max_batch_size, max_sessions=16)
         self._queue: deque[_Row] = deque()
         self._lock = threading.Condition()
         self._closing = False
