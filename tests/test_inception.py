@@ -184,3 +184,31 @@ def test_cuda_features_match_cpu_with_tf32_off(net, two_images, forward):
     gpu_net = random_inception(0).cuda()
     acts = compute_activations([two_images.numpy()], gpu_net, batch_size=2, progress=False)
     np.testing.assert_allclose(acts.pool, feats.pool.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_download_checks_sha256_and_keeps_nothing_on_mismatch(tmp_path, monkeypatch):
+    import io
+    import urllib.request
+
+    from argen.models import inception as inception_module
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url: io.BytesIO(b"not the weights"))
+    dest = tmp_path / "w.pth"
+    with pytest.raises(ArgenError, match="sha256"):
+        inception_module.download_inception(dest)
+    assert list(tmp_path.iterdir()) == []
+
+    fetched = []
+
+    def fake_download(path):
+        fetched.append(path)
+        torch.save(random_inception(2).state_dict(), path)
+        return path
+
+    monkeypatch.setenv("ARGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(inception_module, "download_inception", fake_download)
+    (tmp_path / "cache").mkdir()
+    net = inception_module.build_inception("download")
+    assert fetched == [tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth"] and not net.is_random
+    inception_module.build_inception("download")
+    assert len(fetched) == 1  # fetched once, then read from the cache

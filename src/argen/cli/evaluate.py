@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "for the packaged 64x64 demo images")
     parser.add_argument("samples", help="sample batch npz (arr_0: uint8 N x H x W x 3)")
     parser.add_argument("--inception", required=True,
-                        help="path to pt_inception-2015-12-05-6726825d.pth, or `random` (tests only)")
+                        help="path to pt_inception-2015-12-05-6726825d.pth, `download` (fetch it once into "
+                             "~/.cache/argen, sha256-checked; needs network) or `random` (tests only)")
     parser.add_argument("--out", default=None, help="write the results JSON here (default: print only)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

@@ -158,7 +158,7 @@ def sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: s
     total = sum(shard_range(s)[1] - shard_range(s)[0] for s in mine)
     done = total - sum(shard_range(s)[1] - shard_range(s)[0] for s in todo)
     bar = tqdm(total=total, initial=done, desc=f"sample-batch rank {rank}/{world_size}", unit="img",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or rank != 0, dynamic_ncols=True)
     sampling = dict(cfg_scale=config.cfg_scale, cfg_interval=config.cfg_interval, temperature=config.temperature,
                     top_k=config.top_k, top_p=config.top_p)
     for s in todo:

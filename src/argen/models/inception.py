@@ -14,7 +14,7 @@ Contract:
   `logits` are `pool @ fc.weight.T` without the bias, as ADM's Inception Score takes them.
 - `load_inception(path)` loads a local weight file strictly with `torch.load(weights_only=True)`;
   `random_inception(seed)` builds the network with fixed random weights (tests only: its numbers are
-  not FIDs).
+  not FIDs); `build_inception("download")` fetches the published file once (sha256 prefix checked).
 """
 
 from __future__ import annotations
@@ -352,6 +352,26 @@ def download_inception(dest: str | Path) -> Path:
     return dest
 
 
+def default_weights_path() -> Path:
+    """Where `download` keeps the weights: $ARGEN_CACHE or ~/.cache/argen."""
+    import os
+
+    root = Path(os.environ.get("ARGEN_CACHE", Path.home() / ".cache" / "argen"))
+    return root / INCEPTION_FILE_NAME
+
+
 def build_inception(spec: str, seed: int = 0) -> FIDInception:
-    """`spec` is a weight file path or the word `random`."""
-    return random_inception(seed) if spec == "random" else load_inception(spec)
+    """`spec` is a weight file path, `random`, or `download` (the published file, fetched once into
+    `default_weights_path()` with its sha256 prefix checked; needs network access)."""
+    if spec == "random":
+        return random_inception(seed)
+    if spec == "download":
+        path = default_weights_path()
+        if not path.is_file():
+            try:
+                download_inception(path)
+            except OSError as exc:
+                raise ArgenError(f"could not download the Inception weights ({exc}); fetch {INCEPTION_URL} "
+                                 f"yourself and pass --inception PATH") from exc
+        return load_inception(path)
+    return load_inception(spec)
