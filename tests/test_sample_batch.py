@@ -166,3 +166,14 @@ def test_end_to_end_on_the_demo_set_with_random_inception(tmp_path, checkpoint_d
     assert data["num_samples"] == data["num_reference"] == 6 and data["image_size"] == [64, 64]
     assert data["inception_weights"]["random"] is True and "NOT FIDs" in data["warning"]
     assert data["fid_method"] == "eigh" and data["sample_statistics"] == "computed"
+
+
+def test_rank_0_reports_missing_shards_of_dead_ranks(tmp_path, models):
+    from argen.evaluation.sample_batch import assemble_batch
+
+    sample_batch(*models, config(), tmp_path, rank=0, world_size=2, progress=False, assemble=False)
+    with pytest.raises(ArgenError, match="1 shard\\(s\\) .* missing \\(e.g. shard 1\\)"):
+        assemble_batch(tmp_path, 10, 12, 4, "c2i", wait_timeout=0.2, progress=False)
+    assert not (tmp_path / "samples.npz").exists()
+    out = load(sample_batch(*models, config(), tmp_path, progress=False))  # rerun with one process finishes it
+    assert out["arr_0"].shape == (10, 12, 12, 3)
