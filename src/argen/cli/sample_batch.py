@@ -2,7 +2,7 @@
 
   argen sample-batch --tokenizer vq_ds16_c2i.pt --tokenizer-config VQ-16 --gpt c2i_L_384.pt --gpt-config GPT-L \\
       --kind c2i --image-size 384 --num-samples 50000 --cfg-scale 2.0 --top-k 0 --top-p 1.0 --seed 0 \\
-      --eval-size 256 --out samples/GPT-L-384
+      --eval-size 256 --resize bicubic --out samples/GPT-L-384
   torchrun --nproc_per_node 8 -m argen.cli.main sample-batch ...   (same flags: same images)
 
 Writes OUT/shards/*.npz as it goes (rerun the same command to resume) and finally OUT/samples.npz with
