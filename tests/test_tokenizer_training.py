@@ -141,3 +141,23 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, lpips_files):
     # and the run really trained: the weights moved away from a fresh model's
     fresh = argen.models.tokenizer.VQModel(argen.load_tokenizer(full).config).state_dict()
     assert any(not torch.equal(fresh[k], a[k]) for k in a if k in fresh and a[k].is_floating_point())
+
+
+def test_restart_dead_codes_moves_only_unused_entries():
+    from argen.models.tokenizer import VQModel, vq_config
+    from argen.training.tokenizer import restart_dead_codes
+
+    torch.manual_seed(0)
+    model = VQModel(vq_config("VQ-tiny"))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    model.train()
+    codes = model(images).codes.unique()
+    before = model.quantize.embedding.weight.clone()
+    moved = restart_dead_codes(model, images, seed=1)
+    after = model.quantize.embedding.weight
+    assert moved == 512 - codes.numel()
+    changed = (after != before).any(dim=1)
+    assert not changed[codes].any() and changed.sum() == moved
+    latents = torch.nn.functional.normalize(model.encode_latents(images).permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+    dists = torch.cdist(after[changed], latents).min(dim=1).values
+    assert dists.max() < 0.01  # moved onto current encoder outputs

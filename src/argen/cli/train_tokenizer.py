@@ -48,6 +48,8 @@ def add_arguments(parser):
                         help="PatchGAN depth (fewer for small images)")
     parser.add_argument("--disc-adaptive", action="store_true", help="VQGAN adaptive adversarial weight")
     parser.add_argument("--no-disc", action="store_true", help="train without the discriminator")
+    parser.add_argument("--restart-dead-codes", type=int, default=0, metavar="N",
+                        help="every N steps move unused codebook entries onto current encoder outputs (0 = off)")
     parser.add_argument("--min-crop-frac", type=float, default=d.min_crop_frac,
                         help="random crop keeps at least this fraction of the short side (1 = no zoom)")
     parser.add_argument("--no-hflip", action="store_true")
@@ -71,9 +73,10 @@ def run(args):
         perceptual_weight=args.perceptual_weight, vgg_weights=args.vgg_weights, lpips_heads=args.lpips_heads,
         codebook_weight=args.codebook_weight, disc_weight=args.disc_weight, disc_start=args.disc_start,
         disc_layers=args.disc_layers, disc_adaptive=args.disc_adaptive, use_disc=not args.no_disc,
-        min_crop_frac=args.min_crop_frac, hflip=not args.no_hflip, max_bad_fraction=args.max_bad_fraction,
-        ckpt_every=args.ckpt_every, log_every=args.log_every, num_workers=args.num_workers,
-        deterministic=args.deterministic, resume=args.resume, progress=not args.no_progress)
+        restart_dead_codes=args.restart_dead_codes, min_crop_frac=args.min_crop_frac, hflip=not args.no_hflip,
+        max_bad_fraction=args.max_bad_fraction, ckpt_every=args.ckpt_every, log_every=args.log_every,
+        num_workers=args.num_workers, deterministic=args.deterministic,
+        resume=args.resume, progress=not args.no_progress)
     summary = train_tokenizer(cfg)
     print(json.dumps(summary, indent=2, default=str))
     return 0

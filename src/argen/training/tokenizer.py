@@ -13,6 +13,8 @@ Contract:
   never straddle epochs, per-image augmentation seeded by (seed, epoch, index)) and every parameter,
   buffer and optimizer moment is in the state file, so `resume=True` after a crash (even SIGKILL) ends
   with the same weights as an uninterrupted run on the same device in deterministic mode.
+- Optional dead-code restart (`restart_dead_codes` = N > 0): every N steps, codebook entries unused in the
+  rolling window are moved onto random encoder outputs of the current batch (off in the paper recipe).
 - Losses: L2 (or L1) reconstruction + LPIPS + codebook + commitment (beta in the tokenizer config) +
   optional entropy + PatchGAN hinge adversarial loss (weight `disc_weight`, from step `disc_start`).
   AdamW (beta1, beta2), weight decay, constant learning rate, gradient clipping, optional EMA.
@@ -82,6 +84,7 @@ class TokenizerTrainConfig:
     disc_channels: int = 64
     disc_adaptive: bool = False
     use_disc: bool = True
+    restart_dead_codes: int = 0
     min_crop_frac: float = 0.8
     hflip: bool = True
     max_bad_fraction: float = 0.05
@@ -170,6 +173,35 @@ def _check_out_dir(cfg: TokenizerTrainConfig, out: Path) -> dict | None:
 def _save_state(out: Path, state: dict) -> None:
     with atomic_path(out / STATE_FILE) as tmp:
         torch.save(state, tmp)
+
+
+@torch.no_grad()
+def restart_dead_codes(model: VQModel, images: torch.Tensor, seed: int) -> int:
+    """Move codebook entries unused in the quantizer's rolling window onto random current encoder outputs.
+
+    An optional remedy for codebook collapse in short or small runs (off by default); deterministic given
+    `seed`. Returns the number of entries moved.
+    """
+    quantizer = model.quantize
+    seen = quantizer.codebook_used[quantizer.codebook_used >= 0].long()
+    used = torch.zeros(quantizer.codebook_size, dtype=torch.bool, device=seen.device)
+    used[seen] = True
+    dead = (~used).nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    was_training = model.training
+    model.eval()
+    latents = model.encode_latents(images).float()  # (B, C, h, w)
+    model.train(was_training)
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (N, C)
+    if quantizer.l2_norm:
+        flat = torch.nn.functional.normalize(flat, dim=-1)
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator).to(flat.device)
+    noise = torch.randn(dead.numel(), flat.shape[1], generator=generator).to(flat.device) * 1e-3
+    weight = quantizer.embedding.weight
+    weight[dead.to(weight.device)] = (flat[pick] + noise).to(weight.dtype)
+    return int(dead.numel())
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -312,6 +344,9 @@ def _train(cfg: TokenizerTrainConfig) -> dict:
                     torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.max_grad_norm)
                     opt_d.step()
                     logs.update(d_logs)
+                if cfg.restart_dead_codes and (step + 1) % cfg.restart_dead_codes == 0 \
+                        and step + 1 + cfg.restart_dead_codes <= cfg.max_steps:
+                    logs["restarted_codes"] = restart_dead_codes(model, images, cfg.seed * 1_000_003 + step)
                 if ema is not None:
                     ema.update(model)
                 logs["psnr"] = float(psnr(vq_out.reconstruction, images).mean())
