@@ -132,7 +132,7 @@ def pr_reference(ref, smp, k):
     return precision, recall
 
 
-@pytest.mark.parametrize("block", [7, 10000])
+@pytest.mark.parametrize("block", [2, 7, 10000])
 def test_precision_recall_matches_brute_force(block):
     rng = np.random.default_rng(3)
     ref = rng.standard_normal((90, 12))

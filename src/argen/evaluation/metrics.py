@@ -129,11 +129,15 @@ def manifold_radii(features, k: int = 3, block_size: int = 10000, device=None,
     norms = (feats * feats).sum(dim=1)
     radii = torch.empty(n, dtype=dtype, device=feats.device)
     for start in range(0, n, block_size):
-        rows = feats[start:start + block_size]
-        dist = torch.cat([_sq_distances(rows, feats[c:c + block_size], norms[start:start + block_size],
-                                        norms[c:c + block_size]) for c in range(0, n, block_size)], dim=1)
-        # the smallest entry is the point itself (distance 0): the (k+1)-th smallest is the k-th neighbour
-        radii[start:start + rows.shape[0]] = dist.kthvalue(k + 1, dim=1).values
+        rows, row_norms = feats[start:start + block_size], norms[start:start + block_size]
+        # running k+1 smallest distances per row over the column blocks; the smallest is the point itself
+        # (distance 0), so the (k+1)-th smallest is the k-th neighbour
+        nearest = torch.empty(rows.shape[0], 0, dtype=dtype, device=feats.device)
+        for c in range(0, n, block_size):
+            dist = _sq_distances(rows, feats[c:c + block_size], row_norms, norms[c:c + block_size])
+            merged = torch.cat([nearest, dist], dim=1)
+            nearest = merged.topk(min(k + 1, merged.shape[1]), dim=1, largest=False).values
+        radii[start:start + rows.shape[0]] = nearest.max(dim=1).values
     return radii
 
 
