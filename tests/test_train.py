@@ -139,6 +139,8 @@ def test_resume_rejects_other_config(tmp_path):
         train(quick(codes, tmp_path / "run", resume=True, max_steps=6, dropout=0.0))
     with pytest.raises(ArgenError, match="different settings"):
         train(quick(codes, tmp_path / "run", resume=True, max_steps=6, batch_size=4))
+    with pytest.raises(ArgenError, match="--resume"):
+        train(quick(codes, tmp_path / "run", max_steps=6))
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

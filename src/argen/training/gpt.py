@@ -386,6 +386,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, device: torch.device, amp_dtype: 
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep)
     identity = _identity(cfg, ds, world)
     step = 0
+    if not cfg.resume and ckpts.latest_path() is not None:
+        raise ArgenError(f"{out} already holds training checkpoints; pass --resume to continue that run or "
+                         f"choose another --out")
     if cfg.resume:
         step = _restore(ckpts, wrapped, optimizer, scheduler, scaler, ema, sampler, data_gen, gpt_cfg, identity,
                         info, device)
