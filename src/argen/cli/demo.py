@@ -32,14 +32,17 @@ from argen.utils.torch_utils import parse_device
 
 PROMPTS = [
     "an emoji of grinning face",
-    "an emoji of red heart",
-    "an emoji of dog face",
-    "an emoji of red apple",
+    "an emoji of green heart",
+    "an emoji of blue heart",
+    "an emoji of fire",
     "an emoji of japan flag",
-    "an emoji of soccer ball",
-    "an emoji of automobile",
-    "an emoji of thumbs up",
+    "an emoji of christmas tree",
+    "an emoji of banana",
+    "an emoji of rocket",
 ]
+
+
+REFS = 2  # real images shown left of each row of samples
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,18 @@ def sample_images(gpt, tokenizer, cond, mask, plan: Plan, seed: int) -> np.ndarr
     return to_uint8(torch.cat(images))
 
 
+def _side_by_side(ref_rows: list[np.ndarray], samples: np.ndarray, per_row: int) -> np.ndarray:
+    """Rows of up to REFS reference images, a grey bar, then `per_row` samples: one uint8 image."""
+    refs = []
+    for row in ref_rows:
+        pad = np.full((REFS - len(row), 64, 64, 3), 255, np.uint8)
+        refs.append(np.concatenate([row.reshape(-1, 64, 64, 3), pad]))
+    left = make_grid(np.concatenate(refs), cols=REFS)
+    right = make_grid(samples, cols=per_row)
+    bar = np.full((left.shape[0], 6, 3), 160, np.uint8)
+    return np.concatenate([left, bar, right], axis=1)
+
+
 def _md_table(rows: list[list[str]]) -> str:
     head, *body = rows
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -308,19 +323,14 @@ def write_report(out: Path, plan: Plan, tokenizer, tok_dir: Path, train_set: Dem
     pairs = np.stack([real, recon], axis=1).reshape(-1, *real.shape[1:])
     save_png(make_grid(pairs, cols=8), images_dir / "tokenizer_reconstructions.png")
 
-    # c2i: one row per class, real examples beside the samples
+    # c2i: one row per class, real training images of the class on the left
     c2i = load_gpt(c2i_dir, device=device)
     labels = torch.arange(len(names)).repeat_interleave(n)
     samples = sample_images(c2i, tokenizer, labels.to(device), None, plan, seed)
-    save_png(make_grid(samples, cols=n), images_dir / "c2i_samples.png")
-    real_rows = []
     rng = np.random.default_rng(seed)
-    for c in range(len(names)):
-        idx = np.nonzero(train_set.labels == c)[0]
-        real_rows.append(train_set.images[rng.choice(idx, size=min(4, len(idx)), replace=False)])
-        if len(idx) < 4:
-            real_rows[-1] = np.concatenate([real_rows[-1], np.full((4 - len(idx), 64, 64, 3), 255, np.uint8)])
-    save_png(make_grid(np.concatenate(real_rows), cols=4), images_dir / "c2i_real.png")
+    refs = [rng.choice(np.nonzero(train_set.labels == c)[0], size=min(REFS, int((train_set.labels == c).sum())),
+                       replace=False) for c in range(len(names))]
+    save_png(_side_by_side([train_set.images[r] for r in refs], samples, n), images_dir / "c2i_samples.png")
     # a class missing from the (limited) training images gets a centroid nothing is near
     centroids = np.stack([color_features(train_set.images[train_set.labels == c]).mean(0)
                           if (train_set.labels == c).any() else np.full(64, 1e3) for c in range(len(names))])
@@ -339,7 +349,12 @@ def write_report(out: Path, plan: Plan, tokenizer, tok_dir: Path, train_set: Dem
     feats = feats.repeat_interleave(n, dim=0).to(device)
     mask = mask.repeat_interleave(n, dim=0).to(device)
     t2i_samples = sample_images(t2i, tokenizer, feats, mask, plan, seed + 1)
-    save_png(make_grid(t2i_samples, cols=n), images_dir / "t2i_samples.png")
+    captions = [train_set.captions(i)[0] for i in range(len(train_set))]
+    refs = [[i for i, c in enumerate(captions) if c == prompt][:REFS] for prompt in PROMPTS]
+    save_png(_side_by_side([train_set.images[r] for r in refs], t2i_samples, n), images_dir / "t2i_samples.png")
+    prompt_centroids = np.stack([color_features(train_set.images[r]).mean(0) if r else np.full(64, 1e3)
+                                 for r in refs])
+    prompt_match = class_match(color_features(t2i_samples), np.repeat(np.arange(len(PROMPTS)), n), prompt_centroids)
 
     c2i_curve, t2i_curve = _loss_curve(c2i_dir), _loss_curve(t2i_dir)
     metrics = {
@@ -349,6 +364,8 @@ def write_report(out: Path, plan: Plan, tokenizer, tok_dir: Path, train_set: Dem
         "c2i_class_match": round(gen_match, 3),
         "val_real_class_match": round(val_match, 3),
         "chance_class_match": round(1 / len(names), 3),
+        "t2i_prompt_match": round(prompt_match, 3),
+        "chance_prompt_match": round(1 / len(PROMPTS), 3),
         "c2i_loss": {"first": c2i_curve[0]["loss"], "last": c2i_curve[-1]["loss"]},
         "t2i_loss": {"first": t2i_curve[0]["loss"], "last": t2i_curve[-1]["loss"]},
         "c2i_loss_curve": [(r["step"], round(r["loss"], 4)) for r in c2i_curve],
@@ -368,19 +385,17 @@ torch {torch.__version__}). Data: the bundled emoji set (64x64, {len(train_set)}
 
 ## Class-conditional samples
 
-One row per class ({n} samples each); the rows follow the table below.
+One row per class, in the order of the table below: {REFS} real training images of the class left of
+the bar, {n} generated samples right of it.
 
 ![c2i samples](images/c2i_samples.png)
-
-Real training images of the same classes, 4 per row:
-
-![real images](images/c2i_real.png)
 
 {_md_table(class_rows)}
 
 ## Text-conditional samples (MiniLM caption features)
 
-One row per prompt:
+One row per prompt: the training images with exactly that caption left of the bar (both vendors),
+{n} generated samples right of it.
 
 ![t2i samples](images/t2i_samples.png)
 
@@ -398,11 +413,14 @@ One row per prompt:
 | c2i samples whose nearest class colour centroid is their class | {gen_match:.1%} |
 | the same for real validation images (reference) | {val_match:.1%} |
 | chance | {1 / len(names):.1%} |
+| t2i samples whose nearest prompt (by colour) is their prompt | {prompt_match:.1%} |
+| chance | {1 / len(PROMPTS):.1%} |
 | c2i training loss | {_curve_summary(c2i_curve)} |
 | t2i training loss | {_curve_summary(t2i_curve)} |
 
 The class-match score classifies each image by the nearest per-class mean of colour histograms
 (non-white pixels) of the training images: a crude check that the samples carry their class's colours.
+The prompt-match score does the same among the 8 prompts, using the training images with that caption.
 
 ## Time per stage
 
