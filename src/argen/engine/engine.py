@@ -398,7 +398,9 @@ class Engine:
         pos = step + (self.cond_len - 1)  # (1,) position of the input token
         h = F.embedding(session.tokens[:, None], w.embedding)  # (B', 1, C)
         keys = torch.arange(kv_bucket, device=self.device)
-        mask = (keys <= pos) & session.key_valid[:, :kv_bucket]  # (B', kv)
+        visible = (keys <= pos) & session.key_valid[:, :kv_bucket]  # (B', kv)
+        # additive mask built once per step (a bool mask would be converted inside every layer)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
         h = self._forward(w, h, self.rotation.index_select(0, pos), pos, kv_bucket, mask[:, None, None, :],
                           session.cache)
         logits = self._head(w, h)
