@@ -4,19 +4,21 @@ Contract:
 - `submit(spec)` validates nothing itself (the HTTP layer does) and queues one row per image; it
   raises `Overloaded` when the queued images would exceed `max_queue`, `ShuttingDown` after
   `close()` began.
-- The worker takes the oldest rows, waits up to `max_wait_ms` for more (never past
+- The generator thread takes the oldest rows, waits up to `max_wait_ms` for more (never past
   `max_batch_size` images), and runs them as one `Engine.generate` call with per-row
   `SamplingParams` and per-row generators seeded from the request's seed and the image index, so
-  a request's images do not depend on what else shares the batch.
+  a request's images do not depend on what else shares the batch. A decoder thread turns the
+  codes into PNGs while the next batch generates (at most two batches wait for it).
 - `cancel(job)` drops the job's rows that have not started; a job already running finishes and
   its result is discarded.
-- `close()` refuses new work, lets the worker finish everything queued and in flight, then stops it.
+- `close()` refuses new work, finishes everything queued and in flight, then stops both threads.
 - `metrics()` reports counters, queue depth, images/s and latency percentiles.
 """
 
 from __future__ import annotations
 
 import io
+import queue
 import threading
 import time
 from collections import deque
@@ -130,6 +132,8 @@ class GenerationService:
         self._closing = False
         self._paused = False
         self._thread: threading.Thread | None = None
+        self._finisher: threading.Thread | None = None
+        self._finish_queue: queue.Queue = queue.Queue(maxsize=2)  # generated batches awaiting decode
         self._in_flight = 0
         self._started = time.perf_counter()
         self._latencies: deque[float] = deque(maxlen=2000)
@@ -143,20 +147,22 @@ class GenerationService:
             if self._thread is not None:
                 return
             self._closing = False
-            self._thread = threading.Thread(target=self._worker, name="argen-serve-worker", daemon=True)
+            self._thread = threading.Thread(target=self._worker, name="argen-serve-generate", daemon=True)
+            self._finisher = threading.Thread(target=self._finish_worker, name="argen-serve-decode", daemon=True)
             self._thread.start()
+            self._finisher.start()
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what is queued and running, stop the worker."""
+        """Refuse new work, finish what is queued and running, stop the worker threads."""
         with self._lock:
             self._closing = True
             self._paused = False
             self._lock.notify_all()
-            thread = self._thread
-        if thread is not None:
+            threads = [t for t in (self._thread, self._finisher) if t is not None]
+        for thread in threads:  # the generator thread exits first and then stops the decoder thread
             thread.join(timeout)
         with self._lock:
-            self._thread = None
+            self._thread = self._finisher = None
 
     def pause(self) -> None:
         """Hold queued work (tests use this to build a backlog deterministically)."""
@@ -227,17 +233,36 @@ class GenerationService:
             return batch
 
     def _worker(self) -> None:
+        """Generate batch after batch; decoding happens on the decoder thread meanwhile."""
         while True:
             batch = self._take_batch()
             if batch is None:
+                self._finish_queue.put(None)
                 return
             try:
-                self._run_batch(batch)
+                stage = self._generate_batch(batch)
+            except Exception as exc:  # any failure goes to the waiting requests
+                self._fail(batch, exc)
+                self._release(batch)
+                continue
+            self._finish_queue.put(stage)
+
+    def _finish_worker(self) -> None:
+        while True:
+            stage = self._finish_queue.get()
+            if stage is None:
+                return
+            batch = stage[0]
+            try:
+                self._complete_batch(*stage)
             except Exception as exc:  # any failure goes to the waiting requests
                 self._fail(batch, exc)
             finally:
-                with self._lock:
-                    self._in_flight -= len(batch)
+                self._release(batch)
+
+    def _release(self, batch: list[_Row]) -> None:
+        with self._lock:
+            self._in_flight -= len(batch)
 
     def _conditions(self, batch: list[_Row]):
         conds = [row.job.spec.conditions[row.index] for row in batch]
@@ -248,7 +273,7 @@ class GenerationService:
         features, mask = self.encode_prompts(conds)
         return features.to(self.device), mask.to(self.device)
 
-    def _run_batch(self, batch: list[_Row]) -> None:
+    def _generate_batch(self, batch: list[_Row]):
         start = time.perf_counter()
         for row in batch:
             if row.job.started is None:
@@ -256,14 +281,13 @@ class GenerationService:
         cond, mask = self._conditions(batch)
         params = [row.job.spec.params for row in batch]
         gens = [torch.Generator(device=self.device).manual_seed(row.job.spec.row_seed(row.index)) for row in batch]
-        codes = self.engine.generate(cond, mask, params, row_generators=gens)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        generated = time.perf_counter()
+        codes = self.engine.generate(cond, mask, params, row_generators=gens).cpu()  # (B, N); waits for the device
+        return batch, codes, start, time.perf_counter()
+
+    def _complete_batch(self, batch: list[_Row], codes: torch.Tensor, start: float, generated: float) -> None:
         grid = self.gpt.config.grid_size
         images = decode_codes(self.tokenizer, codes.view(-1, grid, grid), chunk=self.config.decode_chunk)
         decoded = time.perf_counter()
-        codes = codes.cpu()
         finished = []
         with self._lock:
             self.counters["batches"] += 1
