@@ -1,16 +1,19 @@
 """`Engine`: fast KV-cache decoding of a `GPT` with a static cache and (on CUDA) captured graphs.
 
-Contract: `Engine(gpt).generate(cond, cond_mask, params, generator=...)` returns the same (B, N)
-int64 tokens as `argen.sampling.reference_generate` would (bit for bit in float32 on the CPU for a
-shared generator, greedy or sampled), while doing less work per token:
+Contract: `Engine(gpt).generate(cond, cond_mask, params, generator=...)` samples (B, N) int64
+tokens from the same distribution as `argen.sampling.reference_generate`; greedy decoding
+(top_k=1) gives the reference's tokens exactly in float32 on the CPU. The random stream differs
+(see `argen.engine.sampler`), so sampled tokens for a given seed are the engine's own. It does less
+work per token:
 - the KV cache is allocated once per batch shape (`gpt.new_cache`) and reused across calls;
 - attention reads only the filled prefix: on the CPU `kv_len = pos + 1` with no mask for c2i and a
   slice of a precomputed key-valid mask for t2i; on CUDA one graph per 64-slot kv bucket with the
   causal limit applied by a mask inside the bucket;
 - cond and uncond rows run in one forward; guidance, temperature, top-k, top-p and the draw run on
   the device (see `argen.engine.sampler`) with no host synchronisation inside the decode loop;
-- the layer stack is a lean loop over the model's own weights (no module dispatch, one RoPE for q
-  and k together); the arithmetic is the same as `GPT.forward_cached`;
+- the layer stack is a lean loop over the model's own weights (no module dispatch, one complex
+  multiply for the RoPE of q and k together); it computes what `GPT.forward_cached` computes, up to
+  float rounding order;
 - on CUDA the one-token decode step, sampling included, is captured as CUDA graphs and replayed.
 
 The engine reads the model's parameters directly and notices when they change (`_version`,
