@@ -235,6 +235,8 @@ def test_static_graph_step_matches_reference_on_cpu(kind):
     for settings in (dict(cfg_scale=3.0, top_k=1), dict(top_k=1, cfg_scale=2.0, cfg_interval=20)):
         expected = reference_generate(model, cond, mask, **settings)
         assert torch.equal(engine.generate(cond, mask, SamplingParams(**settings)), expected)
+    short = engine.generate(cond, mask, SamplingParams(cfg_scale=3.0, top_k=1), max_new_tokens=20)
+    assert torch.equal(short, reference_generate(model, cond, mask, cfg_scale=3.0, top_k=1, max_new_tokens=20))
     params = [SamplingParams(cfg_scale=3.0, top_k=1), SamplingParams(top_k=1), SamplingParams(top_k=1, cfg_scale=5.0)]
     mixed = engine.generate(cond, mask, params)
     for i, p in enumerate(params):
