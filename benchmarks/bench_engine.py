@@ -29,8 +29,8 @@ from argen.sampling import reference_generate
 from argen.sampling.logits import SamplingParams
 
 
-def build(name: str, image_size: int | None, device, dtype) -> GPT:
-    overrides = {} if image_size is None else {"image_size": image_size}
+def build(name: str, image_size: int | None, device, dtype, kind: str = "c2i") -> GPT:
+    overrides = {"kind": kind} if image_size is None else {"image_size": image_size, "kind": kind}
     model = GPT(gpt_config(name, **overrides))
     torch.nn.init.normal_(model.output.weight, std=0.02)  # non-degenerate logits
     return model.eval().to(device=device, dtype=dtype)
@@ -54,9 +54,18 @@ def timed(fn, device) -> float:
 
 
 def run_workload(name, image_size, batch, args, device, dtype) -> dict:
-    model = build(name, image_size, device, dtype)
+    model = build(name, image_size, device, dtype, args.kind)
     cfg = model.config
-    cond = torch.arange(batch, device=device) % cfg.num_classes
+    mask = None
+    if cfg.kind == "c2i":
+        cond = torch.arange(batch, device=device) % cfg.num_classes
+    else:  # captions of different lengths, left padded
+        g = torch.Generator().manual_seed(0)
+        cond = torch.randn(batch, cfg.caption_len, cfg.caption_dim, generator=g)
+        lengths = torch.randint(1, cfg.caption_len + 1, (batch,), generator=g)
+        mask = (torch.arange(cfg.caption_len)[None, :] >= cfg.caption_len - lengths[:, None]).float()
+        cond = (cond * mask[..., None]).to(device=device, dtype=dtype)
+        mask = mask.to(device)
     params = SamplingParams(cfg_scale=args.cfg_scale, top_k=args.top_k)
     gen = torch.Generator(device=device)
     engine = Engine(model)
@@ -64,10 +73,11 @@ def run_workload(name, image_size, batch, args, device, dtype) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     def run_engine():
-        engine.generate(cond, params=params, generator=gen.manual_seed(0))
+        engine.generate(cond, mask, params=params, generator=gen.manual_seed(0))
 
     def run_reference():
-        reference_generate(model, cond, cfg_scale=args.cfg_scale, top_k=args.top_k, generator=gen.manual_seed(0))
+        reference_generate(model, cond, mask, cfg_scale=args.cfg_scale, top_k=args.top_k,
+                           generator=gen.manual_seed(0))
 
     first = timed(run_engine, device)
     engine_times, ref_times = [], []
@@ -77,7 +87,8 @@ def run_workload(name, image_size, batch, args, device, dtype) -> dict:
             ref_times.append(timed(run_reference, device))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     eng, ref = min(engine_times), min(ref_times) if ref_times else float("nan")
-    row = {"model": name, "image_size": cfg.image_size, "tokens": cfg.num_image_tokens, "batch": batch,
+    row = {"model": name, "kind": cfg.kind, "image_size": cfg.image_size, "tokens": cfg.num_image_tokens,
+           "batch": batch,
            "engine_s": eng, "engine_img_s": batch / eng, "engine_ms_per_step": eng / cfg.num_image_tokens * 1e3,
            "first_call_s": first, "peak_gib": peak, "reference_s": ref, "speedup": ref / eng}
     return row
@@ -89,6 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated configs (default by mode)")
     parser.add_argument("--sizes", default=None, help="comma-separated image sizes (GPU default 256,384)")
     parser.add_argument("--batches", default=None, help="comma-separated images per batch (GPU default 8,64)")
+    parser.add_argument("--kind", choices=["c2i", "t2i"], default="c2i", help="c2i (default) or t2i")
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--top-k", type=int, default=None, help="default 2000 GPU, 100 CPU")
     parser.add_argument("--repeats", type=int, default=3)
@@ -119,7 +131,7 @@ def main(argv=None) -> int:
         args.top_k = 2000 if args.top_k is None else args.top_k
         args.reference_repeats = 1 if args.reference_repeats is None else args.reference_repeats
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
-    print(f"# device: {device_name}; dtype {str(dtype).replace('torch.', '')}; cfg {args.cfg_scale}; "
+    print(f"# device: {device_name}; {args.kind}; dtype {str(dtype).replace('torch.', '')}; cfg {args.cfg_scale}; "
           f"top-k {args.top_k}; best of {args.repeats}; {args.clock} clock")
     print("| model | px | tokens | batch | engine s | img/s | ms/step | first call s | peak GiB | reference s | x |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
