@@ -259,8 +259,9 @@ def test_client_disconnect_cancels_queued_work(checkpoints):
     assert metrics["batched_images_total"] == 1  # the cancelled rows never ran
 
 
-def test_shutdown_finishes_queued_and_running_work(checkpoints):
-    service = make_service(checkpoints, max_batch_size=2, max_wait_ms=1, max_queue=16)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_shutdown_finishes_queued_and_running_work(checkpoints, overlap):
+    service = make_service(checkpoints, max_batch_size=2, max_wait_ms=1, max_queue=16, overlap_decode=overlap)
     service.start()
     service.pause()
     jobs = [service.submit(JobSpec([i % 10], SamplingParams(top_k=10), seed=i)) for i in range(5)]

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-images-per-request", type=int, default=16,
                        help="larger requests get 413 (default 16)")
     group.add_argument("--decode-chunk", type=int, default=16, help="images decoded at once (default 16)")
+    group.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
+                       help="decode images on a second thread while the next batch generates (auto: on for CUDA)")
     group.add_argument("--text-encoder", default="minilm",
                        help="t2i only: 'minilm' (default) or a local transformers folder (e.g. flan-t5-xl)")
     group.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ArgenError(f"--port must lie in 1..65535, got {args.port}")
     config = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                         max_images_per_request=args.max_images_per_request, decode_chunk=args.decode_chunk)
+                         max_images_per_request=args.max_images_per_request, decode_chunk=args.decode_chunk,
+                         overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode])
     tokenizer, gpt, device, _ = load_models(args)
     encode = None
     if gpt.config.kind == "t2i":

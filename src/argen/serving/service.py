@@ -7,8 +7,9 @@ Contract:
 - The generator thread takes the oldest rows, waits up to `max_wait_ms` for more (never past
   `max_batch_size` images), and runs them as one `Engine.generate` call with per-row
   `SamplingParams` and per-row generators seeded from the request's seed and the image index, so
-  a request's images do not depend on what else shares the batch. A decoder thread turns the
-  codes into PNGs while the next batch generates (at most two batches wait for it).
+  a request's images do not depend on what else shares the batch. With `overlap_decode` (default
+  on CUDA) a decoder thread turns the codes into PNGs while the next batch generates (at most two
+  batches wait for it); otherwise the same thread decodes (better on a small CPU).
 - `cancel(job)` drops the job's rows that have not started; a job already running finishes and
   its result is discarded.
 - `close()` refuses new work, finishes everything queued and in flight, then stops both threads.
@@ -52,6 +53,7 @@ class ServeConfig:
     max_queue: int = 256
     max_images_per_request: int = 16
     decode_chunk: int = 16
+    overlap_decode: bool | None = None  # decode on a second thread while the next batch generates (None: on CUDA)
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "decode_chunk"):
@@ -134,6 +136,7 @@ class GenerationService:
         self._thread: threading.Thread | None = None
         self._finisher: threading.Thread | None = None
         self._finish_queue: queue.Queue = queue.Queue(maxsize=2)  # generated batches awaiting decode
+        self.overlap_decode = self.device.type == "cuda" if config.overlap_decode is None else config.overlap_decode
         self._in_flight = 0
         self._started = time.perf_counter()
         self._latencies: deque[float] = deque(maxlen=2000)
@@ -245,7 +248,15 @@ class GenerationService:
                 self._fail(batch, exc)
                 self._release(batch)
                 continue
-            self._finish_queue.put(stage)
+            if self.overlap_decode:
+                self._finish_queue.put(stage)
+                continue
+            try:
+                self._complete_batch(*stage)
+            except Exception as exc:  # any failure goes to the waiting requests
+                self._fail(batch, exc)
+            finally:
+                self._release(batch)
 
     def _finish_worker(self) -> None:
         while True:
