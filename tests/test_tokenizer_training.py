@@ -77,6 +77,15 @@ def test_discriminator_and_losses():
     assert float(psnr(x, x + 0.2)) == pytest.approx(-10 * torch.log10(torch.tensor(0.01)).item(), rel=1e-4)
 
 
+@pytest.fixture()
+def one_thread():
+    """Single-threaded CPU kernels, like the OMP_NUM_THREADS=1 subprocess, restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _cfg(out, lpips_files, **kw):
     vgg, heads = lpips_files
     base = dict(out=str(out), data="demo", config="VQ-tiny", image_size=16, batch_size=4, max_steps=8,
@@ -90,8 +99,7 @@ def _state(out):
     return load_file(str(Path(out) / "tokenizer.safetensors"))
 
 
-def test_train_writes_loadable_tokenizer_and_logs(tmp_path, lpips_files):
-    torch.set_num_threads(1)
+def test_train_writes_loadable_tokenizer_and_logs(tmp_path, lpips_files, one_thread):
     summary = train_tokenizer(_cfg(tmp_path / "run", lpips_files, max_steps=4, ema=False))
     assert summary["steps"] == 4 and summary["perceptual"]
     model = argen.load_tokenizer(tmp_path / "run")
@@ -106,8 +114,7 @@ def test_train_writes_loadable_tokenizer_and_logs(tmp_path, lpips_files):
         train_tokenizer(_cfg(tmp_path / "run", lpips_files, max_steps=4, ema=False, resume=True, lr=1e-3))
 
 
-def test_sigkill_then_resume_gives_identical_weights(tmp_path, lpips_files):
-    torch.set_num_threads(1)
+def test_sigkill_then_resume_gives_identical_weights(tmp_path, lpips_files, one_thread):
     full = tmp_path / "full"
     train_tokenizer(_cfg(full, lpips_files))
     killed = tmp_path / "killed"
