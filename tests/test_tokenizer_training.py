@@ -168,3 +168,33 @@ def test_restart_dead_codes_moves_only_unused_entries():
     latents = torch.nn.functional.normalize(model.encode_latents(images).permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
     dists = torch.cdist(after[changed], latents).min(dim=1).values
     assert dists.max() < 0.01  # moved onto current encoder outputs
+
+
+def _folder(root, good, bad):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "a" / f"{i}.png")
+    for i in range(bad):
+        (root / "b").mkdir(parents=True, exist_ok=True)
+        (root / "b" / f"bad{i}.jpg").write_bytes(b"corrupt")
+    return root
+
+
+def test_training_skips_bad_images_and_refuses_all_bad_data(tmp_path, one_thread):
+    data = _folder(tmp_path / "mixed", good=6, bad=2)
+    cfg = dict(config="VQ-tiny", image_size=16, batch_size=4, max_steps=4, vgg_weights="none", use_disc=False,
+               progress=False, split="all")
+    summary = train_tokenizer(TokenizerTrainConfig(out=str(tmp_path / "r1"), data=str(data), max_bad_fraction=0.5,
+                                                   **cfg))
+    assert summary["steps"] == 4 and summary["skipped_images"] >= 1
+    with pytest.raises(ArgenError, match="failed to load"):
+        train_tokenizer(TokenizerTrainConfig(out=str(tmp_path / "r2"), data=str(data), max_bad_fraction=0.01, **cfg))
+    all_bad = _folder(tmp_path / "bad", good=0, bad=4)
+    with pytest.raises(ArgenError, match="failed to load"):
+        train_tokenizer(TokenizerTrainConfig(out=str(tmp_path / "r3"), data=str(all_bad), max_bad_fraction=1.0,
+                                             **cfg))
+    assert not (tmp_path / "r3" / "tokenizer.safetensors").exists()
