@@ -60,17 +60,19 @@ class Plan:
     batch_size: int
     lr: float
     warmup: int
+    dropout: float  # token/attention/FFN dropout; 0 for the few-epoch CPU run
     samples_per_class: int
     cfg_scale: float
+    temperature: float
     top_k: int
 
 
-CPU_PLAN = Plan(name="quick (CPU)", tokenizer_config="VQ-demo", tokenizer_steps=600, tokenizer_batch=32,
-                tokenizer_lr=5e-4, gpt_config="GPT-demo", c2i_steps=300, t2i_steps=300, batch_size=64, lr=2e-3,
-                warmup=20, samples_per_class=8, cfg_scale=4.0, top_k=0)
+CPU_PLAN = Plan(name="quick (CPU)", tokenizer_config="VQ-demo", tokenizer_steps=700, tokenizer_batch=16,
+                tokenizer_lr=5e-4, gpt_config="GPT-demo", c2i_steps=350, t2i_steps=350, batch_size=64, lr=8e-3,
+                warmup=20, dropout=0.0, samples_per_class=8, cfg_scale=3.0, temperature=0.8, top_k=50)
 GPU_PLAN = Plan(name="GPU", tokenizer_config="VQ-demo", tokenizer_steps=6000, tokenizer_batch=64, tokenizer_lr=5e-4,
                 gpt_config="GPT-demo-L", c2i_steps=6000, t2i_steps=6000, batch_size=256, lr=1e-3, warmup=200,
-                samples_per_class=8, cfg_scale=4.0, top_k=0)
+                dropout=0.1, samples_per_class=8, cfg_scale=3.0, temperature=0.8, top_k=50)
 
 
 def add_arguments(parser):
@@ -117,33 +119,20 @@ def stage_tokenizer(out: Path, plan: Plan, seed: int, given: str | None) -> Path
         return tok_dir
     _run_cli(["train-tokenizer", "--data", "demo", "--config", plan.tokenizer_config, "--out", str(tok_dir),
               "--max-steps", str(plan.tokenizer_steps), "--seed", str(seed), "--batch-size", str(plan.tokenizer_batch),
-              "--lr", str(plan.tokenizer_lr), "--no-disc", "--resume"])
+              "--lr", str(plan.tokenizer_lr), "--no-disc", "--restart-dead-codes", "50", "--resume"])
     return tok_dir
 
 
-@torch.no_grad()
-def stage_codes(out: Path, tokenizer, data: DemoDataset, device: torch.device, shard_size: int = 512) -> Path:
-    """Encode the training images and their mirror images into c2i code shards (dataset order)."""
+def stage_codes(out: Path, tokenizer, data: DemoDataset, device: torch.device) -> Path:
+    """Encode the training images, as is and mirrored, into c2i code shards (`argen extract-codes --flip`)."""
+    from argen.data.extract import extract_codes
+
     codes_dir = out / "codes-c2i"
     if (codes_dir / "index.json").is_file():
         print(f"reusing {codes_dir}")
         return codes_dir
-    grid = 64 // tokenizer.downsample
-    meta = {"kind": "c2i", "tokenizer": tokenizer.config.to_dict(), "codebook_size": tokenizer.config.codebook_size,
-            "grid": [grid, grid], "image_size": 64, "num_augs": 2, "aug_names": ["original", "flip"],
-            "num_classes": len(data.class_names), "class_names": data.class_names}
-    writer = CodeShardWriter(codes_dir, meta)
-    starts = list(range(0, len(data), shard_size))
-    for index, start in enumerate(tqdm(starts, desc="extract codes", unit="shard")):
-        if writer.is_done(index):
-            continue
-        images = from_uint8(data.images[start:start + shard_size])  # (n, 3, 64, 64)
-        codes = []
-        for view in (images, images.flip(-1)):
-            parts = [tokenizer.encode(view[i:i + 128].to(device)).cpu() for i in range(0, len(view), 128)]
-            codes.append(torch.cat(parts))  # (n, h, w)
-        writer.write_shard(index, torch.stack(codes, dim=1), data.labels[start:start + shard_size])
-    writer.finalize()
+    extract_codes(tokenizer, data, codes_dir, image_size=64, flip=True, shard_size=1024, batch_size=128,
+                  device=device)
     return codes_dir
 
 
@@ -164,6 +153,9 @@ def stage_text(out: Path, data: DemoDataset, c2i_codes: Path) -> tuple[Path, Pat
             feats.extend(encoder.encode_unpadded(captions[start:start + 256]))
         save_text_features(text_dir, feats, encoder="minilm", max_length=encoder.max_length, texts=captions)
     source = CodeDataset(c2i_codes)
+    if len(source) != len(data):
+        raise ArgenError(f"{c2i_codes} holds {len(source)} images but the demo split has {len(data)}; delete "
+                         f"{c2i_codes} and rerun")
     meta = {**{k: source.meta[k] for k in ("tokenizer", "codebook_size", "grid", "image_size", "num_augs",
                                            "aug_names")},
             "kind": "t2i", "text_features": "../" + text_dir.name, "num_classes": None, "class_names": None}
@@ -187,8 +179,9 @@ def stage_generator(out: Path, kind: str, codes: Path, plan: Plan, steps: int, s
         return run_dir
     cfg = TrainConfig(codes=str(codes), out=str(run_dir), config=plan.gpt_config, max_steps=steps, resume=True,
                       seed=seed, batch_size=plan.batch_size, lr=plan.lr, warmup=plan.warmup, schedule="cosine",
-                      min_lr_ratio=0.1, ema=False, device=device, ckpt_every=max(50, steps // 4), log_every=10,
-                      sample_every=0, tokenizer=str(tokenizer_dir), desc=f"train {kind}")
+                      min_lr_ratio=0.1, dropout=plan.dropout, ema=False, device=device,
+                      ckpt_every=max(50, steps // 4), log_every=10, sample_every=0, tokenizer=str(tokenizer_dir),
+                      desc=f"train {kind}")
     train(cfg)
     return run_dir
 
@@ -231,7 +224,8 @@ def sample_images(gpt, tokenizer, cond, mask, plan: Plan, seed: int) -> np.ndarr
     tokens = []
     for start in range(0, len(cond), 64):
         part_mask = None if mask is None else mask[start:start + 64]
-        tokens.append(generate(gpt, cond[start:start + 64], part_mask, cfg_scale=plan.cfg_scale, temperature=1.0,
+        tokens.append(generate(gpt, cond[start:start + 64], part_mask, cfg_scale=plan.cfg_scale,
+                               temperature=plan.temperature,
                                top_k=plan.top_k, generator=gen))
     tokens = torch.cat(tokens)
     grid = gpt.config.grid_size
@@ -381,7 +375,7 @@ Produced by `argen demo --quick --out {out}` ({plan.name} plan, device `{device}
 torch {torch.__version__}). Data: the bundled emoji set (64x64, {len(train_set)} training images,
 {len(names)} categories). Tokenizer `{plan.tokenizer_config}`; generators `{plan.gpt_config}`
 (c2i {plan.c2i_steps} steps, t2i {plan.t2i_steps} steps, batch {plan.batch_size}). Sampling: guidance
-{plan.cfg_scale}, temperature 1.0, seed {seed}.
+{plan.cfg_scale}, temperature {plan.temperature}, top-k {plan.top_k}, seed {seed}.
 
 ## Class-conditional samples
 
