@@ -87,7 +87,23 @@ class DemoDataset:
         return [f"an emoji of {name}"] + [f"an emoji of {s}" for s in extra if s != name]
 
 
-class ClassFolderDataset:
+class _ImageFileDataset:
+    """Shared part of the datasets whose images are files on disk (`self.paths`)."""
+
+    paths: list[Path]
+    min_size: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Image.Image:
+        return load_image(self.paths[i], self.min_size)
+
+    def source(self, i: int) -> str:
+        return str(self.paths[i])
+
+
+class ClassFolderDataset(_ImageFileDataset):
     """ImageNet-style `root/<class>/.../<image>` folders."""
 
     kind = "c2i"
@@ -118,15 +134,6 @@ class ClassFolderDataset:
             labels.extend([label] * len(files))
         self.labels = np.array(labels, dtype=np.int64)
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, i: int) -> Image.Image:
-        return load_image(self.paths[i], self.min_size)
-
-    def source(self, i: int) -> str:
-        return str(self.paths[i])
-
     def label(self, i: int) -> int:
         return int(self.labels[i])
 
@@ -134,7 +141,7 @@ class ClassFolderDataset:
         return [self.class_names[self.label(i)].replace("_", " ")]
 
 
-class JsonlDataset:
+class JsonlDataset(_ImageFileDataset):
     """Image-text pairs listed in a JSONL manifest."""
 
     kind = "t2i"
@@ -181,15 +188,6 @@ class JsonlDataset:
             raise ArgenError(f"manifest {manifest} lists no images" + (f" for split {split!r}" if split != "all"
                                                                        else ""))
         self.labels = np.arange(len(self.paths), dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, i: int) -> Image.Image:
-        return load_image(self.paths[i], self.min_size)
-
-    def source(self, i: int) -> str:
-        return str(self.paths[i])
 
     def label(self, i: int) -> int:
         return i
