@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from argen.checkpoint import save_tokenizer
-from argen.cli.demo import class_match, color_features
 from argen.cli.main import main
 from argen.models.tokenizer import VQModel, vq_config
+from argen.training.demo import class_match, color_features
 
 
 def test_class_match_prefers_own_colour():
