@@ -250,26 +250,25 @@ class GenerationService:
                 continue
             if self.overlap_decode:
                 self._finish_queue.put(stage)
-                continue
-            try:
-                self._complete_batch(*stage)
-            except Exception as exc:  # any failure goes to the waiting requests
-                self._fail(batch, exc)
-            finally:
-                self._release(batch)
+            else:
+                self._finish_stage(stage)
 
     def _finish_worker(self) -> None:
         while True:
             stage = self._finish_queue.get()
             if stage is None:
                 return
-            batch = stage[0]
-            try:
-                self._complete_batch(*stage)
-            except Exception as exc:  # any failure goes to the waiting requests
-                self._fail(batch, exc)
-            finally:
-                self._release(batch)
+            self._finish_stage(stage)
+
+    def _finish_stage(self, stage: tuple) -> None:
+        """Decode and answer one generated batch; any failure goes to its waiting requests."""
+        batch = stage[0]
+        try:
+            self._complete_batch(*stage)
+        except Exception as exc:
+            self._fail(batch, exc)
+        finally:
+            self._release(batch)
 
     def _release(self, batch: list[_Row]) -> None:
         with self._lock:
