@@ -19,7 +19,7 @@ from argen.cli.common import add_checkpoint_arguments, load_models
 from argen.engine import generate
 from argen.utils.errors import ArgenError
 from argen.utils.images import make_grid, save_png, to_uint8
-from argen.utils.io import atomic_write
+from argen.utils.io import atomic_save_npy
 
 DEFAULTS = {"c2i": {"cfg_scale": 4.0, "top_k": 2000}, "t2i": {"cfg_scale": 7.5, "top_k": 1000}}
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         save_png(image, out / f"{i:05d}_{tag}.png")
     save_png(make_grid(images), out / "grid.png")
     if args.save_codes:
-        atomic_write(out / "codes.npy", lambda tmp: np.save(open(tmp, "wb"), codes.numpy().astype(np.int64)))
+        atomic_save_npy(out / "codes.npy", codes.numpy().astype(np.int64))
     n = images.shape[0]
     print(f"sampled {n} images ({gpt.config.num_image_tokens} tokens each) in {sample_time:.2f} s "
           f"({n / max(sample_time, 1e-9):.2f} img/s); decoded in {decode_time:.2f} s; wrote {out}/")

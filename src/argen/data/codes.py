@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_write, atomic_write_json
+from argen.utils.io import atomic_save_npy, atomic_write_json
 
 FORMAT = "argen-codes"
 VERSION = 1
@@ -123,8 +123,8 @@ class CodeShardWriter:
         labels = labels.astype(np.int64)
         # labels last: their presence marks the shard as complete
         (self.out_dir / labels_name(index)).unlink(missing_ok=True)
-        atomic_write(self.out_dir / codes_name(index), lambda tmp: _save_npy(tmp, codes))
-        atomic_write(self.out_dir / labels_name(index), lambda tmp: _save_npy(tmp, labels))
+        atomic_save_npy(self.out_dir / codes_name(index), codes)
+        atomic_save_npy(self.out_dir / labels_name(index), labels)
 
     def finalize(self) -> dict:
         """Write `index.json` listing every finished shard; returns the index."""
@@ -142,11 +142,6 @@ class CodeShardWriter:
         index = {**self.meta, "shards": shards, "num_images": sum(s["count"] for s in shards)}
         atomic_write_json(self.out_dir / "index.json", index)
         return index
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)
 
 
 class CodeDataset:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_write, atomic_write_json
+from argen.utils.io import atomic_save_npy, atomic_write_json
 
 FEATURES_FILE = "features.npy"
 OFFSETS_FILE = "offsets.npy"
@@ -79,8 +79,8 @@ def save_text_features(directory: str | Path, features_list: Sequence, encoder: 
         raise ArgenError(f"got {len(texts)} caption texts for {len(items)} captions")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)
-    atomic_write(directory / FEATURES_FILE, lambda tmp: _save_npy(tmp, flat))
-    atomic_write(directory / OFFSETS_FILE, lambda tmp: _save_npy(tmp, offsets))
+    atomic_save_npy(directory / FEATURES_FILE, flat)
+    atomic_save_npy(directory / OFFSETS_FILE, offsets)
     meta = {"count": len(items), "dim": int(dim), "dtype": "float16", "encoder": encoder,
             "max_length": max_length, "total_tokens": int(offsets[-1])}
     if ids is not None:
@@ -89,11 +89,6 @@ def save_text_features(directory: str | Path, features_list: Sequence, encoder: 
         meta["texts"] = list(texts)
     atomic_write_json(directory / META_FILE, meta)
     return directory
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)
 
 
 class TextFeatureStore:
