@@ -121,12 +121,9 @@ def extract_codes(model, dataset, out_dir: str | Path, image_size: int, ten_crop
                                              num_workers=num_workers)
         codes_parts, label_parts = [], []
         for images, _, batch_labels, failures in loader:
-            for source, reason in failures:
-                tracker.fail(source, reason)
             bar.update(len(failures))
-            if images is None:
+            if not tracker.record(images, failures):
                 continue
-            tracker.ok(images.shape[0])
             n, a = images.shape[:2]
             codes = model.encode(images.flatten(0, 1).to(device))  # (n*A, h, w)
             codes_parts.append(codes.view(n, a, grid, grid).cpu())

@@ -82,6 +82,15 @@ class FailureTracker:
         log.warning("skipped %s: %s", source, reason)
         self.check()
 
+    def record(self, images, failures: list[tuple[str, str]]) -> bool:
+        """Account for one collated batch (its images or None, and its failures); True if it has images."""
+        for source, reason in failures:
+            self.fail(source, reason)
+        if images is None:
+            return False
+        self.ok(images.shape[0])
+        return True
+
     def check(self, final: bool = False) -> None:
         if self.tried and self.failed == self.tried and (final or self.tried >= self.min_count):
             raise ArgenError(f"all {self.tried} {self.what} tried so far failed to load (e.g. {self.skipped[0]}); "

@@ -113,12 +113,9 @@ def evaluate_tokenizer(model, dataset, image_size: int, batch_size: int = 64, lp
         """Reconstruct batch by batch, record the metrics, yield (originals, reconstructions) uint8 for rFID."""
         bar = tqdm(total=count, desc="eval-tokenizer", unit="img", disable=not progress)
         for images, _, _, failures in loader:
-            for source, reason in failures:
-                tracker.fail(source, reason)
             bar.update(len(failures))
-            if images is None:
+            if not tracker.record(images, failures):
                 continue
-            tracker.ok(images.shape[0])
             images = images.to(device)
             codes = model.encode(images)  # (B, h, w)
             used[codes.flatten().cpu().unique()] = True

@@ -322,10 +322,7 @@ def _train(cfg: TokenizerTrainConfig) -> dict:
     log_file = open(out / LOG_FILE, "a", encoding="utf-8")
     try:
         for images, _, _, failures in loader:
-            for source, reason in failures:
-                tracker.fail(source, reason)
-            if images is not None:
-                tracker.ok(images.shape[0])
+            if tracker.record(images, failures):
                 images = images.to(device)
                 model.train()
                 with autocast:
