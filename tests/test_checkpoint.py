@@ -113,6 +113,15 @@ def test_argen_format_round_trip_needs_no_flags(tmp_path):
         argen.load_tokenizer(file)
 
 
+def test_argen_file_with_a_different_named_config_is_refused(tmp_path):
+    argen.save_gpt(tiny_gpt(), tmp_path / "run")
+    assert argen.load_gpt(tmp_path / "run", config="GPT-tiny").config.name == "GPT-tiny"
+    with pytest.raises(CheckpointError, match="holds generator config 'GPT-tiny'.*not 'GPT-B'"):
+        argen.load_gpt(tmp_path / "run", config="GPT-B")
+    with pytest.raises(CheckpointError, match="is a c2i generator, not t2i"):
+        argen.load_gpt(tmp_path / "run", kind="t2i")
+
+
 def test_argen_file_can_sample_at_another_resolution(tmp_path):
     argen.save_gpt(tiny_gpt(), tmp_path / "run")
     bigger = argen.load_gpt(tmp_path / "run", image_size=128)

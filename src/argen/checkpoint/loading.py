@@ -153,6 +153,13 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     if argen_file is not None:
         info = _read_argen_meta(argen_file, "gpt")
         cfg = GPTConfig.from_dict(info["config"])
+        if config is not None:
+            asked = gpt_config(config) if isinstance(config, str) else config
+            shape = ("dim", "n_layer", "n_head", "n_kv_head")
+            if any(getattr(asked, f) != getattr(cfg, f) for f in shape):
+                raise CheckpointError(f"{argen_file} holds generator config {cfg.name!r} "
+                                      f"({cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.dim}), "
+                                      f"not {asked.name!r}")
         if kind is not None and kind != cfg.kind:
             raise CheckpointError(f"{argen_file} is a {cfg.kind} generator, not {kind}")
         if image_size is not None or downsample is not None:
