@@ -7,11 +7,12 @@ import pytest
 
 import argen.evaluation.fid as fid_module
 from argen.cli.main import main
-from argen.evaluation.evaluate import batch_activations, cache_path, file_digest, open_batch
+from argen.evaluation.evaluate import batch_activations, cache_path, open_batch
 from argen.evaluation.fid import compute_statistics, paired_statistics, reconstruction_fid
 from argen.evaluation.npz import ImageBatchFile, NpzImageWriter
 from argen.models.inception import random_inception
 from argen.utils.errors import ArgenError
+from argen.utils.io import sha256_file
 
 
 def images(n, size=16, seed=0):
@@ -103,7 +104,7 @@ def test_activation_cache_is_keyed_by_content_and_network(tmp_path, net):
     batch = ImageBatchFile(path)
     first, source = batch_activations(batch, net, batch_size=8, use_cache=True, label="t", progress=False)
     assert source == "computed" and first.pool.shape == (5, 2048) and first.mu_s.shape == (2023,)
-    cached = cache_path(path, file_digest(path), net.weights_id)
+    cached = cache_path(path, sha256_file(path), net.weights_id)
     assert cached.is_file() and "random-seed0" in cached.name
     again, source = batch_activations(batch, net, batch_size=8, use_cache=True, label="t", progress=False)
     assert source == "cache" and np.array_equal(again.pool, first.pool)

@@ -16,7 +16,6 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from argen.data.text_features import left_pad
 from argen.utils.errors import ArgenError
+from argen.utils.io import sha256_file
 
 DEFAULT_ENCODER = "minilm"
 DEFAULT_MAX_LENGTH = 120
@@ -34,13 +34,6 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 
 _VERIFIED: set[Path] = set()
 
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def minilm_path() -> Path:

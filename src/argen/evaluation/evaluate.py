@@ -15,7 +15,6 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 import time
@@ -31,20 +30,13 @@ from argen.evaluation.metrics import frechet_distance, inception_score, precisio
 from argen.evaluation.npz import ImageBatchFile
 from argen.models.inception import FIDInception
 from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_write
+from argen.utils.io import atomic_write, sha256_file
 
 PROTOCOL = ("ADM (guided-diffusion evaluator): FID/precision/recall on pool_3 (2048), sFID on mixed_6/conv[..., :7] "
             "(2023), IS from unbiased logits over 10 splits, k-NN manifold k=3; TF1 bilinear resize to 299")
 DEMO_FILE = "emoji64.npz"  # the packaged demo set (argen/data/demo), images under the key `images`
 RANDOM_WARNING = "RANDOM-WEIGHT INCEPTION: for testing the pipeline only; these numbers are NOT FIDs"
 
-
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_path(batch_path: Path, digest: str, weights_id: str, key: str = "arr_0", limit: int | None = None) -> Path:
@@ -91,7 +83,7 @@ def batch_activations(batch: ImageBatchFile, inception: FIDInception, batch_size
     """Activations of one npz batch, from its cache when valid. Returns (activations, 'cache'|'computed')."""
     path = None
     if use_cache and batch.cacheable:
-        path = cache_path(batch.path, file_digest(batch.path), inception.weights_id, batch.key, batch.limit)
+        path = cache_path(batch.path, sha256_file(batch.path), inception.weights_id, batch.key, batch.limit)
         if path.is_file():
             acts = _load_cache(path)
             if acts is not None and acts.count == batch.count:

@@ -19,7 +19,6 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from argen.utils.errors import ArgenError, CheckpointError
+from argen.utils.io import sha256_file
 
 INCEPTION_FILE_NAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -292,13 +292,6 @@ def random_inception(seed: int = 0) -> FIDInception:
     return model.eval().requires_grad_(False)
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def load_inception(path: str | Path) -> FIDInception:
     """Load the published FID Inception weights from a local file, strictly."""
@@ -322,7 +315,7 @@ def load_inception(path: str | Path) -> FIDInception:
                               f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(misshaped)} mis-shaped "
                               f"(e.g. {misshaped[:3]}) keys")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     model.weights_id = f"sha256:{digest[:16]}"
     model.is_random = False
     model.sha256 = digest
@@ -343,7 +336,7 @@ def download_inception(dest: str | Path) -> Path:
         with urllib.request.urlopen(INCEPTION_URL) as response, open(tmp, "wb") as handle:
             while block := response.read(1 << 20):
                 handle.write(block)
-        digest = file_sha256(tmp)
+        digest = sha256_file(tmp)
         if not digest.startswith(INCEPTION_SHA256_PREFIX):
             raise ArgenError(f"downloaded Inception weights have sha256 {digest}, expected a digest starting "
                              f"with {INCEPTION_SHA256_PREFIX}; not saved")
