@@ -111,6 +111,27 @@ def test_row_generators_make_rows_independent_of_the_batch():
         assert torch.equal(batch[i], alone[0]), f"row {i}"
 
 
+def test_progress_counts_every_token_of_every_chunk_without_changing_tokens():
+    model = tiny_gpt("c2i")
+    cond, _ = condition("c2i", batch=5)
+    steps = []
+    engine = Engine(model, max_batch=2)  # chunks of 2, 2 and 1 images
+    with_progress = engine.generate(cond, None, SamplingParams(cfg_scale=2.0, top_k=1), max_new_tokens=6,
+                                    progress=steps.append)
+    assert steps == [1] * 18
+    assert torch.equal(with_progress, reference_generate(model, cond, cfg_scale=2.0, top_k=1, max_new_tokens=6))
+
+
+def test_generate_with_row_generators_gives_each_image_its_own_stream():
+    model = tiny_gpt("c2i")
+    cond = torch.tensor([3, 1, 4])
+    kwargs = dict(cfg_scale=2.0, top_k=30)
+    batch = generate(model, cond, row_generators=[torch.Generator().manual_seed(s) for s in (5, 6, 7)], **kwargs)
+    last = generate(model, cond[2:], row_generators=[torch.Generator().manual_seed(7)], **kwargs)
+    assert torch.equal(batch[2:], last)
+    assert not torch.equal(batch[0], batch[1])
+
+
 def test_bad_arguments_raise_argen_errors():
     from argen.utils.errors import ArgenError
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -41,6 +41,10 @@ from argen.sampling.reference import prepare_condition
 from argen.utils.errors import ArgenError
 
 KV_BUCKET = 64
+
+
+def _no_progress(steps: int) -> None:
+    pass
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -163,11 +167,13 @@ class Engine:
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                  generator: torch.Generator | None = None,
                  row_generators: Sequence[torch.Generator] | None = None,
-                 max_new_tokens: int | None = None) -> torch.Tensor:
+                 max_new_tokens: int | None = None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """(B,) class ids or (B, L, D) captions -> (B, max_new_tokens) int64 tokens on the model's device.
 
         params: one SamplingParams for all rows or one per row. generator: one generator for the
         whole batch; row_generators: one per row (the server), so that each row's randomness is its own.
+        progress: called with 1 after each token step of each chunk, from the host loop (it never
+        waits for the device, so on CUDA it may run ahead of the kernels).
         """
         cfg = self.gpt.config
         num_tokens = cfg.num_image_tokens
@@ -193,7 +199,7 @@ class Engine:
             sub_mask = None if cond_mask is None else cond_mask[start:stop]
             sub_gens = None if row_generators is None else list(row_generators)[start:stop]
             pieces.append(self._generate_chunk(cond[start:stop], sub_mask, sub_params, generator, sub_gens,
-                                               max_new_tokens))
+                                               max_new_tokens, progress or _no_progress))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     # ------------------------------------------------------------ internals
@@ -205,7 +211,7 @@ class Engine:
             self._sessions.clear()  # graphs hold the old weights' addresses
         return self._weights
 
-    def _generate_chunk(self, cond, cond_mask, params, generator, row_generators, max_new_tokens):
+    def _generate_chunk(self, cond, cond_mask, params, generator, row_generators, max_new_tokens, progress):
         weights = self._current_weights()
         if isinstance(params, SamplingParams):
             guided = params.guided
@@ -222,9 +228,11 @@ class Engine:
             rp = build_row_params(params, cond.shape[0], max_new_tokens, self.gpt.config.vocab_size, self.device,
                                   k_bucket=64 if self.use_graphs else 1)
             if self.use_graphs:
-                out = self._run_graphs(weights, rows, key_mask, rp, generator, row_generators, max_new_tokens)
+                out = self._run_graphs(weights, rows, key_mask, rp, generator, row_generators, max_new_tokens,
+                                       progress)
             else:
-                out = self._run_eager(weights, rows, key_mask, rp, generator, row_generators, max_new_tokens)
+                out = self._run_eager(weights, rows, key_mask, rp, generator, row_generators, max_new_tokens,
+                                      progress)
         return out[:batch].clone()  # a normal tensor, usable outside inference mode
 
     def _pad(self, cond, cond_mask, params, row_generators, extra: int):
@@ -321,7 +329,7 @@ class Engine:
         h = self._forward(w, prefix, self.rotation[:length], 0, length, mask, cache)
         return self._head(w, h)
 
-    def _run_eager(self, w, rows, key_mask, rp: RowParams, generator, row_generators, num_tokens):
+    def _run_eager(self, w, rows, key_mask, rp: RowParams, generator, row_generators, num_tokens, progress):
         batch, n_rows = rp.batch, rows.shape[0]
         session = self._session(("eager", n_rows, batch, num_tokens),
                                 lambda: _Session(self, n_rows, batch, num_tokens, rp))
@@ -344,6 +352,7 @@ class Engine:
             scale = uniform_scales[t] if uniform_scales is not None else rp.scales[:, t:t + 1]
             token = sample_tokens(logits, rp, scale, uniforms[:, t])
             out[:, t] = token
+            progress(1)
             if t + 1 == num_tokens:
                 break
             tokens = torch.cat([token, token]) if rp.guided else token  # (B',)
@@ -358,7 +367,7 @@ class Engine:
         return out
 
     # ------------------------------------------------------------ CUDA graphs
-    def _run_graphs(self, w, rows, key_mask, rp: RowParams, generator, row_generators, num_tokens):
+    def _run_graphs(self, w, rows, key_mask, rp: RowParams, generator, row_generators, num_tokens, progress):
         batch, n_rows = rp.batch, rows.shape[0]
 
         def make():
@@ -388,8 +397,10 @@ class Engine:
         session.out[:, 0] = token
         session.tokens.copy_(torch.cat([token, token]) if srp.guided else token)
         session.step.fill_(1)
+        progress(1)
         for t in range(1, num_tokens):
             graphs[self._bucket(t)].replay()
+            progress(1)
         return session.out
 
     def _bucket(self, t: int) -> int:

@@ -8,6 +8,7 @@ is kept per model, by weak reference, and rebuilt when the model's device or dty
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,7 +32,15 @@ def engine_for(gpt: GPT) -> Engine:
 def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, cfg_scale: float = 1.0,
              cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              generator: torch.Generator | None = None, *, max_new_tokens: int | None = None,
-             cfg_schedule: str = "constant", cfg_power: float = 1.0) -> torch.Tensor:
-    """Sample (B, max_new_tokens) int64 image tokens (default: the full grid) on the model's device."""
+             cfg_schedule: str = "constant", cfg_power: float = 1.0,
+             row_generators: Sequence[torch.Generator] | None = None,
+             progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Sample (B, max_new_tokens) int64 image tokens (default: the full grid) on the model's device.
+
+    row_generators: one generator per image instead of `generator`, so that an image depends only on
+    its own condition and seed, not on the batch it shares. progress: called with 1 after each token
+    step of each chunk of up to `Engine.max_batch` images (e.g. `tqdm.update`).
+    """
     params = SamplingParams(cfg_scale, cfg_interval, cfg_schedule, cfg_power, temperature, top_k, top_p)
-    return engine_for(gpt).generate(cond, cond_mask, params, generator=generator, max_new_tokens=max_new_tokens)
+    return engine_for(gpt).generate(cond, cond_mask, params, generator=generator, row_generators=row_generators,
+                                    max_new_tokens=max_new_tokens, progress=progress)
