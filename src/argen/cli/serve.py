@@ -4,9 +4,11 @@
                 --kind c2i --image-size 256 --device cuda --dtype bf16 --port 8000
     curl -s localhost:8000/v1/generate -H 'content-type: application/json' -d '{"classes": [207], "seed": 1}'
 
-POST /v1/generate takes {"classes": [..]} or {"prompts": [..]} plus optional n, cfg_scale, cfg_interval,
-cfg_schedule, cfg_power, top_k, top_p, temperature, seed; GET /health and GET /metrics report state.
-t2i models encode prompts with --text-encoder (default minilm). Ctrl-C / SIGTERM finish in-flight work.
+POST /v1/generate takes {"classes": [..]}, {"prompts": [..]} or {"features": .., "mask": ..} plus optional n,
+cfg_scale, cfg_interval, cfg_schedule, cfg_power, top_k, top_p, temperature, seed; GET /health and GET /metrics
+report state. t2i models encode prompts with --text-encoder (default minilm); `--text-encoder none` serves
+precomputed caption features only. The encoder's width is checked against the generator before the server
+starts. Ctrl-C / SIGTERM finish in-flight work. Details: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-queue", type=int, default=256, help="queued images before 503 (default 256)")
     group.add_argument("--max-images-per-request", type=int, default=16,
                        help="larger requests get 413 (default 16)")
+    group.add_argument("--max-body-mb", type=float, default=32.0,
+                       help="larger request bodies get 413 (default 32; caption features are the big ones)")
     group.add_argument("--decode-chunk", type=int, default=16, help="images decoded at once (default 16)")
     group.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
                        help="decode images on a second thread while the next batch generates (auto: on for CUDA)")
     group.add_argument("--text-encoder", default="minilm",
-                       help="t2i only: 'minilm' (default) or a local transformers folder (e.g. flan-t5-xl)")
+                       help="t2i only: 'minilm' (default), a local transformers folder (e.g. flan-t5-xl), or 'none' "
+                            "to accept precomputed caption features only")
     group.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
 
 
@@ -41,22 +46,28 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ArgenError(f"--port must lie in 1..65535, got {args.port}")
+    if not 0 < args.max_body_mb <= 4096:
+        raise ArgenError(f"--max-body-mb must lie in (0, 4096], got {args.max_body_mb}")
     config = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_images_per_request=args.max_images_per_request, decode_chunk=args.decode_chunk,
-                         overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode])
+                         overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)))
     tokenizer, gpt, device, _ = load_models(args)
-    encode = None
+    encode, conditions = None, "classes"
     if gpt.config.kind == "t2i":
-        from argen.serving.text import prompt_encoder
+        conditions = "caption features only"
+        if args.text_encoder.lower() != "none":
+            from argen.serving.text import prompt_encoder
 
-        encode = prompt_encoder(gpt, args.text_encoder, device)
+            encode = prompt_encoder(gpt, args.text_encoder, device)  # refuses a width mismatch here
+            conditions = f"prompts ({args.text_encoder}) or caption features"
     try:
         import uvicorn
     except ImportError:
         raise ArgenError("argen serve needs uvicorn: pip install uvicorn") from None
     service = GenerationService(tokenizer, gpt, config, encode_prompts=encode)
     app = create_app(service)
-    print(f"argen serve: {gpt.config.kind} {gpt.config.name} ({gpt.config.num_image_tokens} tokens) on {device}; "
-          f"http://{args.host}:{args.port}/v1/generate", flush=True)
+    print(f"argen serve: {gpt.config.kind} {gpt.config.name} ({gpt.config.num_image_tokens} tokens) on {device}, "
+          f"takes {conditions}; http://{args.host}:{args.port}/v1/generate", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -1,11 +1,15 @@
 """HTTP serving over the generation engine (`argen serve`).
 
-- `GenerationService`: bounded queue + dynamic batching worker (`argen.serving.service`).
-- `create_app(service)`: the FastAPI app (`argen.serving.app`).
-- `load_service(...)`: build a service from checkpoint paths (`argen.serving.loading`).
+- `GenerationService`, `ServeConfig`: bounded queue + dynamic batching worker (`argen.serving.service`).
+- `create_app(service)`: the FastAPI app (`argen.serving.app`); requests are parsed and checked in
+  `argen.serving.request`, precomputed caption features in `argen.serving.features`.
+- `prompt_encoder(gpt, name, device)`: the t2i prompt encoder, width-checked (`argen.serving.text`).
 """
 
 from argen.serving.app import create_app
+from argen.serving.features import Caption, parse_captions
+from argen.serving.request import GenerateRequest, parse_request
 from argen.serving.service import GenerationService, JobSpec, Overloaded, ServeConfig, ShuttingDown
 
-__all__ = ["GenerationService", "JobSpec", "Overloaded", "ServeConfig", "ShuttingDown", "create_app"]
+__all__ = ["Caption", "GenerateRequest", "GenerationService", "JobSpec", "Overloaded", "ServeConfig", "ShuttingDown",
+           "create_app", "parse_captions", "parse_request"]

@@ -1,14 +1,17 @@
 """FastAPI application over a `GenerationService`.
 
 Endpoints:
-- `POST /v1/generate`: JSON `{"classes": [..]}` (c2i) or `{"prompts": [..]}` (t2i), optional `n`
-  (images per class/prompt, default 1), `cfg_scale`, `cfg_interval`, `cfg_schedule`, `cfg_power`,
-  `top_k`, `top_p`, `temperature`, `seed`. Answers `{"images": [base64 PNG], "codes": [[..]],
-  "params": {..}, "timings": {..}}`, or the PNG itself for `Accept: image/png` and one image.
-  422: invalid request (with a message); 413: more images than `max_images_per_request`;
-  503: queue full or shutting down; 499: the client went away (its queued work is dropped).
-- `GET /health`: model and queue summary. `GET /metrics`: counters, queue depth, images/s,
-  latency p50/p99 (see `GenerationService.metrics`).
+- `POST /v1/generate`: JSON `{"classes": [..]}` (c2i), `{"prompts": [..]}` or `{"features": ..,
+  "mask": ..}` (t2i), optional `n` (images per class/prompt/caption, default 1), `cfg_scale`,
+  `cfg_interval`, `cfg_schedule`, `cfg_power`, `top_k`, `top_p`, `temperature`, `seed` (validation
+  and meaning: `argen.serving.request`). Answers `{"images": [base64 PNG], "codes": [[N ints] per
+  image], "params": {..effective settings}, "timings": {..}}`, or the PNG itself (params and timings
+  in `X-Argen-Params` / `X-Argen-Timings`) when `Accept` asks for `image/png` and there is one image.
+  Errors are `{"error": "<what to fix>"}`: 422 invalid request; 413 too many images or a body over
+  `max_body_bytes`; 415 a non-JSON content type; 406 PNG-only `Accept` for several images;
+  503 queue full or shutting down; 499 the client went away (its queued work is dropped); 500 failure.
+- `GET /health`: model, accepted condition fields, limits, queue depth. `GET /metrics`: counters,
+  queue depth, images/s, latency p50/p99 (see `GenerationService.metrics`).
 The app starts the service's worker on startup and drains it on shutdown.
 """
 
@@ -17,86 +20,44 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import secrets
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
 
-from argen.sampling.logits import SamplingParams
-from argen.serving.service import GenerationService, JobSpec, Overloaded, ShuttingDown
+from argen.serving.request import GenerateRequest, RequestError, parse_request, wants_png
+from argen.serving.service import GenerationService, Overloaded, ShuttingDown
 from argen.utils.errors import ArgenError
 
-DEFAULTS = {"c2i": {"cfg_scale": 4.0, "top_k": 2000}, "t2i": {"cfg_scale": 7.5, "top_k": 1000}}
-MAX_PROMPT_CHARS = 2000
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    classes: list[int] | None = None
-    prompts: list[str] | None = None
-    n: int = Field(1, ge=1, description="images per class id / prompt")
-    cfg_scale: float | None = None
-    cfg_interval: int = -1
-    cfg_schedule: str = "constant"
-    cfg_power: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    temperature: float = 1.0
-    seed: int | None = Field(None, ge=0, lt=2**63)
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def build_spec(body: GenerateRequest, service: GenerationService) -> JobSpec:
-    """Validate a request against the model and limits; raises RequestError."""
-    cfg = service.gpt.config
-    if (body.classes is None) == (body.prompts is None):
-        raise RequestError(422, "give exactly one of `classes` (class-conditional) or `prompts` (text-conditional)")
-    if cfg.kind == "c2i" and body.classes is None:
-        raise RequestError(422, "this server runs a class-conditional model: send `classes`")
-    if cfg.kind == "t2i" and body.prompts is None:
-        raise RequestError(422, "this server runs a text-conditional model: send `prompts`")
-    conditions = body.classes if body.classes is not None else body.prompts
-    if not conditions:
-        raise RequestError(422, "`classes`/`prompts` is empty")
-    total = len(conditions) * body.n
-    limit = service.config.max_images_per_request
-    if total > limit:
-        raise RequestError(413, f"{total} images requested; this server allows at most {limit} per request")
-    if body.classes is not None:
-        bad = [c for c in body.classes if not 0 <= c < cfg.num_classes]
-        if bad:
-            raise RequestError(422, f"class ids must lie in [0, {cfg.num_classes - 1}], got {bad[:5]}")
-    else:
-        if any(not p.strip() for p in body.prompts):
-            raise RequestError(422, "prompts must be non-empty strings")
-        if any(len(p) > MAX_PROMPT_CHARS for p in body.prompts):
-            raise RequestError(422, f"prompts must be at most {MAX_PROMPT_CHARS} characters")
-    defaults = DEFAULTS[cfg.kind]
-    try:
-        params = SamplingParams(
-            cfg_scale=defaults["cfg_scale"] if body.cfg_scale is None else body.cfg_scale,
-            cfg_interval=body.cfg_interval, cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power,
-            temperature=body.temperature, top_k=defaults["top_k"] if body.top_k is None else body.top_k,
-            top_p=body.top_p)
-    except ArgenError as exc:
-        raise RequestError(422, str(exc)) from None
-    seed = secrets.randbits(62) if body.seed is None else body.seed
-    expanded = [c for c in conditions for _ in range(body.n)]
-    return JobSpec(expanded, params, seed)
+_ERRORS = {406: "PNG-only Accept for several images", 413: "too many images or too large a body",
+           415: "not JSON", 422: "invalid request", 499: "client gone", 503: "queue full or shutting down"}
+_OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": GenerateRequest.model_json_schema()}}}}
+_RESPONSES = {200: {"content": {"image/png": {}}, "description": "JSON answer, or one PNG for Accept: image/png"},
+              **{code: {"description": text} for code, text in _ERRORS.items()}}
 
 
 def _error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (before reading it when it says so)."""
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise RequestError(415, f"send the request as JSON with content-type: application/json, not {kind}")
+    declared = request.headers.get("content-length", "")
+    too_big = f"the request body is over {limit} bytes, the limit of this server (--max-body-mb)"
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, too_big)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, too_big)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(service: GenerationService, manage_service: bool = True) -> FastAPI:
@@ -113,32 +74,36 @@ def create_app(service: GenerationService, manage_service: bool = True) -> FastA
     app = FastAPI(title="argen", lifespan=lifespan)
     app.state.service = service
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        service.count_invalid()
-        parts = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ()) if x != "body"), e.get("msg"))
-                 for e in exc.errors()]
-        return _error(422, "invalid request: " + "; ".join(parts))
-
     @app.get("/health")
     async def health():
-        cfg = service.gpt.config
+        cfg, limits = service.gpt.config, service.config
+        model = {"num_classes": cfg.num_classes} if cfg.kind == "c2i" else {"caption_len": cfg.caption_len,
+                                                                            "caption_dim": cfg.caption_dim}
         return {"status": "shutting_down" if service.closing else "ok", "kind": cfg.kind, "model": cfg.name,
-                "image_size": cfg.image_size, "tokens": cfg.num_image_tokens, "device": str(service.device),
-                "queue_depth": service.queue_depth(), "max_batch_size": service.config.max_batch_size}
+                "image_size": cfg.image_size, "tokens": cfg.num_image_tokens, **model, "accepts": service.accepts(),
+                "device": str(service.device), "queue_depth": service.queue_depth(),
+                "max_batch_size": limits.max_batch_size, "max_images_per_request": limits.max_images_per_request,
+                "max_body_bytes": limits.max_body_bytes}
 
     @app.get("/metrics")
     async def metrics():
         return service.metrics()
 
-    @app.post("/v1/generate")
-    async def generate(body: GenerateRequest, request: Request):
+    async def admit(request: Request):
+        """Read and check the request -> (JobSpec, params, whether to answer with a PNG)."""
+        body = await _read_body(request, service.config.max_body_bytes)
+        spec, params = await asyncio.to_thread(parse_request, body, service)  # big feature payloads parse off-loop
+        return spec, params, wants_png(request.headers.get("accept"), len(spec.conditions))
+
+    @app.post("/v1/generate", openapi_extra=_OPENAPI, responses=_RESPONSES)
+    async def generate(request: Request):
         try:
-            spec = build_spec(body, service)
+            spec, params, as_png = await admit(request)
         except RequestError as exc:
-            if exc.status == 422 or exc.status == 413:
-                service.count_invalid()
+            service.count_invalid()
             return _error(exc.status, exc.message)
+        except ClientDisconnect:
+            return _error(499, "client disconnected")
         try:
             job = service.submit(spec)
         except (Overloaded, ShuttingDown) as exc:
@@ -162,13 +127,7 @@ def create_app(service: GenerationService, manage_service: bool = True) -> FastA
             status = 422 if isinstance(error, ArgenError) else 500
             return _error(status, f"generation failed: {error}")
         result = waiter.result()
-        params = {**spec.params.to_dict(), "seed": spec.seed, "n": body.n}
-        if body.classes is not None:
-            params["classes"] = body.classes
-        else:
-            params["prompts"] = body.prompts
-        accept = request.headers.get("accept", "")
-        if "image/png" in accept and len(result["png"]) == 1:
+        if as_png:
             headers = {"X-Argen-Params": json.dumps(params), "X-Argen-Timings": json.dumps(result["timings"])}
             return Response(result["png"][0], media_type="image/png", headers=headers)
         return {"images": [base64.b64encode(png).decode("ascii") for png in result["png"]],

@@ -1,9 +1,10 @@
 """`GenerationService`: a bounded queue and one worker thread that batches requests dynamically.
 
 Contract:
-- `submit(spec)` validates nothing itself (the HTTP layer does) and queues one row per image; it
-  raises `Overloaded` when the queued images would exceed `max_queue`, `ShuttingDown` after
-  `close()` began.
+- `submit(spec)` validates nothing itself (`argen.serving.request` does) and queues one row per
+  image; a condition is a class id (c2i), a prompt or a `Caption` of precomputed features (t2i;
+  prompts and captions may share a batch). It raises `Overloaded` when the queued images would
+  exceed `max_queue`, `ShuttingDown` after `close()` began.
 - The generator thread takes the oldest rows, waits up to `max_wait_ms` for more (never past
   `max_batch_size` images), and runs them as one `Engine.generate` call with per-row
   `SamplingParams` and per-row generators seeded from the request's seed and the image index, so
@@ -14,6 +15,8 @@ Contract:
   its result is discarded.
 - `close()` refuses new work, finishes everything queued and in flight, then stops both threads.
 - `metrics()` reports counters, queue depth, images/s and latency percentiles.
+- Result of a job's future: {"codes": [[N ints] per image], "png": [bytes per image], "timings":
+  {queue_ms, generate_ms, decode_ms, encode_ms (PNG), total_ms, batch_images}}.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from argen.engine import Engine, decode_codes
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
 from argen.sampling.logits import SamplingParams
+from argen.serving.features import Caption
 from argen.utils.errors import ArgenError
 
 
@@ -54,9 +58,10 @@ class ServeConfig:
     max_images_per_request: int = 16
     decode_chunk: int = 16
     overlap_decode: bool | None = None  # decode on a second thread while the next batch generates (None: on CUDA)
+    max_body_bytes: int = 32 << 20  # larger request bodies get 413 (16 captions of 120 x 2048 float32 as base64 fit)
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "max_images_per_request", "decode_chunk"):
+        for name in ("max_batch_size", "max_queue", "max_images_per_request", "decode_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ArgenError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_wait_ms < 0:
@@ -70,7 +75,7 @@ class ServeConfig:
 class JobSpec:
     """One validated request: conditions (class ids or prompts), one per image, and settings."""
 
-    conditions: list  # int class ids or str prompts, one per image
+    conditions: list  # one per image: int class ids (c2i), str prompts or Captions (t2i)
     params: SamplingParams
     seed: int
 
@@ -211,6 +216,12 @@ class GenerationService:
         with self._lock:
             return len(self._queue)
 
+    def accepts(self) -> list[str]:
+        """The condition fields this server takes: classes (c2i); prompts (with a text encoder), features (t2i)."""
+        if self.gpt.config.kind == "c2i":
+            return ["classes"]
+        return (["prompts"] if self.encode_prompts is not None else []) + ["features"]
+
     def count_invalid(self) -> None:
         with self._lock:
             self.counters["requests"] += 1
@@ -278,10 +289,18 @@ class GenerationService:
         conds = [row.job.spec.conditions[row.index] for row in batch]
         if self.gpt.config.kind == "c2i":
             return torch.tensor(conds, dtype=torch.long, device=self.device), None
-        if self.encode_prompts is None:
-            raise ArgenError("this server has no text encoder")
-        features, mask = self.encode_prompts(conds)
-        return features.to(self.device), mask.to(self.device)
+        features = [c.features if isinstance(c, Caption) else None for c in conds]  # (L, D) each
+        masks = [c.mask if isinstance(c, Caption) else None for c in conds]  # (L,) each
+        prompts = [i for i, c in enumerate(conds) if not isinstance(c, Caption)]
+        if prompts:
+            if self.encode_prompts is None:
+                raise ArgenError("this server has no text encoder; send caption features")
+            encoded, encoded_mask = self.encode_prompts([conds[i] for i in prompts])  # (P, L, D), (P, L)
+            for j, i in enumerate(prompts):
+                features[i], masks[i] = encoded[j], encoded_mask[j]
+        features = torch.stack([f.to(self.device, torch.float32) for f in features])  # (B, L, D)
+        masks = torch.stack([m.to(self.device, torch.float32) for m in masks])  # (B, L)
+        return features, masks
 
     def _generate_batch(self, batch: list[_Row]):
         start = time.perf_counter()
@@ -316,15 +335,20 @@ class GenerationService:
         for job in finished:
             self._finish(job, decoded)
 
-    def _finish(self, job: Job, now: float) -> None:
+    def _finish(self, job: Job, decoded: float) -> None:
+        if job.cancelled:  # nobody waits for it: skip the PNG encoding
+            return
         job.codes.sort(key=lambda item: item[0])
         job.images.sort(key=lambda item: item[0])
+        pngs = [png_bytes(img) for _, img in job.images]
+        now = time.perf_counter()
         result = {
             "codes": [c for _, c in job.codes],
-            "png": [png_bytes(img) for _, img in job.images],
+            "png": pngs,
             "timings": {"queue_ms": ((job.started or now) - job.submitted) * 1e3,
                         "generate_ms": job.timings["generate_ms"], "decode_ms": job.timings["decode_ms"],
-                        "total_ms": (now - job.submitted) * 1e3, "batch_images": job.timings["batch_images"]},
+                        "encode_ms": (now - decoded) * 1e3, "total_ms": (now - job.submitted) * 1e3,
+                        "batch_images": job.timings["batch_images"]},
         }
         with self._lock:
             if job.cancelled:
