@@ -85,7 +85,18 @@ def test_guidance_schedules_ramp_from_one_to_scale(schedule, power, mid):
 
 @pytest.mark.parametrize("bad", [dict(cfg_scale=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
                                  dict(temperature=0.0), dict(temperature=-1.0), dict(cfg_interval=-2),
-                                 dict(cfg_schedule="cubic"), dict(cfg_scale=float("nan"))])
+                                 dict(cfg_schedule="cubic"), dict(cfg_scale=float("nan")),
+                                 dict(cfg_power=0.0), dict(cfg_power=float("inf")), dict(top_p=float("nan"))])
 def test_invalid_sampling_parameters_are_rejected(bad):
+    SamplingParams(**{k: SamplingParams.__dataclass_fields__[k].default for k in bad})  # the defaults are fine
     with pytest.raises(ArgenError):
         SamplingParams(**bad)
+
+
+def test_image_seed_depends_on_seed_and_index_only_and_stays_in_range():
+    from argen.sampling import image_seed
+
+    seeds = {image_seed(s, i) for s in range(50) for i in range(50)}
+    assert len(seeds) == 2500
+    assert image_seed(3, 7) == image_seed(3, 7)
+    assert 0 <= image_seed((1 << 63) - 1, 10**6) < 1 << 63

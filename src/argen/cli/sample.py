@@ -40,13 +40,13 @@ from argen.data.text_features import TextFeatureStore
 from argen.engine import decode_codes, engine_for, generate
 from argen.models.gpt import GPTConfig
 from argen.sampling.logits import GUIDANCE_SCHEDULES, SamplingParams
+from argen.sampling.seeds import image_seed
 from argen.utils.errors import ArgenError
 from argen.utils.images import make_grid, save_png
 from argen.utils.io import atomic_save_npy
 
 DEFAULTS = {"c2i": {"cfg_scale": 4.0, "top_k": 2000}, "t2i": {"cfg_scale": 7.5, "top_k": 1000}}
 DEFAULT_TEXT_ENCODER = "minilm"
-ROW_SEED_STRIDE = 1_000_003  # the rule of argen.serving.JobSpec.row_seed
 GRID_MAX = 64
 TAG_CHARS = 40
 
@@ -92,11 +92,6 @@ class Conditions:
 
     tags: list[str]
     load: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor | None]]  # indices -> (cond, mask or None)
-
-
-def row_seed(seed: int, index: int) -> int:
-    """The seed of image `index`'s generator."""
-    return (seed * ROW_SEED_STRIDE + index) % (1 << 63)
 
 
 def parse_classes(text: str) -> torch.Tensor:
@@ -291,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
             for start in starts:
                 stop = min(total, start + args.batch_size)
                 cond, cond_mask = conditions.load(which[start:stop])
-                gens = [torch.Generator(device=device).manual_seed(row_seed(args.seed, i)) for i in range(start, stop)]
+                gens = [torch.Generator(device=device).manual_seed(image_seed(args.seed, i))
+                        for i in range(start, stop)]
                 t0 = time.perf_counter()
                 codes = generate(gpt, cond.to(device), None if cond_mask is None else cond_mask.to(device),
                                  row_generators=gens, progress=bar.update, **sampling).cpu()  # (b, N)

@@ -42,7 +42,7 @@ class SamplingParams:
                              f"{self.cfg_interval}")
         if self.cfg_schedule not in GUIDANCE_SCHEDULES:
             raise ArgenError(f"cfg_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.cfg_schedule!r}")
-        if self.cfg_power <= 0:
+        if not math.isfinite(self.cfg_power) or self.cfg_power <= 0:
             raise ArgenError(f"cfg_power must be > 0, got {self.cfg_power}")
 
     @property

@@ -38,6 +38,7 @@ from argen.engine import Engine, decode_codes
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
 from argen.sampling.logits import SamplingParams
+from argen.sampling.seeds import image_seed
 from argen.serving.features import Caption
 from argen.utils.errors import ArgenError
 
@@ -80,7 +81,7 @@ class JobSpec:
     seed: int
 
     def row_seed(self, index: int) -> int:
-        return (self.seed * 1_000_003 + index) % (1 << 63)
+        return image_seed(self.seed, index)
 
 
 @dataclass
