@@ -177,3 +177,18 @@ def test_rank_0_reports_missing_shards_of_dead_ranks(tmp_path, models):
     assert not (tmp_path / "samples.npz").exists()
     out = load(sample_batch(*models, config(), tmp_path, progress=False))  # rerun with one process finishes it
     assert out["arr_0"].shape == (10, 12, 12, 3)
+
+
+def test_cli_takes_a_text_feature_folder_padded_to_the_generators_caption_length(tmp_path):
+    from argen.data.text_features import save_text_features
+
+    torch.manual_seed(2)
+    gpt = GPT(gpt_config("GPT-tiny", kind="t2i", image_size=8, downsample=2)).eval()
+    argen.save_tokenizer(VQModel(vq_config("VQ-tiny")).eval(), tmp_path / "ckpt")
+    argen.save_gpt(gpt, tmp_path / "ckpt")
+    dim, length = gpt.config.caption_dim, gpt.config.caption_len
+    save_text_features(tmp_path / "text", [torch.randn(2, dim), torch.randn(3, dim)])  # longest caption 3 < 8
+    assert main(cli_args(tmp_path / "ckpt", tmp_path / "out", "--features", str(tmp_path / "text"))) == 0
+    out = load(tmp_path / "out" / "samples.npz")
+    assert out["arr_0"].shape == (6, 16, 16, 3) and np.array_equal(out["prompt_index"], [0, 1, 0, 1, 0, 1])
+    assert length > 3

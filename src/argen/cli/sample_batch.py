@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cond = parser.add_mutually_exclusive_group()
     cond.add_argument("--num-classes", type=int, default=None,
                       help="c2i: spread labels over classes 0..C-1, N/C each (default: all of the generator's)")
-    cond.add_argument("--features", help="t2i: npz with caption features `features` (B,L,D) and `mask` (B,L)")
+    cond.add_argument("--features", help="t2i: npz with caption features `features` (B,L,D) and `mask` (B,L), or a "
+                      "folder written by argen extract-text-features")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (default 1.0: none)")
     parser.add_argument("--cfg-interval", type=int, default=-1, help="guide only up to this token index (-1: all)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 disables (default 0)")
@@ -66,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     features = mask = None
     if gpt.config.kind == "t2i":
         if args.features is None:
-            raise ArgenError("this is a text-conditional generator: pass --features FILE.npz")
-        features, mask = read_features(args.features)
+            raise ArgenError("this is a text-conditional generator: pass --features (an npz, or a folder written "
+                             "by argen extract-text-features)")
+        features, mask = read_features(args.features, gpt.config.caption_len)
     elif args.features is not None:
         raise ArgenError("this is a class-conditional generator: use --num-classes, not --features")
     config = SampleBatchConfig(num_samples=args.num_samples, num_classes=args.num_classes, cfg_scale=args.cfg_scale,
