@@ -77,6 +77,10 @@ def test_check_compatible(tmp_path):
         ds.check_compatible(gpt_config("GPT-tiny", image_size=128))
     with pytest.raises(ArgenError, match="t2i"):
         ds.check_compatible(gpt_config("GPT-tiny", kind="t2i"))
+    low, top = int(ds.labels.min()), int(ds.labels.max())
+    ds.check_compatible(gpt_config("GPT-tiny", num_classes=top + 1))  # just enough classes
+    with pytest.raises(ArgenError, match=rf"span \[{low}, {top}\] but the generator has {top} classes"):
+        ds.check_compatible(gpt_config("GPT-tiny", num_classes=top))
 
 
 def test_missing_and_mismatched_shards(tmp_path):

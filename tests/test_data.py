@@ -145,10 +145,28 @@ def test_jsonl_manifest(tmp_path):
         JsonlDataset(tmp_path / "none.jsonl")
 
 
-def test_center_crop_follows_adm_recipe():
-    image = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint32).reshape(200, 300, 3).astype(np.uint8))
-    out = center_crop(image, 64)
-    assert out.size == (64, 64)
+def _adm_center_crop_arr(pil_image, image_size):
+    """guided-diffusion's `center_crop_arr` (improved_diffusion/image_datasets.py), as published."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+
+
+@pytest.mark.parametrize("height,width,size", [(200, 300, 64), (200, 300, 48), (90, 70, 64), (33, 65, 16)])
+def test_center_crop_follows_adm_recipe(height, width, size):
+    rng = np.random.default_rng(height * width)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    out = center_crop(image, size)
+    assert out.size == (size, size)
+    assert np.array_equal(np.asarray(out), _adm_center_crop_arr(image, size))
+
+
+def test_center_crop_keeps_the_center():
     wide = Image.new("RGB", (100, 50))
     wide.paste((255, 0, 0), (0, 0, 25, 50))  # left quarter red: cropped away by a center crop
     assert np.asarray(center_crop(wide, 50))[:, :, 0].max() == 0

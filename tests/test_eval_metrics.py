@@ -161,9 +161,13 @@ def test_precision_recall_extremes_and_errors():
 
 
 def test_rebatch_regroups_and_validates():
-    images = [np.zeros((3, 4, 4, 3), np.uint8), np.ones((4, 4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)]
-    sizes = [b.shape[0] for b in rebatch(images, 5)]
-    assert sizes == [5, 3]
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8), rng.integers(0, 256, (4, 4, 4, 3), dtype=np.uint8),
+              rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)]  # the last one is a single HWC image
+    batches = list(rebatch(images, 5))
+    assert [b.shape[0] for b in batches] == [5, 3]
+    want = np.concatenate([images[0], images[1], images[2][None]])
+    assert np.array_equal(np.concatenate([np.asarray(b) for b in batches]), want)
     with pytest.raises(ArgenError, match="uint8"):
         list(rebatch([np.zeros((2, 4, 4, 3), np.float32)], 2))
     with pytest.raises(ArgenError, match="NCHW"):

@@ -59,8 +59,9 @@ def test_ten_crop_flip_counts_and_decode_matches_reconstruction(tmp_path, model)
         decoded = model.decode(codes.view(1, 8, 8))
         torch.testing.assert_close(decoded[0], reference[aug], atol=1e-5, rtol=1e-5)
         assert label == data.label(i)
-    # flipped variants really differ from the unflipped ones
-    assert not torch.equal(ds.get(i, 0)[0], ds.get(i, 5)[0]) or torch.equal(x[0], x[5])
+    # the mirrored copy is a different input and gets different codes
+    assert not torch.equal(x[0], x[5]) and torch.equal(x[5], x[0].flip(-1))
+    assert not torch.equal(ds.get(i, 0)[0], ds.get(i, 5)[0])
 
 
 def test_resume_skips_finished_shards_and_rejects_other_settings(tmp_path, model):

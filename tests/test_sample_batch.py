@@ -18,13 +18,16 @@ from argen.models.gpt import GPT, gpt_config
 from argen.models.tokenizer import VQModel, vq_config
 from argen.utils.errors import ArgenError
 from argen.utils.images import to_uint8
+from conftest import randomize
 
 
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
     tokenizer = VQModel(vq_config("VQ-tiny")).eval()
-    gpt = GPT(gpt_config("GPT-tiny", image_size=8, downsample=2)).eval()  # 4x4 = 16 tokens, 8x8 images
+    # 4x4 = 16 tokens, 8x8 images; random weights everywhere (a fresh GPT's zero output head would make the
+    # samples ignore the class and the guidance scale)
+    gpt = randomize(GPT(gpt_config("GPT-tiny", image_size=8, downsample=2)), seed=0)
     return tokenizer, gpt
 
 
@@ -52,13 +55,20 @@ def test_same_images_whatever_the_world_size(tmp_path, models):
 def test_first_batch_is_generate_then_decode_then_resize_then_uint8(tmp_path, models):
     tokenizer, gpt = models
     out = load(sample_batch(tokenizer, gpt, config(num_samples=3), tmp_path, progress=False))
-    generator = torch.Generator().manual_seed(batch_seed(7, 0))
-    codes = argen.generate(gpt, torch.arange(3), cfg_scale=1.5, top_k=50, generator=generator)
-    decoded = tokenizer.decode(codes.view(3, 4, 4))
-    resized = F.interpolate(decoded, size=(12, 12), mode="bicubic", antialias=True)
+
+    def by_hand(classes, cfg_scale=1.5):
+        generator = torch.Generator().manual_seed(batch_seed(7, 0))
+        codes = argen.generate(gpt, classes, cfg_scale=cfg_scale, top_k=50, generator=generator)
+        decoded = tokenizer.decode(codes.view(3, 4, 4))
+        return F.interpolate(decoded, size=(12, 12), mode="bicubic", antialias=True)
+
+    resized = by_hand(torch.arange(3))
     want = ((resized.clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.abs(out["arr_0"].astype(int) - want.astype(int)).max() <= 1  # round-half-even vs half-up only
     assert np.array_equal(out["arr_0"], to_uint8(resized))
+    # the comparison is sensitive to the classes and to the guidance scale
+    assert not np.array_equal(out["arr_0"], to_uint8(by_hand(torch.arange(3) + 3)))
+    assert not np.array_equal(out["arr_0"], to_uint8(by_hand(torch.arange(3), cfg_scale=1.0)))
 
 
 def test_resume_generates_only_missing_shards(tmp_path, models, monkeypatch):
@@ -109,13 +119,23 @@ def test_resize_modes():
 def test_text_conditional_batches_cycle_over_caption_rows(tmp_path):
     torch.manual_seed(1)
     tokenizer = VQModel(vq_config("VQ-tiny")).eval()
-    gpt = GPT(gpt_config("GPT-tiny", kind="t2i", image_size=8, downsample=2)).eval()
+    gpt = randomize(GPT(gpt_config("GPT-tiny", kind="t2i", image_size=8, downsample=2)), seed=1)
     features = torch.randn(3, gpt.config.caption_len, gpt.config.caption_dim)
     mask = torch.ones(3, gpt.config.caption_len)
     mask[0, :5] = 0
+    features = features * mask[..., None]
     out = load(sample_batch(tokenizer, gpt, config(num_samples=5, eval_size=None), tmp_path, features, mask,
                             progress=False))
     assert out["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(out["prompt_index"], [0, 1, 2, 0, 1])
+
+    def by_hand(rows, first):  # one batch of config(): cfg 1.5, top-k 50, seeded by its first image index
+        generator = torch.Generator().manual_seed(batch_seed(7, first))
+        codes = argen.generate(gpt, features[rows], mask[rows], cfg_scale=1.5, top_k=50, generator=generator)
+        return to_uint8(tokenizer.decode(codes.view(len(rows), 4, 4)))
+
+    assert np.array_equal(out["arr_0"][:3], by_hand([0, 1, 2], 0))  # batch 0: images 0-2, captions 0-2
+    assert np.array_equal(out["arr_0"][4:], by_hand([1], 4))  # shard 1 starts at image 4, caption 4 % 3
+    assert not np.array_equal(out["arr_0"][:3], by_hand([1, 2, 0], 0))  # the captions matter
     with pytest.raises(ArgenError, match="features"):
         sample_batch(tokenizer, gpt, config(num_samples=5), tmp_path / "x", progress=False)
 

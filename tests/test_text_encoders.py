@@ -29,6 +29,25 @@ def test_minilm_per_token_features(minilm):
     torch.testing.assert_close(padded[1, 5:], feats[1])
 
 
+def _plain_last_hidden_state(folder, text, model_class=None):
+    """The encoder's last hidden state for one unpadded text, straight from transformers."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = (model_class or AutoModel).from_pretrained(str(folder), local_files_only=True).eval()
+    ids = tokenizer(text, return_tensors="pt")
+    inputs = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        return model(**inputs).last_hidden_state[0].float()
+
+
+def test_minilm_features_are_the_models_last_hidden_states(minilm):
+    feats = minilm.encode_unpadded(["a red apple", "hi"])  # batched with padding
+    want = _plain_last_hidden_state(text_encoders.minilm_path(), "a red apple")
+    assert feats[0].shape == want.shape and want.abs().max() > 0.1
+    torch.testing.assert_close(feats[0], want, atol=1e-4, rtol=1e-4)
+
+
 def test_minilm_hash_mismatch_fails_clearly(monkeypatch):
     monkeypatch.setattr(text_encoders, "MINILM_SHA256", "0" * 64)
     monkeypatch.setattr(text_encoders, "_VERIFIED", set())
@@ -63,6 +82,10 @@ def test_tiny_t5_from_local_folder(tmp_path):
     padded, mask = enc.encode(["a cat"], length=6)
     assert mask.tolist() == [[0, 0, 0, 1, 1, 1]]
     assert padded[0, :3].abs().sum() == 0 and padded[0, 3:].abs().sum() > 0
+    from transformers import T5EncoderModel
+
+    want = _plain_last_hidden_state(tmp_path / "t5", "a cat", T5EncoderModel)  # "a", "cat", "</s>"
+    torch.testing.assert_close(padded[0, 3:], want, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_encoder_is_a_clear_error(tmp_path):

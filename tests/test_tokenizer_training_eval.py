@@ -61,15 +61,26 @@ def test_eval_tokenizer_cli(tmp_path, capsys):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 20 and 0 < metrics["codebook_usage"] <= 1
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
-    # the usage is the distinct codes over the set, recomputed here
+    assert "lpips" not in metrics and "rfid" not in metrics  # no VGG16 weights, no --inception
+    # recomputed here: center crops of the first 20 val images, encoded, decoded, clamped and rounded to uint8
     from argen.data.datasets import DemoDataset
-    from argen.data.transforms import EvalTransform
+    from argen.data.transforms import center_crop
 
     ds = DemoDataset("val")
-    x = torch.stack([EvalTransform(16)(ds.load(i)) for i in range(20)])
-    assert metrics["codes_used"] == model.encode(x).unique().numel()
+    orig = np.stack([np.asarray(center_crop(ds.load(i), 16)) for i in range(20)])  # (20, 16, 16, 3) uint8
+    x = torch.from_numpy(orig).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        decoded = model.decode(model.encode(x)).clamp(-1, 1)
+    recon = ((decoded + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    mse = ((orig.astype(float) - recon) ** 2).reshape(20, -1).mean(1)
+    assert metrics["psnr"] == pytest.approx(float(np.mean(10 * np.log10(255**2 / mse))), rel=1e-6)
+    assert metrics["ssim"] == pytest.approx(float(np.mean([_reference_ssim(orig[i], recon[i]) for i in range(20)])),
+                                            abs=1e-9)
+    assert metrics["codes_used"] == model.encode(x).unique().numel()  # distinct codes over the set
     from PIL import Image
 
-    assert Image.open(tmp_path / "eval" / "reconstructions.png").size[0] > 16
+    grid = np.asarray(Image.open(tmp_path / "eval" / "reconstructions.png").convert("RGB"))
+    assert grid.shape == (2 * 16 + 3 * 2, 4 * 16 + 5 * 2, 3)  # one row of 4 originals above their reconstructions
+    assert np.array_equal(grid[2:18, 2:18], orig[0]) and np.array_equal(grid[20:36, 2:18], recon[0])
     assert main(["eval-tokenizer", "--tokenizer", str(tmp_path / "none"), "--data", "demo",
                  "--out", str(tmp_path / "e2")]) == 2

@@ -110,9 +110,14 @@ def test_stage_two_from_lower_resolution(tmp_path):
     small = make_codes(tmp_path / "s", grid=4)
     train(quick(small, tmp_path / "stage1"))
     big = make_codes(tmp_path / "b", grid=8)
-    train(quick(big, tmp_path / "stage2", image_size=128, init_from=str(tmp_path / "stage1"), max_steps=1))
+    # lr 0: the one stage II step changes nothing, so its weights must be exactly stage I's
+    train(quick(big, tmp_path / "stage2", image_size=128, init_from=str(tmp_path / "stage1"), max_steps=1, lr=0.0))
     model = argen.load_gpt(tmp_path / "stage2")
     assert model.config.image_size == 128 and model.config.grid_size == 8
+    stage1, stage2 = weights(tmp_path / "stage1"), weights(tmp_path / "stage2")
+    assert stage1.keys() == stage2.keys()
+    assert all(torch.equal(stage1[k], stage2[k]) for k in stage1)
+    assert stage1["output.weight"].abs().sum() > 0  # stage I trained away from the zero-initialised head
 
 
 def test_bad_input_errors(tmp_path):
