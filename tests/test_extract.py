@@ -127,3 +127,42 @@ def test_t2i_pipeline_with_minilm(tmp_path, model):
     assert ds.labels.tolist() == [0, 1, 3, 4]  # row of each image's first caption
     assert ds.text_features_dir == (tmp_path / "text").resolve()
     assert JsonlDataset(manifest).caption_offsets.tolist() == [0, 1, 3, 4, 5, 6]
+
+
+def test_rerun_into_codes_of_another_split_size_or_tokenizer_is_refused(tmp_path, model):
+    out = tmp_path / "codes"
+    extract_codes(model, Subset(4, split="val"), out, 16, shard_size=2, progress=False)
+    with pytest.raises(ArgenError, match="split"):
+        extract_codes(model, Subset(4, split="train"), out, 16, shard_size=2, progress=False)
+    with pytest.raises(ArgenError, match="num_images"):
+        extract_codes(model, Subset(6, split="val"), out, 16, shard_size=2, progress=False)
+    with pytest.raises(ArgenError, match="shard_size"):
+        extract_codes(model, Subset(4, split="val"), out, 16, shard_size=3, progress=False)
+    other = VQModel(vq_config("VQ-tiny")).eval()  # same config, other weights
+    with pytest.raises(ArgenError, match="tokenizer_sha256"):
+        extract_codes(other, Subset(4, split="val"), out, 16, shard_size=2, progress=False)
+    # codes written before these keys were recorded can still be resumed
+    meta = json.loads((out / "meta.json").read_text())
+    for key in ("split", "num_images", "shard_size", "tokenizer_sha256"):
+        del meta[key]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert extract_codes(other, Subset(4, split="val"), out, 16, shard_size=2, progress=False)["num_images"] == 4
+
+
+def test_text_features_of_another_split_are_refused(tmp_path, model):
+    manifest = _manifest(tmp_path)
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, record in enumerate(records):
+        record["split"] = "val" if i == 2 else "train"
+    manifest.write_text("\n".join(json.dumps(r) for r in records))
+    save_tokenizer(model, tmp_path / "tok")
+    for split in ("all", "train"):
+        assert main(["extract-text-features", "--data", str(manifest), "--encoder", "minilm", "--split", split,
+                     "--out", str(tmp_path / f"text-{split}"), "--no-progress", "--device", "cpu"]) == 0
+    args = ["extract-codes", "--tokenizer", str(tmp_path / "tok"), "--data", str(manifest), "--out",
+            str(tmp_path / "codes"), "--image-size", "16", "--no-progress", "--device", "cpu",
+            "--max-bad-fraction", "0.5", "--text-features"]
+    assert main(args + [str(tmp_path / "text-all")]) == 2  # captions of the val image shift every later row
+    assert not (tmp_path / "codes" / "index.json").exists()
+    assert main(args + [str(tmp_path / "text-train")]) == 0
+    assert CodeDataset(tmp_path / "codes").labels.tolist() == [0, 1, 3]

@@ -20,7 +20,8 @@ from argen.utils.torch_utils import parse_device
 
 def add_arguments(parser):
     parser.add_argument("--data", required=True, help="a .jsonl manifest or 'demo'")
-    parser.add_argument("--split", default="all", help="train, val or all (default all)")
+    parser.add_argument("--split", default="train", help="train, val or all (default train, as extract-codes); "
+                        "use the same --split as extract-codes")
     parser.add_argument("--encoder", default="minilm", help="'minilm' or a local model folder (e.g. flan-t5-xl)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens kept per caption")

@@ -38,7 +38,8 @@ KINDS = ("c2i", "t2i")
 _SHARD_RE = re.compile(r"^codes-(\d{5})\.npy$")
 # meta fields that must agree between a rerun and the files already on disk
 _IDENTITY_KEYS = ("kind", "tokenizer", "codebook_size", "grid", "image_size", "num_augs", "aug_names",
-                  "num_classes", "text_features")
+                  "num_classes", "text_features", "source", "split", "num_images", "shard_size", "crop_range",
+                  "tokenizer_sha256")
 
 
 def codes_name(index: int) -> str:
@@ -96,7 +97,8 @@ class CodeShardWriter:
         meta_file = self.out_dir / "meta.json"
         if meta_file.is_file():
             old = json.loads(meta_file.read_text())
-            diff = [k for k in _IDENTITY_KEYS if old.get(k) != self.meta.get(k)]
+            # a key that an older argen did not record cannot be compared
+            diff = [k for k in _IDENTITY_KEYS if k in old and old[k] != self.meta.get(k)]
             if diff:
                 raise ArgenError(f"{self.out_dir} already holds codes made with different settings "
                                  f"({', '.join(diff)}); choose another output directory or delete it")

@@ -110,6 +110,7 @@ class ClassFolderDataset(_ImageFileDataset):
 
     def __init__(self, root: str | Path, split: str = "all", min_size: int = 8):
         _check_split(split)
+        self.split = split
         root = Path(root)
         if not root.is_dir():
             raise ArgenError(f"data folder {root} does not exist")
@@ -150,6 +151,7 @@ class JsonlDataset(_ImageFileDataset):
 
     def __init__(self, manifest: str | Path, split: str = "all", min_size: int = 8):
         _check_split(split)
+        self.split = split
         manifest = Path(manifest)
         if not manifest.is_file():
             raise ArgenError(f"manifest {manifest} does not exist")

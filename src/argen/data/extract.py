@@ -17,6 +17,7 @@ Contract:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from argen.data.codes import CodeShardWriter
 from argen.data.images import BadImage, FailureTracker
+from argen.data.text_features import TextFeatureStore
 from argen.data.transforms import crop_variants, to_tensor
 from argen.utils.errors import ArgenError
 
@@ -58,6 +60,28 @@ class VariantDataset(torch.utils.data.Dataset):
             return None, i, self.dataset.source(i), str(exc)
         crops, _ = crop_variants(image, self.image_size, self.ten_crop, self.flip, self.crop_range)
         return torch.stack([to_tensor(c) for c in crops]), i, int(self.labels[i]), None
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the model's state dict (names, shapes, dtypes, bytes): which weights made the codes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_caption_rows(dataset, text_features: str | Path) -> None:
+    """t2i labels are caption rows of `text_features`: refuse features made from other captions
+    (e.g. another --split of the same manifest), which would pair images with the wrong captions."""
+    store = TextFeatureStore(text_features)
+    captions = [c for i in range(len(dataset)) for c in dataset.captions(i)]
+    texts = store.meta.get("texts")
+    if (texts is not None and texts != captions) or len(store) != len(captions):
+        raise ArgenError(f"the text features in {text_features} were made from other captions than this dataset's "
+                         f"{len(captions)} (they hold {len(store)}); run `argen extract-text-features` with the same "
+                         f"--data and --split as extract-codes")
 
 
 def _collate(items):
@@ -93,6 +117,7 @@ def extract_codes(model, dataset, out_dir: str | Path, image_size: int, ten_crop
         if not text_features:
             raise ArgenError("a JSONL (text-to-image) dataset needs --text-features DIR (from "
                              "`argen extract-text-features`) so that labels can point at caption features")
+        check_caption_rows(dataset, text_features)
         labels = dataset.caption_offsets[:-1]
         text_rel = os.path.relpath(Path(text_features).resolve(), Path(out_dir).resolve())
     else:
@@ -106,7 +131,9 @@ def extract_codes(model, dataset, out_dir: str | Path, image_size: int, ten_crop
             "class_names": dataset.class_names, "text_features": text_rel,
             "crop_range": crop_range if ten_crop else None, "source": str(getattr(dataset, "root", "")
                                                                           or getattr(dataset, "manifest", "")
-                                                                          or "demo")}
+                                                                          or "demo"),
+            "split": getattr(dataset, "split", None), "num_images": len(dataset), "shard_size": shard_size,
+            "tokenizer_sha256": weights_sha256(model)}
     writer = CodeShardWriter(out_dir, meta)
     model = model.eval().to(device)
     num_shards = math.ceil(len(dataset) / shard_size)
