@@ -2,12 +2,19 @@
 
 GPU mode (default): GPT-B/L/XL at 256 and 384 px, batch 8 and 64 with guidance (cfg 4.0, top-k
 2000), bf16, random weights. Reports per workload: engine first-call time (CUDA-graph capture
-included), engine latency and images/s (best of --repeats), peak GPU memory, the eager reference
-sampler's latency on the same workload, and the ratio.
+included), engine latency and images/s (best of --repeats), the engine's peak GPU memory (model
+included), the eager reference sampler's latency on the same workload, and the ratio; then the
+issue's targets met or missed.
 
     python benchmarks/bench_engine.py                      # CUDA, full grid
     python benchmarks/bench_engine.py --models GPT-B --sizes 384 --batches 8
     python benchmarks/bench_engine.py --cpu                # small configs on the CPU, float32
+
+A workload that fails (out of memory, or anything else) is reported as such and the run goes on.
+Time guards for a lease of fixed length: --workload-budget-s stops a workload's repeats (and skips
+its reference run when it would not fit) once that many seconds are spent on it; --total-budget-s
+skips the workloads that would start after it. --json is rewritten after every workload, so a run
+killed midway still leaves its finished rows.
 
 CPU mode: GPT-tiny/mini/small, batch 8 with guidance (cfg 4.0, top-k 100), float32; engine and
 reference alternate and the best of --repeats is kept (the machine may be shared).
@@ -17,9 +24,12 @@ Random weights give the same cost as trained ones: every step does the same work
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import sys
 import time
+import traceback
 
 import torch
 
@@ -31,9 +41,10 @@ from argen.sampling.logits import SamplingParams
 
 def build(name: str, image_size: int | None, device, dtype, kind: str = "c2i") -> GPT:
     overrides = {"kind": kind} if image_size is None else {"image_size": image_size, "kind": kind}
-    model = GPT(gpt_config(name, **overrides))
-    torch.nn.init.normal_(model.output.weight, std=0.02)  # non-degenerate logits
-    return model.eval().to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise on the device: a GPT-XL's CPU init alone takes seconds
+        model = GPT(gpt_config(name, **overrides))
+        torch.nn.init.normal_(model.output.weight, std=0.02)  # non-degenerate logits
+    return model.eval().to(dtype=dtype)
 
 
 def sync(device) -> None:
@@ -53,19 +64,22 @@ def timed(fn, device) -> float:
     return CLOCK() - start
 
 
-def run_workload(name, image_size, batch, args, device, dtype) -> dict:
-    model = build(name, image_size, device, dtype, args.kind)
+def make_condition(model: GPT, batch: int, device, dtype):
     cfg = model.config
-    mask = None
     if cfg.kind == "c2i":
-        cond = torch.arange(batch, device=device) % cfg.num_classes
-    else:  # captions of different lengths, left padded
-        g = torch.Generator().manual_seed(0)
-        cond = torch.randn(batch, cfg.caption_len, cfg.caption_dim, generator=g)
-        lengths = torch.randint(1, cfg.caption_len + 1, (batch,), generator=g)
-        mask = (torch.arange(cfg.caption_len)[None, :] >= cfg.caption_len - lengths[:, None]).float()
-        cond = (cond * mask[..., None]).to(device=device, dtype=dtype)
-        mask = mask.to(device)
+        return torch.arange(batch, device=device) % cfg.num_classes, None
+    g = torch.Generator().manual_seed(0)  # captions of different lengths, left padded
+    cond = torch.randn(batch, cfg.caption_len, cfg.caption_dim, generator=g)
+    lengths = torch.randint(1, cfg.caption_len + 1, (batch,), generator=g)
+    mask = (torch.arange(cfg.caption_len)[None, :] >= cfg.caption_len - lengths[:, None]).float()
+    return (cond * mask[..., None]).to(device=device, dtype=dtype), mask.to(device)
+
+
+def run_workload(model: GPT, batch: int, args, device, dtype, budget_s: float = math.inf) -> dict:
+    """Time one (model, batch) workload; stops repeating once `budget_s` seconds are spent."""
+    started = time.perf_counter()
+    cfg = model.config
+    cond, mask = make_condition(model, batch, device, dtype)
     params = SamplingParams(cfg_scale=args.cfg_scale, top_k=args.top_k)
     gen = torch.Generator(device=device)
     engine = Engine(model)
@@ -79,19 +93,88 @@ def run_workload(name, image_size, batch, args, device, dtype) -> dict:
         reference_generate(model, cond, mask, cfg_scale=args.cfg_scale, top_k=args.top_k,
                            generator=gen.manual_seed(0))
 
+    def spent() -> float:
+        return time.perf_counter() - started
+
     first = timed(run_engine, device)
+    peak = float("nan")
     engine_times, ref_times = [], []
+    notes = []
     for i in range(args.repeats):
+        if i and spent() > budget_s:
+            notes.append(f"{i} of {args.repeats} repeats (time budget)")
+            break
         engine_times.append(timed(run_engine, device))
+        if i == 0 and device.type == "cuda":  # the engine's own peak, before any reference run
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
         if i < args.reference_repeats:
-            ref_times.append(timed(run_reference, device))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            # the reference is several times slower than the engine: skip it when it cannot fit
+            guess = args.reference_guess * min(engine_times)
+            if spent() + guess > budget_s:
+                skipped = "reference skipped (time budget)"
+                if not ref_times and skipped not in notes:
+                    notes.append(skipped)
+            else:
+                ref_times.append(timed(run_reference, device))
     eng, ref = min(engine_times), min(ref_times) if ref_times else float("nan")
-    row = {"model": name, "kind": cfg.kind, "image_size": cfg.image_size, "tokens": cfg.num_image_tokens,
-           "batch": batch,
-           "engine_s": eng, "engine_img_s": batch / eng, "engine_ms_per_step": eng / cfg.num_image_tokens * 1e3,
-           "first_call_s": first, "peak_gib": peak, "reference_s": ref, "speedup": ref / eng}
-    return row
+    return {"model": cfg.name, "kind": cfg.kind, "image_size": cfg.image_size, "tokens": cfg.num_image_tokens,
+            "batch": batch, "engine_s": eng, "engine_img_s": batch / eng,
+            "engine_ms_per_step": eng / cfg.num_image_tokens * 1e3, "first_call_s": first, "peak_gib": peak,
+            "reference_s": ref, "speedup": ref / eng, "seconds_spent": spent(), "error": None,
+            "note": "; ".join(notes) or None}
+
+
+def failed_row(name, image_size, batch, kind, error: str) -> dict:
+    return {"model": name, "kind": kind, "image_size": image_size, "batch": batch, "error": error}
+
+
+# the issue's H200 targets: (model, px, batch) -> ("latency" s, at most) or ("img_s", at least)
+TARGETS = {("GPT-B", 384, 8): ("engine_s", 0.20), ("GPT-XL", 384, 8): ("engine_s", 0.45),
+           ("GPT-B", 384, 64): ("engine_img_s", 250.0), ("GPT-XL", 384, 64): ("engine_img_s", 45.0)}
+FIRST_CALL_TARGET_S = 20.0
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row.get("error"):
+            continue
+        key = (row["model"], row["image_size"], row["batch"])
+        if key in TARGETS:
+            field, goal = TARGETS[key]
+            value = row[field]
+            met = value <= goal if field == "engine_s" else value >= goal
+            what = f"{value:.3f} s (target <= {goal} s)" if field == "engine_s" else \
+                f"{value:.1f} img/s (target >= {goal})"
+            lines.append(f"{row['model']} {row['image_size']} px batch {row['batch']}: {what}: "
+                         f"{'met' if met else 'MISSED'}")
+    firsts = [r["first_call_s"] for r in rows if not r.get("error")]
+    if firsts:
+        worst = max(firsts)
+        lines.append(f"first call (graph capture included), worst workload: {worst:.2f} s (target <= "
+                     f"{FIRST_CALL_TARGET_S} s): {'met' if worst <= FIRST_CALL_TARGET_S else 'MISSED'}")
+    return lines
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def print_row(row: dict) -> None:
+    if row.get("error"):
+        print(f"| {row['model']} | {row['image_size']} | - | {row['batch']} | FAILED: {row['error']} "
+              f"| | | | | | |", flush=True)
+        return
+    print(f"| {row['model']} | {row['image_size']} | {row['tokens']} | {row['batch']} | "
+          f"{row['engine_s']:.3f} | {row['engine_img_s']:.1f} | {row['engine_ms_per_step']:.2f} | "
+          f"{row['first_call_s']:.2f} | {fmt(row['peak_gib'], '.2f')} | {fmt(row['reference_s'], '.3f')} | "
+          f"{fmt(row['speedup'], '.2f')} |" + (f" {row['note']}" if row.get("note") else ""), flush=True)
+
+
+def release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the workload's model, cache and graphs are gone now
 
 
 def main(argv=None) -> int:
@@ -108,7 +191,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall (default) or process CPU time (steadier on a shared CPU; CPU mode only)")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (after every workload)")
+    parser.add_argument("--workload-budget-s", type=float, default=math.inf,
+                        help="stop a workload's repeats, and skip its reference, past this many seconds")
+    parser.add_argument("--total-budget-s", type=float, default=math.inf,
+                        help="start no workload after this many seconds (those left are listed as skipped)")
+    parser.add_argument("--reference-guess", type=float, default=8.0,
+                        help="assumed reference/engine time ratio when deciding whether the reference fits")
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = CLOCKS[args.clock]
@@ -124,33 +213,59 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("no CUDA device; use --cpu", file=sys.stderr)
             return 2
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
         models = (args.models or "GPT-B,GPT-L,GPT-XL").split(",")
         sizes = [int(s) for s in (args.sizes or "256,384").split(",")]
         batches = [int(b) for b in (args.batches or "8,64").split(",")]
         args.top_k = 2000 if args.top_k is None else args.top_k
         args.reference_repeats = 1 if args.reference_repeats is None else args.reference_repeats
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
+    if device.type == "cuda":
+        device_name = (f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        device_name = f"CPU, {args.threads} thread(s); torch {torch.__version__}"
     print(f"# device: {device_name}; {args.kind}; dtype {str(dtype).replace('torch.', '')}; cfg {args.cfg_scale}; "
           f"top-k {args.top_k}; best of {args.repeats}; {args.clock} clock")
     print("| model | px | tokens | batch | engine s | img/s | ms/step | first call s | peak GiB | reference s | x |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = []
+    rows: list[dict] = []
+    started = time.perf_counter()
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"device": device_name, "args": vars(args), "rows": rows,
+                           "targets": target_lines(rows)}, handle, indent=2, default=str)
+
     for name in models:
         for size in sizes:
+            model = None
             for batch in batches:
-                row = run_workload(name, size, batch, args, device, dtype)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # the workload's model, cache and graphs are gone now
+                if time.perf_counter() - started > args.total_budget_s:
+                    row = failed_row(name, size, batch, args.kind, "skipped (total time budget)")
+                else:
+                    try:
+                        if model is None:
+                            model = build(name, size, device, dtype, args.kind)
+                        row = run_workload(model, batch, args, device, dtype, args.workload_budget_s)
+                    except oom:
+                        row = failed_row(name, size, batch, args.kind, "out of memory")
+                    except Exception as exc:  # noqa: BLE001 - report it and go on with the next workload
+                        traceback.print_exc()
+                        row = failed_row(name, size, batch, args.kind, f"{type(exc).__name__}: {exc}"[:300])
+                    release(device)
                 rows.append(row)
-                print(f"| {row['model']} | {row['image_size']} | {row['tokens']} | {row['batch']} | "
-                      f"{row['engine_s']:.3f} | {row['engine_img_s']:.1f} | {row['engine_ms_per_step']:.2f} | "
-                      f"{row['first_call_s']:.2f} | {row['peak_gib']:.2f} | {row['reference_s']:.3f} | "
-                      f"{row['speedup']:.2f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": device_name, "rows": rows}, handle, indent=2)
-    return 0
+                print_row(row)
+                save()
+            model = None
+            release(device)
+    lines = target_lines(rows)
+    if lines:
+        print("\n# targets")
+        for line in lines:
+            print(f"- {line}")
+    save()
+    return 1 if any(r.get("error") and not r["error"].startswith("skipped") for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -153,7 +153,9 @@ class Engine:
         self._weights: _Weights | None = None
         self._sessions: OrderedDict[tuple, _Session] = OrderedDict()
         self.max_sessions = max_sessions
-        self._pool = None
+        self._pool = None  # one CUDA graph memory pool for all captures (replays never overlap)
+        self._stream = None  # the side stream of every warm-up and capture (see `_capture`)
+        self._capture_on_device = self.use_graphs and self.device.type == "cuda"
 
     @property
     def gpt(self) -> GPT:
@@ -381,11 +383,12 @@ class Engine:
                       all_guided=rp.all_guided)  # same static tensors, this batch's static facts
         graphs = session.graphs.get(flags)
         if graphs is None:
-            if self.device.type == "cuda":
-                graphs = session.graphs[flags] = self._capture(w, session, srp, num_tokens)
-            else:  # the static-shape step without capture, so that the graph path is testable on a CPU
+            if self._capture_on_device:
+                graphs = self._capture(w, session, srp, num_tokens)
+            else:  # the static-shape step without capture, kept like graphs so that a CPU tests their reuse
                 graphs = {kv: _EagerStep(self, w, session, srp, kv) for kv in {self._bucket(t)
                                                                               for t in range(1, num_tokens)}}
+            session.graphs[flags] = graphs
         for name in ("temperature", "top_k", "top_p", "guided_rows", "scales"):
             getattr(srp, name).copy_(getattr(rp, name))
         session.key_valid.fill_(True)
@@ -426,24 +429,34 @@ class Engine:
 
     def _capture(self, w: _Weights, session: _Session, srp: RowParams, num_tokens: int) -> dict:
         """Capture one graph per kv bucket. Capturing runs nothing; the warm-up does run, but only
-        writes state (cache slots, out, step) that every real run overwrites before reading."""
+        writes state (cache slots, out, step) that every real run overwrites before reading.
+
+        Everything happens on the engine's device (which need not be the current one: under torchrun
+        each rank's model sits on its own GPU) and on one side stream, so that kernels, cuBLAS
+        workspaces and allocations are set up for that stream by the warm-up, outside capture.
+        "thread_local" capture: the server decodes images on another thread meanwhile, and the
+        default ("global") mode would turn that thread's allocations and copies into capture errors.
+        """
         session.uniforms.fill_(0.5)
         buckets = sorted({self._bucket(t) for t in range(1, num_tokens)})
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for kv in buckets:  # kernels are selected and workspaces allocated outside capture
+        with torch.cuda.device(self.device):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=self.device)
+            side = self._stream
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for kv in buckets:  # kernels are selected and workspaces allocated outside capture
+                    session.step.fill_(1)
+                    self._decode_step(w, session, srp, kv)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graphs = {}
+            for kv in buckets:
+                graph = torch.cuda.CUDAGraph()
                 session.step.fill_(1)
-                self._decode_step(w, session, srp, kv)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graphs = {}
-        for kv in buckets:
-            graph = torch.cuda.CUDAGraph()
-            session.step.fill_(1)
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._decode_step(w, session, srp, kv)
-            graphs[kv] = graph
-        torch.cuda.synchronize(self.device)
+                with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                    self._decode_step(w, session, srp, kv)
+                graphs[kv] = graph
+            torch.cuda.synchronize(self.device)
         return graphs

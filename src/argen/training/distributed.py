@@ -53,6 +53,8 @@ def init_distributed(device: torch.device) -> DistInfo:
                 raise ArgenError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                                  f"use --nproc_per_node <= the number of GPUs")
             device = torch.device("cuda", local_rank)
+        elif device.index is None:  # "cuda" / "auto": torch.cuda.set_device refuses a device without an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
