@@ -212,3 +212,18 @@ def test_cli_takes_a_text_feature_folder_padded_to_the_generators_caption_length
     out = load(tmp_path / "out" / "samples.npz")
     assert out["arr_0"].shape == (6, 16, 16, 3) and np.array_equal(out["prompt_index"], [0, 1, 0, 1, 0, 1])
     assert length > 3
+
+
+def test_resuming_with_other_caption_features_is_refused(tmp_path):
+    torch.manual_seed(3)
+    tokenizer = VQModel(vq_config("VQ-tiny")).eval()
+    gpt = GPT(gpt_config("GPT-tiny", kind="t2i", image_size=8, downsample=2)).eval()
+    features = torch.randn(2, gpt.config.caption_len, gpt.config.caption_dim)
+    mask = torch.ones(2, gpt.config.caption_len)
+    sample_batch(tokenizer, gpt, config(num_samples=4, eval_size=None), tmp_path, features, mask, progress=False)
+    again = sample_batch(tokenizer, gpt, config(num_samples=4, eval_size=None), tmp_path, features.clone(),
+                         mask.clone(), progress=False)
+    assert load(again)["arr_0"].shape == (4, 8, 8, 3)
+    with pytest.raises(ArgenError, match="another config"):
+        sample_batch(tokenizer, gpt, config(num_samples=4, eval_size=None), tmp_path, features + 1, mask,
+                     progress=False)

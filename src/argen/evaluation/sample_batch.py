@@ -19,6 +19,7 @@ Contract:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -105,6 +106,15 @@ def _shard_done(path: Path, count: int, size: int) -> bool:
         return False
 
 
+def _features_sha256(features: torch.Tensor, mask: torch.Tensor | None) -> str:
+    digest = hashlib.sha256()
+    for tensor in (features, mask if mask is not None else torch.ones(features.shape[:2])):
+        array = np.ascontiguousarray(tensor.detach().cpu().float().numpy())
+        digest.update(str(array.shape).encode())
+        digest.update(array)
+    return digest.hexdigest()
+
+
 def _write_config(out: Path, record: dict, rank: int) -> None:
     path = out / "config.json"
     if path.is_file():
@@ -145,6 +155,8 @@ def sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: s
     size = config.eval_size or gpt.config.image_size
     record = {"config": config.identity(), "kind": kind, "image_size": gpt.config.image_size,
               "checkpoints": checkpoint_info or {}}
+    if kind == "t2i":  # the captions are part of what the samples are
+        record["features_sha256"] = _features_sha256(features, mask)
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out, record, rank)
 
