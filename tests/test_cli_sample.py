@@ -57,9 +57,15 @@ def test_sample_t2i_from_feature_file(released):
     np.savez(tmp / "caps.npz", features=feats * mask[..., None], mask=mask)
     out = tmp / "t2i_out"
     rc = main(["sample", *released_flags(tok, t2i, "t2i"), "--features", str(tmp / "caps.npz"), "--out", str(out),
-               "--save-codes"])
+               "--save-codes", "--top-k", "1"])
     assert rc == 0
-    assert np.load(out / "codes.npy").shape == (2, 16)
+    codes = np.load(out / "codes.npy")
+    assert codes.shape == (2, 16)
+    # the codes are the greedy samples of these captions (cfg 7.5, the t2i default), not of other ones
+    gpt = argen.load_gpt(t2i, config="GPT-tiny", kind="t2i", image_size=64, downsample=16)
+    cond, cond_mask = torch.from_numpy(feats * mask[..., None]), torch.from_numpy(mask)
+    assert np.array_equal(codes, argen.generate(gpt, cond, cond_mask, cfg_scale=7.5, top_k=1).numpy())
+    assert not np.array_equal(codes, argen.generate(gpt, cond.flip(0), cond_mask, cfg_scale=7.5, top_k=1).numpy())
 
 
 def test_sample_works_with_argen_checkpoints(tmp_path):
