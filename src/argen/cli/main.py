@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import version
 
 from argen.utils.errors import ArgenError
 
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argen", description="Autoregressive image generation (LlamaGen-style).")
+    parser.add_argument("--version", action="version", version=f"argen {version('argen')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(f"argen.cli.{module_name}")

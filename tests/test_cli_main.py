@@ -1,0 +1,34 @@
+"""The `argen` entry point: --version, per-command help, and the error contract (one line, exit 2)."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import pytest
+
+import argen
+from argen.cli.main import SUBCOMMANDS, main
+
+
+def test_version_is_the_installed_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"argen {version('argen')}"
+    assert version("argen") == argen.__version__
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: argen {command}" in capsys.readouterr().out
+
+
+def test_library_errors_become_one_line_and_exit_status_2(tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert main(["sample", "--tokenizer", str(missing), "--gpt", str(missing), "--classes", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("argen sample: error: ") and "\n" not in err and "nope.pt" in err
