@@ -26,6 +26,16 @@ def test_class_match_prefers_own_colour():
     assert color_features(white).sum() == 0  # background is ignored
 
 
+def test_demo_tokenizer_norms_keep_colour():
+    """No GroupNorm of the demo tokenizer normalises a channel on its own: at 8 full-resolution channels and 8
+    groups it acted as an instance norm, removed each channel's per-image mean, and the reconstructions lost
+    their colours (reds came out brown)."""
+    model = VQModel(vq_config("VQ-demo"))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 2 for m in norms)
+    assert {m.num_channels for m in norms} >= {8}  # the full-resolution stages are among them
+
+
 def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     torch.manual_seed(0)
     save_tokenizer(VQModel(vq_config("VQ-demo")), tmp_path / "tok")
