@@ -68,7 +68,7 @@ class Plan:
     top_k: int
 
 
-CPU_PLAN = Plan(name="quick (CPU)", tokenizer_config="VQ-demo", tokenizer_steps=900, tokenizer_batch=16,
+CPU_PLAN = Plan(name="quick (CPU)", tokenizer_config="VQ-demo", tokenizer_steps=1800, tokenizer_batch=16,
                 tokenizer_lr=5e-4, gpt_config="GPT-demo", c2i_steps=450, t2i_steps=450, batch_size=64, lr=8e-3,
                 warmup=20, dropout=0.0, samples_per_class=8, cfg_scale=3.0, temperature=0.8, top_k=50)
 GPU_PLAN = Plan(name="GPU", tokenizer_config="VQ-demo", tokenizer_steps=6000, tokenizer_batch=64, tokenizer_lr=5e-4,
