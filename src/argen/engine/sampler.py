@@ -4,7 +4,9 @@ Semantics are exactly those of `argen.sampling.logits.process_logits` + `torch.m
 every parameter may differ per row (the server batches requests with different settings):
 - guidance: `uncond + s * (cond - uncond)` with s = `scales[:, t]` (precomputed with
   `guidance_scale_at`); rows that are not guided at all take their conditional logits unchanged;
-- temperature divides the logits; top-k keeps every logit >= the row's k-th largest (ties kept);
+- temperature divides the logits; top-k keeps every candidate >= the row's k-th largest (ties kept
+  among the K candidates; an exact float tie with the k-th logit that `torch.topk` left outside the
+  candidates is dropped, where the reference would keep it);
   top-p keeps the sorted prefix whose preceding mass is <= p (the top token always stays);
 - filtering works on the top-K candidates only (K = the largest k in the batch, or the whole
   vocabulary when a row needs it); the draw is an inverse-CDF lookup in token-id order with one
