@@ -136,7 +136,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, lpips_files, one_
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "tokenizer.safetensors").exists()
-    step_at_kill = torch.load(killed / "train_state.pt", weights_only=False)["step"]
+    step_at_kill = torch.load(killed / "train_state.pt", weights_only=True)["step"]
     assert kill_after - 1 <= step_at_kill < 8
     train_tokenizer(_cfg(killed, lpips_files, resume=True))
     a, b = _state(full), _state(killed)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from argen.utils.errors import CheckpointError
+from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import atomic_write, atomic_write_bytes
+from argen.utils.torch_utils import load_torch_file
 
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
@@ -71,10 +72,9 @@ class CheckpointManager:
 
     def load(self, path: Path) -> dict:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for truncated or foreign files
-            raise CheckpointError(f"cannot read training checkpoint {path} ({type(exc).__name__}: {exc}); "
-                                  f"delete it and point {self.directory / LATEST} at an older one") from exc
+            return load_torch_file(path, what="training checkpoint")
+        except ArgenError as exc:
+            raise CheckpointError(f"{exc}; delete it and point {self.directory / LATEST} at an older one") from exc
 
     def load_latest(self) -> dict | None:
         path = self.latest_path()

@@ -42,7 +42,7 @@ from argen.models.tokenizer import VQModel, vq_config
 from argen.training.losses import TokenizerLoss, psnr
 from argen.utils.errors import ArgenError
 from argen.utils.io import atomic_path, atomic_write, atomic_write_json
-from argen.utils.torch_utils import parse_device
+from argen.utils.torch_utils import load_torch_file, parse_device
 
 log = logging.getLogger("argen.training")
 STATE_FILE = "train_state.pt"
@@ -164,10 +164,7 @@ def _check_out_dir(cfg: TokenizerTrainConfig, out: Path) -> dict | None:
     if changed:
         raise ArgenError(f"--resume with settings that differ from the run in {out}: {', '.join(changed)}; "
                          f"use the original settings or another --out")
-    try:
-        return torch.load(state_file, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ArgenError(f"cannot read {state_file} ({exc}); delete it to restart the run") from exc
+    return load_torch_file(state_file, what="training state", hint="delete it to restart the run")
 
 
 def _save_state(out: Path, state: dict) -> None:

@@ -1,0 +1,98 @@
+"""Training parts shared by both trainers: safe state files, checkpoint fallback, locks, EMA, batch order."""
+
+import os
+
+import pytest
+import torch
+
+from argen.training.tokenizer import TokenizerTrainConfig, train_tokenizer
+from argen.utils.errors import ArgenError
+from argen.utils.torch_utils import load_torch_file
+from test_train import make_codes, quick
+
+
+class _Marker:
+    """Unpickling this object runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _crafted(path, marker):
+    torch.save({"step": 1, "model": {}, "payload": _Marker(marker)}, path)
+
+
+def _tokenizer_cfg(out, **kw):
+    base = dict(out=str(out), data="demo", config="VQ-tiny", image_size=16, batch_size=4, max_steps=2,
+                perceptual_weight=0.0, use_disc=False, ckpt_every=1, log_every=1, progress=False)
+    base.update(kw)
+    return TokenizerTrainConfig(**base)
+
+
+def _bad_files(tmp_path):
+    """(label, writer) for every kind of bad training-state file: crafted pickle, random bytes, truncated."""
+    good = tmp_path / "good.pt"
+    torch.save({"a": torch.zeros(4096)}, good)
+    data = good.read_bytes()
+    return {
+        "crafted": lambda path, marker: _crafted(path, marker),
+        "random": lambda path, marker: path.write_bytes(os.urandom(4096)),
+        "truncated": lambda path, marker: path.write_bytes(data[: len(data) // 2]),
+    }
+
+
+def _check_refusal(exc, label, marker):
+    message = str(exc.value)
+    assert "\n" not in message
+    assert not marker.exists(), "the crafted file's code ran"
+    assert "weights_only" not in message
+    if label == "crafted":
+        assert "not allowed" in message and "io.open" in message
+    else:
+        assert "corrupt" in message
+
+
+@pytest.mark.parametrize("label", ["crafted", "random", "truncated"])
+def test_tokenizer_state_file_is_loaded_safely(tmp_path, label):
+    out = tmp_path / "run"
+    train_tokenizer(_tokenizer_cfg(out))
+    marker = tmp_path / "marker"
+    _bad_files(tmp_path)[label](out / "train_state.pt", marker)
+    with pytest.raises(ArgenError) as exc:
+        train_tokenizer(_tokenizer_cfg(out, resume=True, max_steps=3))
+    _check_refusal(exc, label, marker)
+
+
+@pytest.mark.parametrize("label", ["crafted", "random", "truncated"])
+def test_generator_checkpoint_is_loaded_safely(tmp_path, label):
+    from argen.training.gpt import train
+
+    codes = make_codes(tmp_path)
+    out = tmp_path / "run"
+    train(quick(codes, out, max_steps=2, ckpt_every=1, keep=1))
+    ckpts = sorted((out / "checkpoints").glob("step-*.pt"))
+    assert [p.name for p in ckpts] == ["step-00000002.pt"]
+    marker = tmp_path / "marker"
+    _bad_files(tmp_path)[label](ckpts[0], marker)
+    with pytest.raises(ArgenError) as exc:
+        train(quick(codes, out, max_steps=3, resume=True, keep=1))
+    _check_refusal(exc, label, marker)
+
+
+def test_load_torch_file_names_refused_globals_and_allows_listed(tmp_path):
+    marker = tmp_path / "marker"
+    _crafted(tmp_path / "x.pt", marker)
+    with pytest.raises(ArgenError, match=r"not allowed \(io\.open\)"):
+        load_torch_file(tmp_path / "x.pt")
+    assert not marker.exists()
+    with pytest.raises(ArgenError, match="does not exist"):
+        load_torch_file(tmp_path / "missing.pt")
+    import argparse
+
+    torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "ns.pt")
+    with pytest.raises(ArgenError, match="argparse.Namespace"):
+        load_torch_file(tmp_path / "ns.pt")
+    assert load_torch_file(tmp_path / "ns.pt", allowed=[argparse.Namespace])["args"].a == 1
