@@ -100,3 +100,40 @@ def test_image_seed_depends_on_seed_and_index_only_and_stays_in_range():
     assert len(seeds) == 2500
     assert image_seed(3, 7) == 3 * 1_000_003 + 7  # the rule argen serve documents
     assert 0 <= image_seed((1 << 63) - 1, 10**6) < 1 << 63
+
+
+def test_for_kind_fills_only_unset_settings_from_the_one_defaults_table():
+    from argen.sampling.logits import KIND_DEFAULTS
+
+    assert SamplingParams.for_kind("c2i") == SamplingParams(cfg_scale=4.0, top_k=2000)
+    assert SamplingParams.for_kind("t2i", top_k=None, temperature=0.9) == SamplingParams(cfg_scale=7.5, top_k=1000,
+                                                                                          temperature=0.9)
+    assert SamplingParams.for_kind("c2i", cfg_scale=1.0, top_k=0) == SamplingParams()
+    assert set(KIND_DEFAULTS) == {"c2i", "t2i"}
+    with pytest.raises(ArgenError, match="kind"):
+        SamplingParams.for_kind("x2i")
+
+
+@pytest.mark.parametrize("scale", [1e308, 1e5, -1.0, float("nan"), float("inf")])
+def test_scales_that_overflow_the_guided_logits_are_refused(scale):
+    with pytest.raises(ArgenError, match="cfg_scale must lie in"):
+        SamplingParams(cfg_scale=scale)
+    assert SamplingParams(cfg_scale=1e4).cfg_scale == 1e4
+
+
+def test_generate_takes_params_or_keywords_with_the_same_tokens():
+    import argen
+    from conftest import tiny_gpt
+
+    gpt = tiny_gpt("c2i")
+    cond = torch.tensor([1, 2])
+    params = SamplingParams(cfg_scale=3.0, top_k=5, cfg_schedule="linear")
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    a = argen.generate(gpt, cond, params=params, generator=gen())
+    b = argen.generate(gpt, cond, cfg_scale=3.0, top_k=5, cfg_schedule="linear", generator=gen())
+    c = argen.generate(gpt, cond, cfg_scale=3.0, top_k=5, generator=gen())
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ArgenError, match="not both"):
+        argen.generate(gpt, cond, params=params, top_k=3)

@@ -189,6 +189,7 @@ def test_invalid_requests_are_refused_with_a_message(client, payload, status, fr
     ({"classes": [1], "top_k": -1}, "top_k"),
     ({"classes": [1], "cfg_interval": -2}, "cfg_interval"),
     ({"classes": [1], "cfg_scale": -1.0}, "cfg_scale"),
+    ({"classes": [1], "cfg_scale": 1e308}, "cfg_scale must lie in [0, 10000]"),
     ({"classes": [1], "seed": -1}, "seed"),
     ({"classes": [1], "seed": 2**63}, "seed"),
     ([1, 2], "object"),

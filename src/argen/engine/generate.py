@@ -15,6 +15,7 @@ import torch
 from argen.engine.engine import Engine
 from argen.models.gpt import GPT
 from argen.sampling.logits import SamplingParams
+from argen.utils.errors import ArgenError
 
 _ENGINES: weakref.WeakKeyDictionary[GPT, Engine] = weakref.WeakKeyDictionary()
 
@@ -29,18 +30,26 @@ def engine_for(gpt: GPT) -> Engine:
     return engine
 
 
-def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, cfg_scale: float = 1.0,
-             cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, *, max_new_tokens: int | None = None,
-             cfg_schedule: str = "constant", cfg_power: float = 1.0,
+def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, cfg_scale: float | None = None,
+             cfg_interval: int | None = None, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None, *,
+             params: SamplingParams | None = None, max_new_tokens: int | None = None,
+             cfg_schedule: str | None = None, cfg_power: float | None = None,
              row_generators: Sequence[torch.Generator] | None = None,
              progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Sample (B, max_new_tokens) int64 image tokens (default: the full grid) on the model's device.
 
     row_generators: one generator per image instead of `generator`, so that an image depends only on
     its own condition and seed, not on the batch it shares. progress: called with 1 after each token
-    step of each chunk of up to `Engine.max_batch` images (e.g. `tqdm.update`).
+    step of each chunk of up to `Engine.max_batch` images (e.g. `tqdm.update`). params: a
+    `SamplingParams`, instead of the keyword settings (unset keywords take SamplingParams' defaults).
     """
-    params = SamplingParams(cfg_scale, cfg_interval, cfg_schedule, cfg_power, temperature, top_k, top_p)
+    settings = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
+                    temperature=temperature, top_k=top_k, top_p=top_p)
+    given = {name: value for name, value in settings.items() if value is not None}
+    if params is None:
+        params = SamplingParams(**given)
+    elif given:
+        raise ArgenError(f"pass the sampling settings as params= or as keywords, not both (got {sorted(given)})")
     return engine_for(gpt).generate(cond, cond_mask, params, generator=generator, row_generators=row_generators,
                                     max_new_tokens=max_new_tokens, progress=progress)

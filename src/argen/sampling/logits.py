@@ -4,6 +4,13 @@ Semantics follow LlamaGen: temperature divides the logits first, then top-k keep
 the k-th largest (ties kept), then top-p keeps the smallest prefix of the sorted distribution whose
 mass reaches p (the token that crosses p is kept, and the top token always is). top_k=0 and
 top_p=1.0 disable the filters. Guidance: uncond + s * (cond - uncond).
+
+`SamplingParams` is the one carrier of sampling settings (CLI, server, sample batches, `argen.generate`).
+Its field defaults are neutral (no guidance, no filter); `SamplingParams.for_kind(kind, **given)` fills
+the settings left as None from `KIND_DEFAULTS`, the one table of per-kind defaults (c2i: cfg 4.0,
+top-k 2000; t2i: cfg 7.5, top-k 1000, as LlamaGen's sampling scripts). Validation: |cfg_scale| up to
+`MAX_CFG_SCALE` (1e4): larger scales overflow the guided logits (uncond + s * (cond - uncond)) to
+inf/nan in float32/bf16 and sample garbage, so they are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import torch
 from argen.utils.errors import ArgenError
 
 GUIDANCE_SCHEDULES = ("constant", "linear", "power")
+MAX_CFG_SCALE = 1e4
+KIND_DEFAULTS = {"c2i": {"cfg_scale": 4.0, "top_k": 2000}, "t2i": {"cfg_scale": 7.5, "top_k": 1000}}
 
 
 @dataclass(frozen=True)
@@ -29,8 +38,8 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
-            raise ArgenError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not math.isfinite(self.cfg_scale) or not 0 <= self.cfg_scale <= MAX_CFG_SCALE:
+            raise ArgenError(f"cfg_scale must lie in [0, {MAX_CFG_SCALE:g}], got {self.cfg_scale}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ArgenError(f"temperature must be > 0, got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:
@@ -44,6 +53,14 @@ class SamplingParams:
             raise ArgenError(f"cfg_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.cfg_schedule!r}")
         if not math.isfinite(self.cfg_power) or self.cfg_power <= 0:
             raise ArgenError(f"cfg_power must be > 0, got {self.cfg_power}")
+
+    @classmethod
+    def for_kind(cls, kind: str, **given) -> SamplingParams:
+        """Params for a `kind` ("c2i"/"t2i") generator: `given` settings, None ones from `KIND_DEFAULTS`."""
+        if kind not in KIND_DEFAULTS:
+            raise ArgenError(f"kind must be one of {sorted(KIND_DEFAULTS)}, got {kind!r}")
+        values = {name: value for name, value in given.items() if value is not None}
+        return cls(**{**KIND_DEFAULTS[kind], **values})
 
     @property
     def guided(self) -> bool:

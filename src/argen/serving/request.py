@@ -8,7 +8,9 @@ Contract:
   `true` are not integers.
 - Images: each class id / prompt / caption gives `n` images, in order: `{"classes": [1, 2], "n": 3}`
   makes 6 images, classes 1, 1, 1, 2, 2, 2; image i uses seed `seed * 1000003 + i`.
-- `params` echoes every effective setting (defaults filled in, the seed drawn when none was given).
+- `params` echoes every effective setting (the per-kind defaults of `SamplingParams.for_kind` filled in,
+  the seed drawn when none was given). A guidance scale above `MAX_CFG_SCALE` (whose guided logits
+  would overflow) is a 422.
 - `wants_png(accept, images)`: the answer is the PNG itself when `Accept` lists `image/png` (or
   `image/*`) at least as high as JSON and the request makes one image; a PNG-only `Accept` for
   several images is refused with 406 before any work.
@@ -26,7 +28,6 @@ from argen.serving.features import parse_captions
 from argen.serving.service import GenerationService, JobSpec
 from argen.utils.errors import ArgenError
 
-DEFAULTS = {"c2i": {"cfg_scale": 4.0, "top_k": 2000}, "t2i": {"cfg_scale": 7.5, "top_k": 1000}}
 MAX_PROMPT_CHARS = 2000
 
 
@@ -68,7 +69,7 @@ def _either(names: list[str], word: str = "or") -> str:
     return f" {word} ".join(f"`{n}`" for n in names)
 
 
-def _conditions(body: GenerateRequest, service: GenerationService) -> tuple[list, dict]:
+def _request_conditions(body: GenerateRequest, service: GenerationService) -> tuple[list, dict]:
     """The request's conditions (one per class id / prompt / caption) and their echo for `params`."""
     cfg = service.gpt.config
     given = [name for name in ("classes", "prompts", "features") if getattr(body, name) is not None]
@@ -112,19 +113,17 @@ def parse_request(body: bytes, service: GenerationService) -> tuple[JobSpec, dic
         request = GenerateRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestError(422, _schema_message(exc)) from None
-    conditions, echo = _conditions(request, service)
+    conditions, echo = _request_conditions(request, service)
     total = len(conditions) * request.n
     limit = service.config.max_images_per_request
     if total > limit:
         raise RequestError(413, f"{total} images requested ({len(conditions)} x n={request.n}); this server allows "
                                 f"at most {limit} per request")
-    defaults = DEFAULTS[service.gpt.config.kind]
     try:
-        params = SamplingParams(
-            cfg_scale=defaults["cfg_scale"] if request.cfg_scale is None else request.cfg_scale,
-            cfg_interval=request.cfg_interval, cfg_schedule=request.cfg_schedule, cfg_power=request.cfg_power,
-            temperature=request.temperature, top_p=request.top_p,
-            top_k=defaults["top_k"] if request.top_k is None else request.top_k)
+        params = SamplingParams.for_kind(
+            service.gpt.config.kind, cfg_scale=request.cfg_scale, cfg_interval=request.cfg_interval,
+            cfg_schedule=request.cfg_schedule, cfg_power=request.cfg_power, temperature=request.temperature,
+            top_p=request.top_p, top_k=request.top_k)
     except ArgenError as exc:
         raise RequestError(422, str(exc)) from None
     seed = secrets.randbits(62) if request.seed is None else request.seed
