@@ -15,7 +15,7 @@ from argen.data.codes import CodeShardWriter
 from argen.data.text_features import save_text_features
 from argen.models.tokenizer import VQModel, vq_config
 from argen.training import checkpointing
-from argen.training.gpt import BatchSampler, TrainConfig, param_groups, train
+from argen.training.generator import BatchSampler, TrainConfig, param_groups, train
 from argen.utils.errors import ArgenError
 
 

@@ -65,7 +65,7 @@ def test_training_steps_on_cuda(tmp_path, precision):
     from safetensors.torch import load_file
 
     import argen
-    from argen.training.gpt import train
+    from argen.training.generator import train
     from test_train import make_codes, quick
 
     codes = make_codes(tmp_path)

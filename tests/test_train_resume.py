@@ -17,7 +17,7 @@ from test_train import make_codes
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from argen.training import checkpointing
-    from argen.training.gpt import TrainConfig, train
+    from argen.training.generator import TrainConfig, train
 
     codes, out, kill_step, kill_in_save, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", \\
         sys.argv[5] == "1"

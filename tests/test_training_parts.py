@@ -68,7 +68,7 @@ def test_tokenizer_state_file_is_loaded_safely(tmp_path, label):
 
 @pytest.mark.parametrize("label", ["crafted", "random", "truncated"])
 def test_generator_checkpoint_is_loaded_safely(tmp_path, label):
-    from argen.training.gpt import train
+    from argen.training.generator import train
 
     codes = make_codes(tmp_path)
     out = tmp_path / "run"

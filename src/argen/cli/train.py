@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from argen.training.gpt import TrainConfig, train
+from argen.training.generator import TrainConfig, train
 
 
 def add_arguments(parser):

@@ -24,7 +24,7 @@ from argen.data.codes import CodeDataset, CodeShardWriter
 from argen.data.datasets import DemoDataset
 from argen.data.text_features import TextFeatureStore, save_text_features
 from argen.engine import generate
-from argen.training.gpt import TrainConfig, train
+from argen.training.generator import TrainConfig, train
 from argen.training.tokenizer import TokenizerTrainConfig, train_tokenizer
 from argen.utils.errors import ArgenError
 from argen.utils.images import from_uint8, make_grid, save_png, to_uint8

@@ -234,12 +234,12 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with torch.random.fork_rng(devices=[]):
-            return _train(cfg)
+            return _train_tokenizer(cfg)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(cfg: TokenizerTrainConfig) -> dict:
+def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     out = Path(cfg.out)
     if cfg.max_steps < 0:
         raise ArgenError("--max-steps must be >= 0")

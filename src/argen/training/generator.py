@@ -325,13 +325,14 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         torch.use_deterministic_algorithms(True)
     info = D.init_distributed(device)
     try:
-        return _train(cfg, info, info.device, amp_dtype, on_step)
+        return _train_generator(cfg, info, info.device, amp_dtype, on_step)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         D.cleanup(info)
 
 
-def _train(cfg: TrainConfig, info: D.DistInfo, device: torch.device, amp_dtype: torch.dtype, on_step) -> dict:
+def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, amp_dtype: torch.dtype,
+                     on_step) -> dict:
     out = Path(cfg.out)
     ds = CodeDataset(cfg.codes)
     gpt_cfg = build_model_config(cfg, ds)
