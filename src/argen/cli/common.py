@@ -1,13 +1,124 @@
-"""Checkpoint flags shared by `argen sample`, `argen serve` and `argen sample-batch`."""
+"""Pieces shared by the subcommands: numeric flag types, the progress-bar rule, checkpoint flags.
+
+This module is imported while the parser is built, so it must stay light: no torch (or other heavy
+package) at module level. Heavy imports happen inside the functions that need them.
+
+Numeric types (use as `type=` in `add_argument`): each one parses the text, refuses nan and inf, checks
+its range, and on a bad value raises `argparse.ArgumentTypeError`, so argparse prints
+`argen CMD: error: argument --flag: ...` and exits 2 without a traceback.
+
+    positive_int   int >= 1            nonneg_int      int >= 0
+    positive_float finite > 0          nonneg_float    finite >= 0
+    finite_float   any finite float    unit_interval   (0, 1]
+    probability    [0, 1)              int_range(lo, hi) / float_range(lo, hi): closed ranges
+
+Progress rule (one for all commands): `add_progress_argument(parser)` adds `--progress/--no-progress`;
+`show_progress(args)` is True when `--progress` was given, False with `--no-progress` (or the deprecated
+`--quiet` where a command keeps it), and otherwise True only when stderr is a terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from collections.abc import Callable
 
-import torch
 
-from argen.checkpoint import load_gpt, load_tokenizer
-from argen.utils.torch_utils import parse_device, parse_dtype
+def _parse(text: str, kind: type) -> int | float:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _check(text: str, kind: type, ok: Callable[[int | float], bool], what: str) -> int | float:
+    value = _parse(text, kind)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _check(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0."""
+    return _check(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _check(text, float, lambda v: v > 0, "a finite number > 0")
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0."""
+    return _check(text, float, lambda v: v >= 0, "a finite number >= 0")
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (nan and inf are refused)."""
+    return _parse(text, float)
+
+
+def unit_interval(text: str) -> float:
+    """A number in (0, 1]."""
+    return _check(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1)."""
+    return _check(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    """A type for integers in [low, high]."""
+
+    def parse(text: str) -> int:
+        return _check(text, int, lambda v: low <= v <= high, f"an integer in {low}..{high}")
+
+    parse.__name__ = f"int_range_{low}_{high}"
+    return parse
+
+
+def float_range(low: float, high: float) -> Callable[[str], float]:
+    """A type for finite numbers in [low, high]."""
+
+    def parse(text: str) -> float:
+        return _check(text, float, lambda v: low <= v <= high, f"a number in [{low:g}, {high:g}]")
+
+    parse.__name__ = f"float_range_{low:g}_{high:g}"
+    return parse
+
+
+NUMERIC_TYPES = (positive_int, nonneg_int, positive_float, nonneg_float, finite_float, unit_interval, probability)
+
+
+def add_progress_argument(parser: argparse.ArgumentParser, quiet_alias: bool = False) -> None:
+    """Add `--progress/--no-progress` (default: bars only when stderr is a terminal).
+
+    `quiet_alias=True` also keeps `--quiet` as a deprecated spelling of `--no-progress`."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show progress bars (default: only when stderr is a terminal)")
+    if quiet_alias:
+        parser.add_argument("--quiet", dest="progress", action="store_false",
+                            help="deprecated spelling of --no-progress")
+
+
+def show_progress(args: argparse.Namespace | bool | None) -> bool:
+    """The one progress rule: the flag if given, else whether stderr is a terminal."""
+    choice = getattr(args, "progress", None) if isinstance(args, argparse.Namespace) else args
+    if choice is not None:
+        return bool(choice)
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,15 +128,19 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpt", required=True, help="generator checkpoint: argen dir/.safetensors or released .pt")
     group.add_argument("--gpt-config", default=None, help="named generator config for released files, e.g. GPT-B")
     group.add_argument("--kind", choices=["c2i", "t2i"], default=None, help="generator kind for released files")
-    group.add_argument("--image-size", type=int, default=None, help="generated image size, e.g. 256, 384, 512")
-    group.add_argument("--downsample", type=int, default=None, help="tokenizer downsample factor (16 or 8)")
+    group.add_argument("--image-size", type=positive_int, default=None, help="generated image size, e.g. 256, 384, 512")
+    group.add_argument("--downsample", type=positive_int, default=None, help="tokenizer downsample factor (16 or 8)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     group.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
 
 
 def load_models(args: argparse.Namespace):
     """Load (tokenizer, gpt, device, dtype) from the shared checkpoint flags."""
+    import torch
+
+    from argen.checkpoint import load_gpt, load_tokenizer
     from argen.utils.errors import ArgenError
+    from argen.utils.torch_utils import parse_device, parse_dtype
 
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype)

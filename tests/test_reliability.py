@@ -1,0 +1,252 @@
+"""Faults get one clear answer: numeric flag types, full disks, run-directory locks, crafted pickles,
+missing paths, a busy port, a light `argen --help`, cached reference statistics, one progress rule."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from argen.cli import common
+from argen.utils.errors import ArgenError
+from argen.utils.io import (
+    atomic_save_npy,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    disk_full_error,
+    is_disk_full,
+    lock_path,
+    run_lock,
+)
+
+# ---------------------------------------------------------------- numeric flag types
+
+
+def _parse(kind, text):
+    parser = argparse.ArgumentParser(prog="argen x")
+    parser.add_argument("--v", type=kind)
+    return parser.parse_args(["--v", text]).v
+
+
+@pytest.mark.parametrize("kind, good, bad", [
+    (common.positive_int, {"1": 1, "64": 64}, ["0", "-1", "nan", "inf", "1.5", "x", ""]),
+    (common.nonneg_int, {"0": 0, "7": 7}, ["-1", "nan", "inf", "2.0"]),
+    (common.positive_float, {"1e-3": 1e-3, "2": 2.0}, ["0", "-1", "nan", "inf", "-inf", "1e400"]),
+    (common.nonneg_float, {"0": 0.0, "3.5": 3.5}, ["-0.1", "nan", "inf"]),
+    (common.finite_float, {"-2": -2.0, "0": 0.0, "1e308": 1e308}, ["nan", "inf", "-inf", "1e400", "a"]),
+    (common.unit_interval, {"1": 1.0, "0.5": 0.5}, ["0", "1.01", "-1", "nan", "inf"]),
+    (common.probability, {"0": 0.0, "0.99": 0.99}, ["1", "-0.1", "nan", "inf"]),
+    (common.int_range(1, 65535), {"1": 1, "65535": 65535}, ["0", "65536", "nan"]),
+    (common.float_range(0.0, 10.0), {"0": 0.0, "10": 10.0}, ["-1", "10.5", "nan"]),
+])
+def test_numeric_types_accept_their_range_and_refuse_the_rest(kind, good, bad, capsys):
+    for text, value in good.items():
+        assert _parse(kind, text) == value
+    for text in bad:
+        with pytest.raises(SystemExit) as info:
+            _parse(kind, text)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "argen x: error: argument --v: " in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- progress rule
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        return len(text)
+
+
+def test_progress_rule_flag_wins_else_terminal_decides(monkeypatch):
+    parser = argparse.ArgumentParser()
+    common.add_progress_argument(parser, quiet_alias=True)
+    for tty in (False, True):
+        monkeypatch.setattr(sys, "stderr", _Stream(tty))
+        assert common.show_progress(parser.parse_args([])) is tty
+        assert common.show_progress(parser.parse_args(["--progress"])) is True
+        assert common.show_progress(parser.parse_args(["--no-progress"])) is False
+        assert common.show_progress(parser.parse_args(["--quiet"])) is False
+
+
+# ---------------------------------------------------------------- full disks
+
+
+def _enospc(tmp):
+    tmp.write_bytes(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _torch_full(tmp):
+    tmp.write_bytes(b"partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def _stream_writer_full(tmp):
+    raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+
+def _safetensors_full(tmp):
+    raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _quota(tmp):
+    raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+
+@pytest.mark.parametrize("fail", [_enospc, _torch_full, _stream_writer_full, _safetensors_full, _quota])
+def test_full_disk_is_one_line_old_file_intact_no_temp_file(tmp_path, fail):
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(ArgenError) as info:
+        atomic_write(target, fail)
+    message = str(info.value)
+    assert "\n" not in message and str(target) in message
+    assert ("no space left" in message or "quota" in message) and "free" in message
+    assert "mounted at" in message and "previous file is intact" in message
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_other_errors_pass_through_unchanged(tmp_path):
+    def broken(tmp):
+        raise RuntimeError("a programming error")
+
+    with pytest.raises(RuntimeError, match="a programming error"):
+        atomic_write(tmp_path / "x", broken)
+    with pytest.raises(PermissionError):
+        atomic_write(tmp_path / "y", lambda tmp: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+    assert list(tmp_path.iterdir()) == []
+    assert not is_disk_full(ValueError("unexpected value"))
+    assert disk_full_error(ValueError("x"), tmp_path / "x") is None
+
+
+def test_full_disk_names_the_bytes_needed_when_known(tmp_path, monkeypatch):
+    real_write_bytes = Path.write_bytes
+
+    def full(self, data):
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(ArgenError, match=r"2\.0 KiB needed; no partial file was left"):
+        atomic_write_bytes(tmp_path / "b.bin", b"x" * 2048)
+    with pytest.raises(ArgenError, match="needed"):
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def _small_filesystem(tmp_path, size="256k"):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    return mount
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    mount = _small_filesystem(tmp_path)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_real_full_disk_with_torch_save_safetensors_and_numpy(small_fs):
+    from safetensors.torch import save_file
+
+    old = small_fs / "state.pt"
+    atomic_write(old, lambda tmp: torch.save({"step": 1}, tmp))
+    big = torch.zeros(200_000)  # 800 KB, more than the 256 KiB filesystem
+    writers = {
+        old: lambda tmp: torch.save({"w": big}, tmp),
+        small_fs / "gpt.safetensors": lambda tmp: save_file({"w": big}, str(tmp)),
+    }
+    for path, write in writers.items():
+        with pytest.raises(ArgenError, match=f"no space left on device while writing {path}: the filesystem "
+                                             f"mounted at {small_fs} has"):
+            atomic_write(path, write)
+    with pytest.raises(ArgenError, match=r"has 2\d\d\.\d KiB free, 1\.5 MiB needed"):  # the space is back
+        atomic_save_npy(small_fs / "a.npy", np.zeros(200_000))
+    assert torch.load(old, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in small_fs.iterdir()) == ["state.pt"]
+
+
+# ---------------------------------------------------------------- run-directory lock
+
+_HOLD = """
+import sys, time
+from argen.utils.io import run_lock
+with run_lock(sys.argv[1], "argen train"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(directory):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    proc = _holder(tmp_path / "run")
+    try:
+        with pytest.raises(ArgenError) as info:
+            with run_lock(tmp_path / "run", "argen demo"):
+                pass
+        message = str(info.value)
+        assert f"is in use by pid {proc.pid} (argen train)" in message and "started at" in message
+        assert "\n" not in message
+    finally:
+        proc.kill()
+        proc.wait()
+    # the holder is dead: its lock is gone even though the lock file stays
+    assert lock_path(tmp_path / "run").exists()
+    with run_lock(tmp_path / "run", "argen demo") as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
+    with run_lock(tmp_path, "argen a"):
+        with run_lock(tmp_path, "argen b"):
+            pass
+        check = subprocess.run([sys.executable, "-c", _HOLD.replace("time.sleep(60)", "pass"), str(tmp_path)],
+                               capture_output=True, text=True)
+        assert check.returncode == 1 and f"in use by pid {os.getpid()} (argen a)" in check.stderr
+    check = subprocess.run([sys.executable, "-c", _HOLD.replace("time.sleep(60)", "pass"), str(tmp_path)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_ranks_lock_separately(tmp_path):
+    with run_lock(tmp_path, "argen extract-codes", rank=0), run_lock(tmp_path, "argen extract-codes", rank=1):
+        assert lock_path(tmp_path, 1).name == ".argen.rank1.lock"
+
+
+def test_lock_on_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ArgenError, match="not a directory"):
+        with run_lock(tmp_path / "f", "argen demo"):
+            pass
+
+
