@@ -81,7 +81,7 @@ def test_corrupt_argen_file_is_a_clear_error(tmp_path):
 
 
 def test_missing_file_and_unknown_config(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         argen.load_gpt(tmp_path / "nope.pt", **RELEASED_FLAGS)
     path = save_released(tiny_gpt(), tmp_path / "ckpt.pt")
     with pytest.raises(ArgenError, match="unknown generator config 'GPT-Q'"):

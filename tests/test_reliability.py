@@ -250,3 +250,188 @@ def test_lock_on_a_file_is_refused(tmp_path):
             pass
 
 
+
+
+# ---------------------------------------------------------------- crafted pickles are never run
+
+
+class _Marker:
+    """Unpickling this object runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class _System:
+    """Unpickling this object would run a shell command that creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _crafted_torch(path, marker, payload=_Marker, legacy=False):
+    if legacy:  # a plain pickle stream, not torch's zip container
+        import pickle
+
+        path.write_bytes(pickle.dumps({"step": 1, "payload": payload(marker)}, protocol=2))
+        return path
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": payload(marker)}, path)
+    return path
+
+
+def _crafted_npy(path, marker):
+    with open(path, "wb") as handle:
+        np.save(handle, np.array([_Marker(marker)], dtype=object), allow_pickle=True)
+    return path
+
+
+def _crafted_npz(path, marker, **arrays):
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays, payload=np.array([_Marker(marker)], dtype=object))
+    return path
+
+
+def _assert_refused_pickle(message, names):
+    assert "\n" not in message
+    assert "not allowed" in message and any(name in message for name in names), message
+    assert "truncated or corrupt" not in message and "weights_only" not in message
+
+
+RELEASED_GPT = dict(config="GPT-tiny", kind="c2i", image_size=64, downsample=16)
+
+
+@pytest.mark.parametrize("payload, names", [(_Marker, ("io.open", "builtins.open")),
+                                            (_System, ("posix.system", "os.system"))])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_crafted_released_checkpoints_are_refused_naming_the_objects(tmp_path, payload, names, legacy):
+    from argen.checkpoint import load_gpt, load_tokenizer
+    from argen.utils.errors import CheckpointError
+
+    marker = tmp_path / "marker"
+    path = _crafted_torch(tmp_path / "evil.pt", marker, payload, legacy)
+    with pytest.raises(CheckpointError) as info:
+        load_gpt(path, **RELEASED_GPT)
+    _assert_refused_pickle(str(info.value), names)
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(path, config="VQ-tiny-16")
+    _assert_refused_pickle(str(info.value), names)
+    assert not marker.exists()
+
+
+def test_crafted_pickle_named_like_an_argen_checkpoint_is_refused(tmp_path):
+    from argen.checkpoint import load_gpt
+
+    marker = tmp_path / "marker"
+    run = tmp_path / "run"
+    run.mkdir()
+    _crafted_torch(run / "gpt.safetensors", marker)
+    with pytest.raises(ArgenError, match="truncated or corrupt"):
+        load_gpt(run)
+    assert not marker.exists()
+
+
+def test_crafted_inception_and_lpips_weights_are_refused(tmp_path):
+    from argen.models.inception import build_inception
+    from argen.models.lpips import read_weights
+
+    marker = tmp_path / "marker"
+    path = _crafted_torch(tmp_path / "evil.pth", marker)
+    with pytest.raises(ArgenError) as info:
+        build_inception(str(path))
+    _assert_refused_pickle(str(info.value), ("io.open",))
+    for what in ("VGG16 weights", "LPIPS linear-head weights"):
+        with pytest.raises(ArgenError) as info:
+            read_weights(path, what)
+        _assert_refused_pickle(str(info.value), ("io.open",))
+    assert not marker.exists()
+
+
+def test_crafted_evaluation_batches_and_stat_caches_do_not_run(tmp_path):
+    from argen.evaluation.evaluate import _load_cache, open_batch
+
+    marker = tmp_path / "marker"
+    # object arrays inside a batch, and a raw pickle under an npz name
+    evil = _crafted_npz(tmp_path / "ref.npz", marker, arr_0=np.array([_Marker(marker)], dtype=object))
+    with pytest.raises(ArgenError):
+        open_batch(evil, "reference batch")
+    raw = _crafted_torch(tmp_path / "raw.npz", marker, legacy=True)
+    with pytest.raises(ArgenError, match="cannot read"):
+        open_batch(raw, "reference batch")
+    # a crafted statistics cache is treated as no cache (the statistics are recomputed)
+    cache = _crafted_npz(tmp_path / "x.stats.npz", marker, pool=np.zeros((4, 2048), np.float32),
+                         mu=np.array([_Marker(marker)], dtype=object))
+    assert _load_cache(cache) is None
+    assert not marker.exists()
+
+
+def test_crafted_sample_batch_shard_is_not_trusted(tmp_path):
+    from argen.evaluation.sample_batch import _shard_done, assemble_batch, shard_path
+
+    marker = tmp_path / "marker"
+    path = shard_path(tmp_path, 0)
+    path.parent.mkdir(parents=True)
+    _crafted_npz(path, marker, images=np.array([_Marker(marker)], dtype=object), labels=np.zeros(1, np.int64))
+    assert not _shard_done(path, 1, 16)
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; the point is the marker
+        assemble_batch(tmp_path, 1, 16, 1, "c2i", 0.0, False)
+    assert not marker.exists()
+
+
+def test_crafted_code_shards_and_text_features_are_refused(tmp_path):
+    from argen.data.caption_files import read_npz_features
+    from argen.data.codes import CodeDataset
+    from argen.data.text_features import TextFeatureStore
+    from test_train import make_codes
+
+    marker = tmp_path / "marker"
+    codes = make_codes(tmp_path, kind="t2i")
+    shard = sorted(codes.glob("codes-*.npy"))[0]
+    _crafted_npy(shard, marker)
+    with pytest.raises(ArgenError, match="cannot read shard"):
+        CodeDataset(codes)
+    features = sorted((tmp_path / "text").glob("*.npy"))
+    assert features
+    for file in features:
+        _crafted_npy(file, marker)
+    with pytest.raises(ArgenError, match="unreadable"):
+        TextFeatureStore(tmp_path / "text")
+    npz = _crafted_npz(tmp_path / "captions.npz", marker, features=np.array([_Marker(marker)], dtype=object),
+                       mask=np.ones((1, 1)))
+    with pytest.raises(ArgenError, match="cannot read caption features"):
+        read_npz_features(npz)
+    assert not marker.exists()
+
+
+def test_crafted_demo_dataset_file_does_not_run(tmp_path):
+    from argen.data.datasets import DemoDataset
+
+    marker = tmp_path / "marker"
+    path = _crafted_npz(tmp_path / "emoji.npz", marker, images=np.array([_Marker(marker)], dtype=object))
+    with pytest.raises(Exception):  # noqa: B017 - a packaged file; the point is the marker
+        DemoDataset("train", path=path)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- missing checkpoint paths
+
+
+def test_missing_checkpoint_path_says_it_does_not_exist(tmp_path, capsys):
+    from argen.checkpoint import load_gpt, load_tokenizer, save_tokenizer
+    from argen.cli.main import main
+    from conftest import tiny_tokenizer
+
+    for load, what in ((load_gpt, "generator"), (load_tokenizer, "tokenizer")):
+        for path in (tmp_path / "nope", tmp_path / "nope.pt", tmp_path / "nope.safetensors"):
+            with pytest.raises(ArgenError) as info:
+                load(path)
+            assert str(info.value) == f"{what} checkpoint {path} does not exist"
+    save_tokenizer(tiny_tokenizer(), tmp_path / "tok")
+    code = main(["serve", "--tokenizer", str(tmp_path / "tok"), "--gpt", str(tmp_path / "nope"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"argen serve: error: generator checkpoint {tmp_path / 'nope'} does not exist"

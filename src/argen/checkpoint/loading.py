@@ -39,6 +39,10 @@ def load_strict(model: torch.nn.Module, state: dict, source: str, config_desc: s
 
 # ------------------------------------------------------------------ argen format
 def _resolve_argen_file(path: Path, family: str) -> Path | None:
+    """The argen safetensors file at `path`, or None for a released (torch) file; a missing path is an error."""
+    if not path.exists():
+        what = {"vq": "tokenizer", "gpt": "generator"}[family]
+        raise CheckpointError(f"{what} checkpoint {path} does not exist")
     if path.is_dir():
         candidate = path / f"{FILE_STEMS[family]}.safetensors"
         if not candidate.is_file():

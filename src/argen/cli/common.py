@@ -123,9 +123,13 @@ def show_progress(args: argparse.Namespace | bool | None) -> bool:
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpoints (the bracketed config flags are needed only for released files)")
-    group.add_argument("--tokenizer", required=True, help="tokenizer: argen dir or .safetensors, or released .pt")
+    group.add_argument("--tokenizer", default=None,
+                       help="tokenizer: argen dir or .safetensors, released .pt, released name (vq_ds16_c2i) or "
+                            "hf://owner/repo/file; may be left out with a released generator name")
     group.add_argument("--tokenizer-config", default=None, help="named tokenizer config for released files, e.g. VQ-16")
-    group.add_argument("--gpt", required=True, help="generator checkpoint: argen dir/.safetensors or released .pt")
+    group.add_argument("--gpt", required=True,
+                       help="generator: argen dir or .safetensors, released .pt, released name (c2i_B_256, "
+                            "t2i_XL_stage1_256; the name sets the config flags) or hf://owner/repo/file")
     group.add_argument("--gpt-config", default=None, help="named generator config for released files, e.g. GPT-B")
     group.add_argument("--kind", choices=["c2i", "t2i"], default=None, help="generator kind for released files")
     group.add_argument("--image-size", type=positive_int, default=None, help="generated image size, e.g. 256, 384, 512")
@@ -146,7 +150,14 @@ def load_models(args: argparse.Namespace):
     dtype = parse_dtype(args.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise ArgenError("fp16 is not supported on the CPU; use fp32 or bf16")
-    tokenizer = load_tokenizer(args.tokenizer, config=args.tokenizer_config, device=device, dtype=dtype)
+    from argen.checkpoint.hub import default_tokenizer, released_gpt_flags
+
+    released_gpt_flags(args.gpt, args.gpt_config, args.kind, args.image_size, args.downsample)  # before downloads
+    tokenizer_ref = args.tokenizer or default_tokenizer(args.gpt)
+    if tokenizer_ref is None:
+        raise ArgenError("--tokenizer is required (it may be left out only with a released generator name, "
+                         "e.g. --gpt c2i_B_256)")
+    tokenizer = load_tokenizer(tokenizer_ref, config=args.tokenizer_config, device=device, dtype=dtype)
     downsample = args.downsample
     if downsample is None and args.gpt_config is not None:
         downsample = tokenizer.downsample

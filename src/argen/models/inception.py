@@ -28,6 +28,7 @@ from torch import nn
 
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import sha256_file
+from argen.utils.torch_utils import load_torch_file
 
 INCEPTION_FILE_NAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -300,9 +301,9 @@ def load_inception(path: str | Path) -> FIDInception:
         raise ArgenError(f"Inception weights {path} not found; download {INCEPTION_FILE_NAME} "
                          f"({INCEPTION_URL}) or pass --inception random for a test run")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or non-tensor pickles
-        raise CheckpointError(f"cannot read Inception weights {path}: {exc}") from exc
+        state = load_torch_file(path, what="Inception weights")
+    except ArgenError as exc:
+        raise CheckpointError(str(exc)) from exc.__cause__
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a state dict of the FID Inception network")
     model = FIDInception()

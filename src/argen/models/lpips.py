@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from argen.utils.errors import ArgenError
+from argen.utils.torch_utils import load_torch_file
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
@@ -42,7 +43,7 @@ def resolve_vgg_weights(spec: str | os.PathLike | None) -> str | None:
     return str(spec)
 
 
-def _read_state(path: str | os.PathLike, what: str) -> dict:
+def read_weights(path: str | os.PathLike, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ArgenError(f"{what} file {path} does not exist")
@@ -51,7 +52,7 @@ def _read_state(path: str | os.PathLike, what: str) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch_file(path, what=f"{what} file")
     except (OSError, RuntimeError, ValueError) as exc:
         raise ArgenError(f"cannot read {what} file {path} ({exc})") from exc
 
@@ -85,7 +86,7 @@ class LPIPS(nn.Module):
             except OSError as exc:
                 raise ArgenError(f"cannot download the VGG16 weights ({exc}); pass a local file instead") from exc
         else:
-            state = _read_state(spec, "VGG16 weights")
+            state = read_weights(spec, "VGG16 weights")
         features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         expected = self.trunk.state_dict()
         if set(features) != set(expected) or any(features[k].shape != expected[k].shape for k in expected):
@@ -93,7 +94,7 @@ class LPIPS(nn.Module):
         self.trunk.load_state_dict(features)
 
     def load_heads(self, path: str | os.PathLike) -> None:
-        state = _read_state(path, "LPIPS linear-head weights")
+        state = read_weights(path, "LPIPS linear-head weights")
         heads = {}
         for i in range(len(CHANNELS)):
             key = f"lin{i}.model.1.weight"

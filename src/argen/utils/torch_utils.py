@@ -56,7 +56,7 @@ def _refused_globals(path: Path, exc: Exception) -> list[str]:
     except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, EOFError):
         found = []
     if not found:
-        found = re.findall(r"GLOBAL\s+([\w.]+)", str(exc), flags=re.IGNORECASE)
+        found = re.findall(r"GLOBAL\s+([\w.]+)", str(exc))  # torch writes the name after an upper-case GLOBAL
     return list(dict.fromkeys(found))
 
 
@@ -83,7 +83,7 @@ def load_torch_file(path: str | Path, allowed: Sequence[type] = (), what: str = 
             names = ", ".join(_refused_globals(path, exc)) or "unknown"
             raise ArgenError(f"{what} {path} holds pickled objects that are not allowed ({names}); refusing to "
                              f"load it, as that could run code from the file{suffix}") from exc
-        raise ArgenError(f"cannot read {what} {path}: it is not a torch file or it is corrupt "
+        raise ArgenError(f"cannot read {what} {path}: it is not a torch file, or it is truncated or corrupt "
                          f"({_detail(exc)}){suffix}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
         raise ArgenError(f"cannot read {what} {path}: the file is truncated or corrupt "

@@ -1,0 +1,218 @@
+"""Checkpoint references: local paths, released LlamaGen names and Hugging Face Hub files.
+
+Contract:
+- `resolve(ref)` -> (local Path, ReleasedName or None):
+  * an existing local path is used as it is;
+  * `hf://owner/repo/path/in/repo` (or `hf://owner/repo@revision/path`) is that file on the Hub;
+  * a released name that is not a local path (`c2i_B_256`, `c2i_B_256.pt`, `vq_ds16_c2i`) is the published
+    file in its repository (`argen.checkpoint.released.RELEASED_REPOS`).
+  Hub files are fetched with `huggingface_hub.hf_hub_download` into its standard cache (`HF_HOME`,
+  `HF_HUB_CACHE`), which resumes a transfer that breaks off with HTTP Range requests. A cached file is
+  used without a download where the Hub says it is current, and with `HF_HUB_OFFLINE=1` the cache alone
+  is used, with no network. Any failure is a one-line `CheckpointError`.
+  The ReleasedName comes from the file name, for hub references and local files alike (`.../c2i_L_384.pt`).
+- `gpt_arguments(ref, config, kind, image_size, downsample)` and `tokenizer_arguments(ref, config)` fill in
+  the loader arguments a released name implies. A given argument that contradicts the name raises
+  `ArgenError` naming both, before any download, except `image_size`: the weights hold no size, so
+  a given size wins (sampling a 384 px model at 256 px, as for argen files).
+- `default_tokenizer(gpt_ref)`: the released tokenizer of a released generator name, else None.
+- `model_id(ref)`: the name a server reports for a checkpoint; `gpt_class_names(ref, config)`: its class
+  names (stored with an argen generator, or ImageNet's for a released 1000-class file), else None.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from argen.checkpoint.released import RELEASED_REPOS, ReleasedName, imagenet_class_names, released_name
+from argen.utils.errors import ArgenError, CheckpointError
+
+HF_PREFIX = "hf://"
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str, str | None]:
+    """`hf://owner/repo[@revision]/path` -> (repo id, path in the repo, revision or None)."""
+    parts = ref[len(HF_PREFIX):].strip("/").split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ArgenError(f"{ref!r} is not a hub reference: use hf://owner/repo/file, e.g. "
+                         f"hf://FoundationVision/LlamaGen/c2i_B_256.pt")
+    repo, revision = parts[1], None
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    return f"{parts[0]}/{repo}", "/".join(parts[2:]), revision or None
+
+
+def _hub_source(ref: str) -> tuple[str, str, str | None] | None:
+    """Where on the Hub `ref` lives, or None for a local path."""
+    if ref.startswith(HF_PREFIX):
+        return parse_hub_ref(ref)
+    if Path(ref).exists() or "/" in ref or os.sep in ref:
+        return None
+    stem = ref[:-3] if ref.endswith(".pt") else ref
+    if stem in RELEASED_REPOS:
+        return RELEASED_REPOS[stem], f"{stem}.pt", None
+    return None
+
+
+def _name(text: str) -> ReleasedName | None:
+    source = _hub_source(text)
+    return released_name(source[1] if source else text)
+
+
+def _download(repo: str, filename: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:
+        raise ArgenError("hub checkpoints need huggingface_hub: pip install huggingface_hub") from None
+    where = f"{repo}/{filename}" + (f"@{revision}" if revision else "")
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except GatedRepoError:
+        raise CheckpointError(f"hf://{where}: the repository is gated; log in with `hf auth login` "
+                              f"(or set HF_TOKEN) after accepting its terms") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"hf://{where}: no such repository on the Hugging Face Hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        if constants.is_offline_mode():
+            raise CheckpointError(f"hf://{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                                  f"HF_HUB_OFFLINE is set: download it once online, or unset HF_HUB_OFFLINE"
+                                  ) from None
+        raise CheckpointError(f"cannot download hf://{where}: the Hub is unreachable and the file is not in the "
+                              f"cache ({constants.HF_HUB_CACHE}); check the connection, or run with "
+                              f"HF_HUB_OFFLINE=1 on a machine that has it cached") from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"hf://{where}: no such file in the repository") from None
+    except HfHubHTTPError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot download hf://{where}: {first}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot download hf://{where}: {exc.strerror or exc}") from None
+
+
+def resolve(ref: str | Path) -> tuple[Path, ReleasedName | None]:
+    """A checkpoint reference -> (local path, what its released file name says, or None)."""
+    text = str(ref)
+    source = _hub_source(text)
+    name = released_name(source[1] if source else text)
+    if source is None:
+        return Path(ref), name
+    return _download(*source), name
+
+
+def _contradiction(ref: str, name: ReleasedName, flag: str, given, implied) -> ArgenError:
+    return ArgenError(f"--{flag} {given} contradicts {ref}, which is a {name.config} {name.kind} file "
+                      f"(--{flag} {implied}); drop the flag or pick the checkpoint that matches it")
+
+
+def _config_name(config) -> str | None:
+    return config if isinstance(config, str) or config is None else None
+
+
+def released_gpt_flags(ref: str | Path, config=None, kind: str | None = None, image_size: int | None = None,
+                       downsample: int | None = None) -> tuple[object, str | None, int | None, int | None]:
+    """(config, kind, image_size, downsample) filled in from a released name; no download."""
+    text = str(ref)
+    name = _name(text)
+    if name is None:
+        return config, kind, image_size, downsample
+    if name.family == "vq":
+        raise ArgenError(f"{text} is a tokenizer ({name.config}); pass it as --tokenizer, and a generator as --gpt")
+    given = _config_name(config)
+    if given is not None and given.lower() != name.config.lower():
+        raise _contradiction(text, name, "gpt-config", given, name.config)
+    if kind is not None and kind != name.kind:
+        raise _contradiction(text, name, "kind", kind, name.kind)
+    if downsample is not None and downsample != name.downsample:
+        raise _contradiction(text, name, "downsample", downsample, name.downsample)
+    return (name.config if config is None else config), name.kind, \
+        (name.image_size if image_size is None else image_size), name.downsample
+
+
+def gpt_arguments(ref: str | Path, config=None, kind: str | None = None, image_size: int | None = None,
+                  downsample: int | None = None) -> tuple[Path, object, str | None, int | None, int | None]:
+    """(path, config, kind, image_size, downsample) for `load_gpt`, filled in from a released name."""
+    flags = released_gpt_flags(ref, config, kind, image_size, downsample)
+    path, _ = resolve(ref)
+    return (path, *flags)
+
+
+def tokenizer_arguments(ref: str | Path, config=None) -> tuple[Path, object]:
+    """(path, config) for `load_tokenizer`, filled in from a released name."""
+    text = str(ref)
+    name = _name(text)
+    if name is not None and name.family == "gpt":
+        raise ArgenError(f"{text} is a generator ({name.config} {name.kind}); pass it as --gpt, and a tokenizer "
+                         f"as --tokenizer (for it: {name.tokenizer})")
+    if name is not None:
+        given = _config_name(config)
+        if given is not None and given.lower() != name.config.lower():
+            raise _contradiction(text, name, "tokenizer-config", given, name.config)
+        config = name.config if config is None else config
+    path, _ = resolve(ref)
+    return path, config
+
+
+def default_tokenizer(gpt_ref: str | Path) -> str | None:
+    """The released tokenizer that goes with a released generator name (c2i_B_256 -> vq_ds16_c2i)."""
+    text = str(gpt_ref)
+    source = _hub_source(text)
+    name = released_name(source[1] if source else text)
+    if name is None or name.family != "gpt":
+        return None
+    if source is not None and text.startswith(HF_PREFIX):
+        repo, _, revision = source
+        return f"{HF_PREFIX}{repo}{'@' + revision if revision else ''}/{name.tokenizer}.pt"
+    return name.tokenizer
+
+
+def model_id(ref: str | Path) -> str:
+    """A short model name: the released name, else the file or folder name without its suffix."""
+    text = str(ref).rstrip("/")
+    source = _hub_source(text)
+    name = released_name(source[1] if source else text)
+    if name is not None:
+        return name.name
+    path = Path(source[1] if source else text)
+    stem = path.parent.name if path.suffix == ".safetensors" and path.stem == "gpt" else path.stem
+    return stem or "argen"
+
+
+def gpt_class_names(ref: str | Path, num_classes: int) -> list[str] | None:
+    """Class names for a c2i generator: those stored in an argen file, ImageNet's for a released
+    1000-class file, else None."""
+    path, _ = resolve(ref)
+    file = path / "gpt.safetensors" if path.is_dir() else path
+    if file.suffix == ".safetensors":
+        sidecar = file.with_suffix(".json")
+        names = None
+        if sidecar.is_file():
+            try:
+                names = json.loads(sidecar.read_text(encoding="utf-8")).get("class_names")
+            except (OSError, ValueError):
+                names = None
+        if names is None:
+            names = _safetensors_class_names(file)
+        if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+            return names
+        return None
+    return list(imagenet_class_names()) if num_classes == len(imagenet_class_names()) else None
+
+
+def _safetensors_class_names(file: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        return json.loads(meta.get("argen", "{}")).get("class_names")
+    except (SafetensorError, OSError, ValueError):
+        return None
