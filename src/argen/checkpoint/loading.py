@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from argen.checkpoint.hub import gpt_arguments, tokenizer_arguments
 from argen.checkpoint.released import extract_state_dict, read_torch_file
 from argen.models.gpt import GPT, GPTConfig, gpt_config
 from argen.models.tokenizer import VQConfig, VQModel, vq_config
@@ -105,8 +106,9 @@ def save_tokenizer(model: VQModel, path: str | Path, extra: dict | None = None) 
 
 def load_tokenizer(path: str | Path, config: str | VQConfig | None = None, device=None,
                    dtype: torch.dtype | None = None, container: str | None = None) -> VQModel:
-    """Load a tokenizer in eval mode. Released files need `config` (e.g. "VQ-16")."""
-    path = Path(path)
+    """Load a tokenizer in eval mode. Released files need `config` (e.g. "VQ-16") unless their released
+    name says it; `path` may also be a released name or hub reference (`argen.checkpoint.hub`)."""
+    path, config = tokenizer_arguments(path, config)
     argen_file = _resolve_argen_file(path, "vq")
     if argen_file is not None:
         info = _read_argen_meta(argen_file, "vq")
@@ -151,8 +153,9 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
              dtype: torch.dtype | None = None, container: str | None = None) -> GPT:
     """Load a generator in eval mode. Released files need `config` and usually `kind`,
     `image_size` and `downsample`; argen files carry their own config (a different
-    `image_size` may be given to sample at another resolution, since RoPE is not stored)."""
-    path = Path(path)
+    `image_size` may be given to sample at another resolution, since RoPE is not stored).
+    `path` may also be a released name or hub reference; the name fills in the flags (`argen.checkpoint.hub`)."""
+    path, config, kind, image_size, downsample = gpt_arguments(path, config, kind, image_size, downsample)
     argen_file = _resolve_argen_file(path, "gpt")
     if argen_file is not None:
         info = _read_argen_meta(argen_file, "gpt")
