@@ -4,28 +4,30 @@ Example: argen extract-text-features --data captions.jsonl --encoder minilm --ou
 Every caption of the manifest (in order; an image with several captions gets several rows) is encoded to
 per-token features, stored unpadded in fp16 with their lengths (see argen.data.text_features). Row ids in
 meta.json are the image index of each caption; with --data demo the captions come from the emoji names.
+With tar shards (--data 'shards/{00000..00127}.tar') the job resumes per shard and splits the shards
+between torchrun ranks (see argen.data.extract).
 """
 
 from __future__ import annotations
 
 import json
 
-from tqdm.auto import tqdm
-
 from argen.data.datasets import open_dataset
+from argen.data.extract import extract_text_features
 from argen.data.text_encoders import DEFAULT_MAX_LENGTH, load_text_encoder
-from argen.data.text_features import save_text_features
 from argen.utils.torch_utils import parse_device
 
 
 def add_arguments(parser):
-    parser.add_argument("--data", required=True, help="a .jsonl manifest or 'demo'")
+    parser.add_argument("--data", required=True, help="a .jsonl manifest, .tar shards or 'demo'")
     parser.add_argument("--split", default="train", help="train, val or all (default train, as extract-codes); "
                         "use the same --split as extract-codes")
     parser.add_argument("--encoder", default="minilm", help="'minilm' or a local model folder (e.g. flan-t5-xl)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens kept per caption")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
+                        help="tar shards: stop when more than this fraction of samples has no caption")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -33,21 +35,10 @@ def add_arguments(parser):
 def run(args):
     device = parse_device(args.device)
     dataset = open_dataset(args.data, args.split)
-    texts, ids = [], []
-    for i in range(len(dataset)):
-        for caption in dataset.captions(i):
-            texts.append(caption)
-            ids.append(i)
     encoder = load_text_encoder(args.encoder, device=device, max_length=args.max_length)
     encoder.batch_size = args.batch_size
-    features = []
-    bar = tqdm(total=len(texts), desc="extract-text-features", unit="caption", disable=args.no_progress)
-    for start in range(0, len(texts), args.batch_size):
-        chunk = texts[start:start + args.batch_size]
-        features.extend(encoder.encode_unpadded(chunk))
-        bar.update(len(chunk))
-    bar.close()
-    save_text_features(args.out, features, encoder=encoder.name, max_length=args.max_length, ids=ids, texts=texts)
-    print(json.dumps({"out": args.out, "captions": len(texts), "images": len(dataset), "dim": encoder.dim,
-                      "encoder": encoder.name}, indent=2))
+    summary = extract_text_features(encoder, dataset, args.out, batch_size=args.batch_size,
+                                    progress=not args.no_progress, max_bad_fraction=args.max_bad_fraction)
+    if summary is not None:
+        print(json.dumps({"out": args.out, **summary}, indent=2))
     return 0

@@ -4,7 +4,9 @@ Contract:
 - Every dataset has `len()`, `load(i)` -> 8-bit RGB PIL image (raises `BadImage` for a bad record),
   `source(i)` (a path or name for logs), `label(i)` -> int (class id; for manifests the image index),
   `captions(i)` -> list[str], `class_names` (list or None), `kind` ("c2i" or "t2i").
-- `open_dataset(spec, split)`: `spec` is "demo", a class-folder path or a `.jsonl` manifest.
+- `open_dataset(spec, split)`: `spec` is "demo", a class-folder path, a `.jsonl` manifest or WebDataset
+  tar shards (a brace pattern, a `.tar`, a folder of `.tar` files, a list file or `shards:...`; see
+  `argen.data.shards.ShardDataset`, which ignores `split`: point `--data` at the split's shards).
   - demo: the emoji npz in `argen/data/demo/`; split "train"/"val"/"all"; classes are the 10 categories
     (`label="category"`) or 99 subcategories; captions from names and short names.
   - class folder: `root/<class>/<images>` (classes sorted by name, any depth below a class folder). When
@@ -33,6 +35,7 @@ import torch
 from PIL import Image
 
 from argen.data.images import IMAGE_EXTENSIONS, BadImage, load_image
+from argen.data.shards import ShardDataset, is_shard_spec
 from argen.utils.errors import ArgenError
 
 DEMO_NPZ = "emoji64.npz"
@@ -204,18 +207,22 @@ class JsonlDataset(_ImageFileDataset):
 
 
 def open_dataset(spec: str | Path, split: str = "train", label: str = "category", min_size: int = 8):
-    """"demo", a class-folder path or a .jsonl manifest -> dataset."""
+    """"demo", a class-folder path, a .jsonl manifest or tar shards -> dataset."""
     text = str(spec)
     if text == "demo":
         return DemoDataset(split, label=label)
+    if is_shard_spec(text):
+        _check_split(split)
+        return ShardDataset(text, split, min_size)
     path = Path(text)
     if path.suffix == ".jsonl":
         return JsonlDataset(path, split, min_size)
     if path.is_dir():
         return ClassFolderDataset(path, split, min_size)
     if not path.exists():
-        raise ArgenError(f"--data {text!r}: no such file or folder (use 'demo', a class folder or a .jsonl manifest)")
-    raise ArgenError(f"--data {text!r}: expected 'demo', a class folder or a .jsonl manifest")
+        raise ArgenError(f"--data {text!r}: no such file or folder (use 'demo', a class folder, a .jsonl manifest "
+                         f"or .tar shards)")
+    raise ArgenError(f"--data {text!r}: expected 'demo', a class folder, a .jsonl manifest or .tar shards")
 
 
 def _seed_for(seed: int, epoch: int, index: int) -> int:

@@ -13,11 +13,28 @@ Contract:
   (or an initialized process group) a barrier precedes rank 0's `finalize()`, which fails clearly if any
   shard is still missing.
 - Returns the finalized index (rank 0) or None (other ranks).
+- Tar shards (`argen.data.shards.ShardDataset`) are streamed: code shard s holds tar shard s's usable
+  samples in tar order (the `shard_size` argument is not used), so the output does not depend on the
+  number of ranks or DataLoader workers (`split_shards` divides the tars between them). A bad member is
+  skipped and counted; a bad tar stops the job with a message naming it, or, with `skip_bad_shards`, is
+  written as an empty shard and listed under `skipped_shards` in index.json (from `skipped-XXXXX.json`
+  markers). The metadata records `shards_sha256`, `num_shards` and the caption/label key; for c2i,
+  index.json's `num_classes` is the largest class id + 1. For t2i, labels are caption rows of the
+  `--text-features` made from the same shards (checked by the shard-list hash and per-shard caption
+  counts).
+- `extract_text_features(encoder, dataset, out_dir, ...)` (behind `argen extract-text-features`): every
+  caption in dataset order -> `save_text_features`. For tar shards it is resumable and rank-aware like
+  `extract_codes`: each shard's features go to `out/parts/` (`features-XXXXX.npy`, `lengths-XXXXX.npy`,
+  then `part-XXXXX.json` with its keys and texts, which marks it done); rank 0 merges them into the
+  usual files, whose meta.json lists per shard its name, samples, captions and first row (`shards`)
+  and `shards_sha256`; a rerun with other shards, caption key or encoder is refused. A sample without
+  a caption is counted as a bad record. Other datasets are encoded in one go, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -27,11 +44,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from argen.data.codes import CodeShardWriter
+from argen.data.codes import CodeShardWriter, labels_name
 from argen.data.images import BadImage, FailureTracker
-from argen.data.text_features import TextFeatureStore
+from argen.data.shards import ShardDataset, ShardError, split_shards
+from argen.data.text_features import (
+    FEATURES_FILE,
+    META_FILE,
+    OFFSETS_FILE,
+    TextFeatureStore,
+    save_text_features,
+)
 from argen.data.transforms import crop_variants, to_tensor
 from argen.utils.errors import ArgenError
+from argen.utils.io import atomic_path, atomic_save_npy, atomic_write_json
 
 log = logging.getLogger("argen.data")
 
@@ -96,6 +121,15 @@ def dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _barrier(world_size: int) -> None:
+    """Wait for every rank under torchrun (or an initialized process group); a no-op otherwise."""
+    if world_size > 1 and torch.distributed.is_available() and (torch.distributed.is_initialized()
+                                                                or "MASTER_ADDR" in os.environ):
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        torch.distributed.barrier()
+
+
 @torch.no_grad()
 def extract_codes(model, dataset, out_dir: str | Path, image_size: int, ten_crop: bool = False, flip: bool = False,
                   crop_range: float = 1.1, shard_size: int = 1024, batch_size: int = 64, num_workers: int = 0,
@@ -110,6 +144,9 @@ def extract_codes(model, dataset, out_dir: str | Path, image_size: int, ten_crop
                          f"{model.downsample}")
     if ten_crop and int(image_size * crop_range) < image_size:
         raise ArgenError("--crop-range must be >= 1")
+    if isinstance(dataset, ShardDataset):
+        return _extract_shard_codes(model, dataset, out_dir, image_size, ten_crop, flip, crop_range, batch_size,
+                                    num_workers, device, text_features, max_bad_fraction, rank, world_size, progress)
     if len(dataset) == 0:
         raise ArgenError("the dataset has no images")
     kind = dataset.kind
@@ -160,11 +197,7 @@ def extract_codes(model, dataset, out_dir: str | Path, image_size: int, ten_crop
         writer.write_shard(shard, codes, torch.tensor(label_parts, dtype=torch.long))
     bar.close()
     tracker.check(final=True)
-    if world_size > 1 and torch.distributed.is_available() and (torch.distributed.is_initialized()
-                                                                or "MASTER_ADDR" in os.environ):
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
-        torch.distributed.barrier()
+    _barrier(world_size)
     if rank != 0:
         return None
     missing = [s for s in range(num_shards) if not writer.is_done(s)]
@@ -174,3 +207,285 @@ def extract_codes(model, dataset, out_dir: str | Path, image_size: int, ten_crop
     if tracker.failed:
         log.warning("skipped %d unreadable images: %s", tracker.failed, ", ".join(tracker.skipped[:10]))
     return index
+
+
+# ---------------------------------------------------------------------------------------------- tar shards
+def _as_is(item):
+    return item
+
+
+def shard_caption_rows(dataset: ShardDataset, text_features: str | Path) -> list[tuple[int, int]]:
+    """(first caption row, caption count) of every shard, from text features made from the same shards."""
+    meta = TextFeatureStore(text_features).meta
+    if meta.get("shards_sha256") != dataset.sha256 or meta.get("caption_key") != dataset.caption_key:
+        raise ArgenError(f"the text features in {text_features} were not made from these shards with caption key "
+                         f"{dataset.caption_key!r}; run `argen extract-text-features` with the same --data as "
+                         f"extract-codes")
+    return [(int(row["start"]), int(row["captions"])) for row in meta["shards"]]
+
+
+class ShardVariants(torch.utils.data.IterableDataset):
+    """Streams the crop variants of some tar shards; each DataLoader worker takes its share of `shards`.
+
+    Yields ("batch", shard, variants (n, A, 3, S, S) or None, labels, failures) for up to `batch_size`
+    consecutive samples, then ("end", shard, {"samples", "captions"}, None), or ("end", shard, None,
+    message) for a bad tar."""
+
+    def __init__(self, dataset: ShardDataset, shards: list[int], batch_size: int, image_size: int, ten_crop: bool,
+                 flip: bool, crop_range: float, caption_rows: list[tuple[int, int]] | None):
+        self.dataset, self.shards, self.batch_size = dataset, shards, batch_size
+        self.image_size, self.ten_crop, self.flip, self.crop_range = image_size, ten_crop, flip, crop_range
+        self.caption_rows = caption_rows
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in self.shards[worker::workers]:
+            yield from self._shard(shard)
+
+    def _shard(self, shard: int):
+        data = self.dataset
+        row = self.caption_rows[shard][0] if self.caption_rows is not None else 0
+        first, samples, items = row, 0, []
+        try:
+            for sample in data.iter_shard(shard):
+                samples += 1
+                label = sample.label if self.caption_rows is None else row
+                row += len(sample.captions)
+                reason = data.problem(sample)
+                if reason is None:
+                    try:
+                        crops, _ = crop_variants(data.decode(sample), self.image_size, self.ten_crop, self.flip,
+                                                 self.crop_range)
+                        items.append((torch.stack([to_tensor(c) for c in crops]), label))
+                    except BadImage as exc:
+                        reason = str(exc)
+                if reason is not None:
+                    items.append((None, (data.sample_source(sample), reason)))
+                if len(items) == self.batch_size:
+                    yield self._batch(shard, items)
+                    items = []
+            if items:
+                yield self._batch(shard, items)
+        except ShardError as exc:
+            yield "end", shard, None, str(exc)
+            return
+        yield "end", shard, {"samples": samples, "captions": row - first}, None
+
+    @staticmethod
+    def _batch(shard: int, items):
+        good = [it for it in items if it[0] is not None]
+        failures = [it[1] for it in items if it[0] is None]
+        images = torch.stack([it[0] for it in good]) if good else None  # (n, A, 3, S, S)
+        return "batch", shard, images, [it[1] for it in good], failures
+
+
+def _skip_marker(out_dir: Path, shard: int) -> Path:
+    return out_dir / f"skipped-{shard:05d}.json"
+
+
+def _extract_shard_codes(model, dataset: ShardDataset, out_dir, image_size, ten_crop, flip, crop_range, batch_size,
+                         num_workers, device, text_features, max_bad_fraction, rank, world_size, progress):
+    out_dir = Path(out_dir)
+    kind, caption_rows, text_rel = dataset.kind, None, None
+    if kind == "t2i":
+        if not text_features:
+            raise ArgenError("text-to-image shards need --text-features DIR (from `argen extract-text-features` on "
+                             "the same --data) so that labels can point at caption features")
+        caption_rows = shard_caption_rows(dataset, text_features)
+        text_rel = os.path.relpath(Path(text_features).resolve(), out_dir.resolve())
+    names = aug_names(ten_crop, flip)
+    grid = image_size // model.downsample
+    meta = {"kind": kind, "tokenizer": model.config.to_dict(), "codebook_size": model.config.codebook_size,
+            "grid": [grid, grid], "image_size": image_size, "num_augs": len(names), "aug_names": names,
+            "num_classes": None, "class_names": None, "text_features": text_rel,
+            "crop_range": crop_range if ten_crop else None, "source": dataset.location, "split": dataset.split,
+            "num_images": None, "shard_size": None, "tokenizer_sha256": weights_sha256(model),
+            "shards_sha256": dataset.sha256, "num_shards": len(dataset.shards),
+            "caption_key": dataset.caption_key if kind == "t2i" else None,
+            "label_key": dataset.label_key if kind == "c2i" else None}
+    writer = CodeShardWriter(out_dir, meta)
+    model = model.eval().to(device)
+    mine = [s for s in split_shards(len(dataset.shards), rank, world_size) if not writer.is_done(s)]
+    tracker = FailureTracker(max_bad_fraction, min_count=100)
+    stream = ShardVariants(dataset, mine, batch_size, image_size, ten_crop, flip, crop_range, caption_rows)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=_as_is,
+                                         num_workers=min(num_workers, len(mine)))
+    bar = tqdm(desc=f"extract-codes[{rank}]", unit="img", disable=not progress)
+    pending: dict[int, tuple[list, list]] = {}
+    for item in loader:
+        if item[0] == "batch":
+            _, shard, images, batch_labels, failures = item
+            bar.update(len(failures))
+            codes_parts, label_parts = pending.setdefault(shard, ([], []))
+            if tracker.record(images, failures):
+                n, a = images.shape[:2]
+                codes = model.encode(images.flatten(0, 1).to(device))  # (n*A, h, w)
+                codes_parts.append(codes.view(n, a, grid, grid).cpu())
+                label_parts.extend(batch_labels)
+                bar.update(n)
+            continue
+        _, shard, counts, error = item
+        codes_parts, label_parts = pending.pop(shard, ([], []))
+        if error is not None:
+            if not dataset.skip_bad_shards:
+                raise ShardError(error)
+            log.warning("skipping shard %s: %s", dataset.shards[shard], error)
+            atomic_write_json(_skip_marker(out_dir, shard), {"shard": dataset.names[shard], "reason": error})
+            codes_parts, label_parts = [], []
+        elif caption_rows is not None and counts["captions"] != caption_rows[shard][1]:
+            raise ArgenError(f"shard {dataset.shards[shard]} has {counts['captions']} captions but the text "
+                             f"features list {caption_rows[shard][1]}; extract the text features again")
+        codes = torch.cat(codes_parts) if codes_parts else torch.zeros(0, len(names), grid, grid, dtype=torch.long)
+        writer.write_shard(shard, codes, torch.tensor(label_parts, dtype=torch.long))
+    bar.close()
+    tracker.check(final=True)
+    _barrier(world_size)
+    if rank != 0:
+        return None
+    missing = [s for s in range(len(dataset.shards)) if not writer.is_done(s)]
+    if missing:
+        raise ArgenError(f"shards {missing[:5]} of {out_dir} are not finished; rerun extract-codes")
+    index = writer.finalize()
+    index["skipped_shards"] = [{"index": s, **json.loads(_skip_marker(out_dir, s).read_text())}
+                               for s in range(len(dataset.shards)) if _skip_marker(out_dir, s).is_file()]
+    if kind == "c2i":
+        tops = [int(labels.max()) for s in range(len(dataset.shards))
+                if (labels := np.load(out_dir / labels_name(s), mmap_mode="r")).size]
+        index["num_classes"] = max(tops) + 1 if tops else None
+    atomic_write_json(out_dir / "index.json", index)
+    if tracker.failed:
+        log.warning("skipped %d unreadable samples: %s", tracker.failed, ", ".join(tracker.skipped[:10]))
+    return index
+
+
+# ---------------------------------------------------------------------------------------------- text features
+PARTS_DIR = "parts"
+
+
+def extract_text_features(encoder, dataset, out_dir: str | Path, batch_size: int = 64, progress: bool = True,
+                          max_bad_fraction: float = 0.05, rank: int | None = None,
+                          world_size: int | None = None) -> dict | None:
+    """Encode every caption of `dataset` into `out_dir` (see the module docstring); returns a summary
+    ({"captions", "images", "dim", "encoder"}) on rank 0, None on other ranks."""
+    if isinstance(dataset, ShardDataset):
+        return _shard_text_features(encoder, dataset, Path(out_dir), batch_size, progress, max_bad_fraction,
+                                    rank, world_size)
+    texts, ids = [], []
+    for i in range(len(dataset)):
+        for caption in dataset.captions(i):
+            texts.append(caption)
+            ids.append(i)
+    features = []
+    bar = tqdm(total=len(texts), desc="extract-text-features", unit="caption", disable=not progress)
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        features.extend(encoder.encode_unpadded(chunk))
+        bar.update(len(chunk))
+    bar.close()
+    save_text_features(out_dir, features, encoder=encoder.name, max_length=encoder.max_length, ids=ids, texts=texts)
+    return {"captions": len(texts), "images": len(dataset), "dim": encoder.dim, "encoder": encoder.name}
+
+
+def _part(out_dir: Path, what: str, shard: int) -> Path:
+    suffix = "json" if what == "part" else "npy"
+    return out_dir / PARTS_DIR / f"{what}-{shard:05d}.{suffix}"
+
+
+def _shard_text_features(encoder, dataset: ShardDataset, out_dir: Path, batch_size, progress, max_bad_fraction,
+                         rank, world_size):
+    env_rank, env_world = dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    identity = {"source": dataset.location, "shards_sha256": dataset.sha256, "num_shards": len(dataset.shards),
+                "caption_key": dataset.caption_key, "encoder": encoder.name, "max_length": encoder.max_length,
+                "dim": encoder.dim}
+    identity_file = out_dir / PARTS_DIR / "identity.json"
+    if identity_file.is_file():
+        old = json.loads(identity_file.read_text())
+        diff = [k for k in identity if old.get(k) != identity[k]]
+        if diff:
+            raise ArgenError(f"{out_dir} already holds text features made with different settings ({', '.join(diff)}); "
+                             f"choose another output directory or delete it")
+    elif (out_dir / META_FILE).is_file():
+        raise ArgenError(f"{out_dir} already holds text features of other data; choose another output directory "
+                         f"or delete it")
+    else:
+        atomic_write_json(identity_file, identity)
+    n = len(dataset.shards)
+    mine = [s for s in split_shards(n, rank, world_size) if not _part(out_dir, "part", s).is_file()]
+    tracker = FailureTracker(max_bad_fraction, min_count=100, what="captions")
+    bar = tqdm(desc=f"extract-text-features[{rank}]", unit="caption", disable=not progress)
+    for shard in mine:
+        texts, keys, samples, error = [], [], 0, None
+        try:
+            for sample in dataset.iter_shard(shard, images=False):
+                samples += 1
+                if sample.captions:
+                    texts.extend(sample.captions)
+                    keys.extend([sample.key] * len(sample.captions))
+                    tracker.ok()
+                else:
+                    tracker.fail(dataset.sample_source(sample), f"no caption (.txt or JSON {dataset.caption_key!r})")
+        except ShardError as exc:
+            if not dataset.skip_bad_shards:
+                raise
+            log.warning("skipping shard %s: %s", dataset.shards[shard], exc)
+            texts, keys, samples, error = [], [], 0, str(exc)
+        features = []
+        for start in range(0, len(texts), batch_size):
+            features.extend(encoder.encode_unpadded(texts[start:start + batch_size]))
+            bar.update(len(texts[start:start + batch_size]))
+        lengths = np.array([f.shape[0] for f in features], dtype=np.int64)
+        flat = (torch.cat(features).numpy().astype(np.float16) if features
+                else np.zeros((0, encoder.dim), np.float16))  # (tokens, D)
+        atomic_save_npy(_part(out_dir, "features", shard), flat)
+        atomic_save_npy(_part(out_dir, "lengths", shard), lengths)
+        atomic_write_json(_part(out_dir, "part", shard), {"shard": dataset.names[shard], "samples": samples,
+                                                          "captions": len(texts), "keys": keys, "texts": texts,
+                                                          "skipped": error})
+    bar.close()
+    tracker.check(final=True)
+    _barrier(world_size)
+    if rank != 0:
+        return None
+    missing = [s for s in range(n) if not _part(out_dir, "part", s).is_file()]
+    if missing:
+        raise ArgenError(f"shards {missing[:5]} of {out_dir} are not finished; rerun extract-text-features")
+    parts = [json.loads(_part(out_dir, "part", s).read_text()) for s in range(n)]
+    meta_file = out_dir / META_FILE
+    if not meta_file.is_file() or "shards_sha256" not in json.loads(meta_file.read_text()):
+        _merge_parts(out_dir, parts, identity)
+    for s in range(n):
+        _part(out_dir, "features", s).unlink(missing_ok=True)
+        _part(out_dir, "lengths", s).unlink(missing_ok=True)
+    return {"captions": sum(p["captions"] for p in parts), "images": sum(p["samples"] for p in parts),
+            "dim": encoder.dim, "encoder": encoder.name, "shards": n,
+            "skipped_shards": sum(1 for p in parts if p["skipped"])}
+
+
+def _merge_parts(out_dir: Path, parts: list[dict], identity: dict) -> None:
+    """Concatenate the per-shard parts into features.npy / offsets.npy / meta.json (meta last)."""
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    lengths = [np.load(_part(out_dir, "lengths", s)) for s in range(len(parts))]
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    total, dim = int(offsets[-1]), identity["dim"]
+    if len(offsets) == 1:
+        raise ArgenError(f"the shards of {identity['source']} hold no captions")
+    with atomic_path(out_dir / FEATURES_FILE, size=total * dim * 2 + 128) as tmp:
+        flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))  # (tokens, D)
+        row = 0
+        for s in range(len(parts)):
+            block = np.load(_part(out_dir, "features", s), mmap_mode="r")
+            flat[row:row + len(block)] = block
+            row += len(block)
+        flat.flush()
+        del flat
+    atomic_save_npy(out_dir / OFFSETS_FILE, offsets)
+    starts = np.concatenate([[0], np.cumsum([p["captions"] for p in parts])]).tolist()
+    meta = {"count": len(offsets) - 1, "dim": dim, "dtype": "float16", "encoder": identity["encoder"],
+            "max_length": identity["max_length"], "total_tokens": total, "source": identity["source"],
+            "shards_sha256": identity["shards_sha256"], "caption_key": identity["caption_key"],
+            "shards": [{"name": p["shard"], "samples": p["samples"], "captions": p["captions"], "start": int(start),
+                        "skipped": p["skipped"]} for p, start in zip(parts, starts)]}
+    atomic_write_json(out_dir / META_FILE, meta)
