@@ -384,7 +384,6 @@ def test_crafted_sample_batch_shard_is_not_trusted(tmp_path):
 
 
 def test_crafted_code_shards_and_text_features_are_refused(tmp_path):
-    from argen.data.caption_files import read_npz_features
     from argen.data.codes import CodeDataset
     from argen.data.text_features import TextFeatureStore
     from test_train import make_codes
@@ -401,10 +400,16 @@ def test_crafted_code_shards_and_text_features_are_refused(tmp_path):
         _crafted_npy(file, marker)
     with pytest.raises(ArgenError, match="unreadable"):
         TextFeatureStore(tmp_path / "text")
+    assert not marker.exists()
+
+
+def test_crafted_caption_feature_file_is_refused(tmp_path):
+    caption_files = pytest.importorskip("argen.data.caption_files")
+    marker = tmp_path / "marker"
     npz = _crafted_npz(tmp_path / "captions.npz", marker, features=np.array([_Marker(marker)], dtype=object),
                        mask=np.ones((1, 1)))
     with pytest.raises(ArgenError, match="cannot read caption features"):
-        read_npz_features(npz)
+        caption_files.read_npz_features(npz)
     assert not marker.exists()
 
 
