@@ -315,6 +315,18 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, model, what):
     assert (tmp_path / "full" / final).read_text() == (tmp_path / "cut" / final).read_text()
 
 
+def test_ranks_take_every_world_size_th_shard(tmp_path, model, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    ds = ShardDataset(make_shards(tmp_path / "data", num_shards=5, kind="c2i", bad=False))
+    out = tmp_path / "codes"
+    assert extract_codes(model, ds, out, 16, rank=1, world_size=2, progress=False) is None
+    assert sorted(p.name for p in out.glob("codes-*")) == ["codes-00001.npy", "codes-00003.npy"]
+    with pytest.raises(ArgenError, match="not finished"):
+        extract_codes(model, ds, out, 16, rank=0, world_size=3, progress=False)
+    index = extract_codes(model, ds, out, 16, rank=0, world_size=2, progress=False)
+    assert [s["count"] for s in index["shards"]] == [4] * 5
+
+
 def test_torchrun_two_ranks_split_shards_and_match_one(tmp_path, model):
     pattern = make_shards(tmp_path / "data", num_shards=3, kind="c2i")
     save_tokenizer(model, tmp_path / "tok")

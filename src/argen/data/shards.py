@@ -323,6 +323,7 @@ class ShardDataset:
         self.kind = kind or self._detect_kind()
         self._index: list[tuple[np.ndarray, np.ndarray]] | None = None
         self._starts: np.ndarray | None = None
+        self._last: tuple[int, ShardSample] | None = None  # load(i) then label(i) read the tar once
         self.skipped: dict[int, str] = {}
 
     @property
@@ -401,11 +402,15 @@ class ShardDataset:
         return int(self._starts[-1])
 
     def sample(self, i: int) -> ShardSample:
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
         shard, row = self._locate(i)
         starts, counts = self._index[shard]
         path = self.shards[shard]
         key, files = _read_group(path, int(starts[row]), int(counts[row]))
-        return parse_sample(shard, key, files, self.caption_key, self.label_key)
+        sample = parse_sample(shard, key, files, self.caption_key, self.label_key)
+        self._last = (i, sample)
+        return sample
 
     def load(self, i: int) -> Image.Image:
         sample = self.sample(i)
