@@ -25,7 +25,7 @@ log = logging.getLogger("argen.evaluation")
 def add_arguments(parser):
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
     parser.add_argument("--tokenizer-config", default=None, help="named config, needed for released (.pt) files")
-    parser.add_argument("--data", default="demo", help="'demo', a class-folder path or a .jsonl manifest")
+    parser.add_argument("--data", default="demo", help="'demo', a class folder, a .jsonl manifest or .tar shards")
     parser.add_argument("--split", default="val", help="train, val or all (default val)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--image-size", type=int, default=None, help="default: 64 for demo, else 256")

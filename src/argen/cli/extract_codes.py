@@ -22,7 +22,7 @@ from argen.utils.torch_utils import parse_device
 def add_arguments(parser):
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
     parser.add_argument("--tokenizer-config", default=None, help="named config, needed for released (.pt) files")
-    parser.add_argument("--data", required=True, help="'demo', a class-folder path or a .jsonl manifest")
+    parser.add_argument("--data", required=True, help="'demo', a class folder, a .jsonl manifest or .tar shards")
     parser.add_argument("--split", default="train", help="train, val or all (default train)")
     parser.add_argument("--label", default="category", help="demo labels: category (10) or subcategory (99)")
     parser.add_argument("--out", required=True, help="codes directory")
