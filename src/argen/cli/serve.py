@@ -4,6 +4,10 @@
                 --kind c2i --image-size 256 --device cuda --dtype bf16 --port 8000
     curl -s localhost:8000/v1/generate -H 'content-type: application/json' -d '{"classes": [207], "seed": 1}'
 
+    argen serve --gpt c2i_B_256 --port 8000      # a released name: the flags and the tokenizer follow from it
+
+The web page is at http://localhost:8000/, the OpenAI images API at /v1/images/generations and /v1/models
+(see argen.serving.app).
 POST /v1/generate takes {"classes": [..]}, {"prompts": [..]} or {"features": .., "mask": ..} plus optional n,
 cfg_scale, cfg_interval, cfg_schedule, cfg_power, top_k, top_p, temperature, seed; GET /health and GET /metrics
 report state. t2i models encode prompts with --text-encoder (default minilm); `--text-encoder none` serves
@@ -65,9 +69,13 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ArgenError("argen serve needs uvicorn: pip install uvicorn") from None
+    from argen.checkpoint.hub import gpt_class_names, model_id
+
     service = GenerationService(tokenizer, gpt, config, encode_prompts=encode)
-    app = create_app(service)
+    names = gpt_class_names(args.gpt, gpt.config.num_classes) if gpt.config.kind == "c2i" else None
+    app = create_app(service, model_id=model_id(args.gpt), class_names=names)
     print(f"argen serve: {gpt.config.kind} {gpt.config.name} ({gpt.config.num_image_tokens} tokens) on {device}, "
-          f"takes {conditions}; http://{args.host}:{args.port}/v1/generate", flush=True)
+          f"takes {conditions}; http://{args.host}:{args.port}/v1/generate, OpenAI API at "
+          f"http://{args.host}:{args.port}/v1, web page at http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -12,6 +12,12 @@ Endpoints:
   503 queue full or shutting down; 499 the client went away (its queued work is dropped); 500 failure.
 - `GET /health`: model, accepted condition fields, limits, queue depth. `GET /metrics`: counters,
   queue depth, images/s, latency p50/p99 (see `GenerationService.metrics`).
+- OpenAI images API (`argen.serving.openai_images`): `POST /v1/images/generations` (prompt = class id or
+  name for c2i, caption for t2i; n, size, response_format=b64_json, model, and argen's sampling fields)
+  answers `{"created", "data": [{"b64_json", "revised_prompt"}]}`, errors `{"error": {"message", "type",
+  "param", "code"}}`; `GET /v1/models` lists the loaded model. Both run through the same validation,
+  queue and batching as `/v1/generate`.
+- `GET /`: the web page (`argen/serving/static/index.html`, plain HTML + JS that calls the endpoints above).
 The app starts the service's worker on startup and drains it on shutdown.
 """
 
@@ -21,11 +27,21 @@ import asyncio
 import base64
 import json
 from contextlib import asynccontextmanager
+from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from argen.serving.openai_images import (
+    ImagesRequest,
+    OpenAIError,
+    ServedModel,
+    images_answer,
+    models_answer,
+    parse_images_request,
+    to_generate_body,
+)
 from argen.serving.request import GenerateRequest, RequestError, parse_request, wants_png
 from argen.serving.service import GenerationService, Overloaded, ShuttingDown
 from argen.utils.errors import ArgenError
@@ -60,8 +76,36 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(service: GenerationService, manage_service: bool = True) -> FastAPI:
-    """The HTTP app. With manage_service the app starts the worker and drains it on shutdown."""
+def _defaults(service: GenerationService) -> dict:
+    """The sampling settings a request gets when it names none (read back from the request parser)."""
+    probe = {"classes": [0]} if "classes" in service.accepts() else {"prompts": ["probe"]}
+    try:
+        _, params = parse_request(json.dumps(probe).encode(), service)
+    except RequestError:
+        return {}
+    keep = ("cfg_scale", "cfg_interval", "cfg_schedule", "cfg_power", "temperature", "top_k", "top_p")
+    return {k: params[k] for k in keep if k in params}
+
+
+def served_model(service: GenerationService, model_id: str | None = None,
+                 class_names: list[str] | None = None) -> ServedModel:
+    cfg = service.gpt.config
+    c2i = cfg.kind == "c2i"
+    return ServedModel(id=model_id or cfg.name, kind=cfg.kind, image_size=cfg.image_size,
+                       num_classes=cfg.num_classes if c2i else None,
+                       class_names=list(class_names) if c2i and class_names else None, accepts=service.accepts(),
+                       defaults=_defaults(service), max_images=service.config.max_images_per_request)
+
+
+def _page() -> str:
+    return resources.files("argen.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def create_app(service: GenerationService, manage_service: bool = True, model_id: str | None = None,
+               class_names: list[str] | None = None) -> FastAPI:
+    """The HTTP app. With manage_service the app starts the worker and drains it on shutdown. `model_id`
+    (default: the config name) and `class_names` (c2i, one per class id) are what the OpenAI endpoints
+    and the web page show and accept."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -73,6 +117,12 @@ def create_app(service: GenerationService, manage_service: bool = True) -> FastA
 
     app = FastAPI(title="argen", lifespan=lifespan)
     app.state.service = service
+    served = served_model(service, model_id, class_names)
+    page = _page()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
@@ -95,6 +145,31 @@ def create_app(service: GenerationService, manage_service: bool = True) -> FastA
         spec, params = await asyncio.to_thread(parse_request, body, service)  # big feature payloads parse off-loop
         return spec, params, wants_png(request.headers.get("accept"), len(spec.conditions))
 
+    async def run_job(request: Request, spec) -> dict | RequestError:
+        """Queue the job and wait for it -> the service's result, or the error to answer with."""
+        try:
+            job = service.submit(spec)
+        except (Overloaded, ShuttingDown) as exc:
+            return RequestError(503, str(exc))
+        waiter = asyncio.wrap_future(job.future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=0.25)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    service.cancel(job)
+                    return RequestError(499, "client disconnected")
+        except asyncio.CancelledError:
+            service.cancel(job)
+            raise
+        if waiter.cancelled():
+            return RequestError(499, "request cancelled")
+        error = waiter.exception()
+        if error is not None:
+            return RequestError(422 if isinstance(error, ArgenError) else 500, f"generation failed: {error}")
+        return waiter.result()
+
     @app.post("/v1/generate", openapi_extra=_OPENAPI, responses=_RESPONSES)
     async def generate(request: Request):
         try:
@@ -104,33 +179,40 @@ def create_app(service: GenerationService, manage_service: bool = True) -> FastA
             return _error(exc.status, exc.message)
         except ClientDisconnect:
             return _error(499, "client disconnected")
-        try:
-            job = service.submit(spec)
-        except (Overloaded, ShuttingDown) as exc:
-            return _error(503, str(exc))
-        waiter = asyncio.wrap_future(job.future)
-        try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=0.25)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    service.cancel(job)
-                    return _error(499, "client disconnected")
-        except asyncio.CancelledError:
-            service.cancel(job)
-            raise
-        if waiter.cancelled():
-            return _error(499, "request cancelled")
-        error = waiter.exception()
-        if error is not None:
-            status = 422 if isinstance(error, ArgenError) else 500
-            return _error(status, f"generation failed: {error}")
-        result = waiter.result()
+        result = await run_job(request, spec)
+        if isinstance(result, RequestError):
+            return _error(result.status, result.message)
         if as_png:
             headers = {"X-Argen-Params": json.dumps(params), "X-Argen-Timings": json.dumps(result["timings"])}
             return Response(result["png"][0], media_type="image/png", headers=headers)
         return {"images": [base64.b64encode(png).decode("ascii") for png in result["png"]],
                 "codes": result["codes"], "params": params, "timings": result["timings"]}
+
+    def _openai_error(exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.get("/v1/models")
+    async def models():
+        return models_answer(served)
+
+    @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": ImagesRequest.model_json_schema()}}}})
+    async def images_generations(request: Request):
+        try:
+            try:
+                body = parse_images_request(await _read_body(request, service.config.max_body_bytes))
+                generate_body, revised = to_generate_body(body, served)
+                spec, _ = await asyncio.to_thread(parse_request, generate_body, service)
+            except RequestError as exc:
+                raise OpenAIError(400 if exc.status == 422 else exc.status, exc.message) from None
+        except OpenAIError as exc:
+            service.count_invalid()
+            return _openai_error(exc)
+        except ClientDisconnect:
+            return _openai_error(OpenAIError(499, "client disconnected"))
+        result = await run_job(request, spec)
+        if isinstance(result, RequestError):
+            return _openai_error(OpenAIError(400 if result.status == 422 else result.status, result.message))
+        return images_answer(result["png"], revised)
 
     return app
