@@ -362,12 +362,13 @@ def test_sample_batch_images_do_not_depend_on_the_world_size_on_gpu(tmp_path):
     """`argen sample-batch` on CUDA: per-batch CUDA generators, captured graphs (batches of 3 padded
     to 4, the last of 1), decoding on the GPU; the images do not depend on how shards are spread."""
     from argen.evaluation.sample_batch import SampleBatchConfig, sample_batch
+    from argen.sampling import SamplingParams
 
     torch.manual_seed(0)
     tokenizer = VQModel(vq_config("VQ-tiny")).eval().cuda()
     gpt = GPT(gpt_config("GPT-tiny", image_size=8, downsample=2)).eval().cuda()  # 16 tokens, 8x8 images
-    config = SampleBatchConfig(num_samples=10, batch_size=3, shard_size=4, eval_size=12, top_k=50, cfg_scale=1.5,
-                               seed=7)
+    config = SampleBatchConfig(num_samples=10, batch_size=3, shard_size=4, eval_size=12,
+                               sampling=SamplingParams(top_k=50, cfg_scale=1.5), seed=7)
 
     def load(path):
         with np.load(path) as data:

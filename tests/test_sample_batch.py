@@ -1,5 +1,6 @@
-"""`argen sample-batch`: per-image determinism across world sizes, resumable shards, labels, resizing,
-the ADM npz contract, and the end-to-end sample-batch -> evaluate run with a random-weight Inception."""
+"""`argen sample-batch`: per-image determinism across world sizes and batch sizes (the seed rule of
+`argen sample`), resumable shards (corrupt ones redone), labels, resizing, the ADM npz contract, flag
+checks, the run lock, and the end-to-end sample-batch -> evaluate run with a random-weight Inception."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import argen
-import argen.evaluation.sample_batch as sb
+import argen.evaluation.pipeline as pipeline
 from argen.cli.main import main
-from argen.evaluation.sample_batch import SampleBatchConfig, batch_seed, class_labels, resize_images, sample_batch
+from argen.evaluation.sample_batch import SampleBatchConfig, class_labels, resize_images, sample_batch
 from argen.models.gpt import GPT, gpt_config
 from argen.models.tokenizer import VQModel, vq_config
+from argen.sampling import SamplingParams, image_seed
 from argen.utils.errors import ArgenError
 from argen.utils.images import to_uint8
 from conftest import randomize
@@ -31,9 +33,16 @@ def models():
     return tokenizer, gpt
 
 
+SAMPLING = SamplingParams(top_k=50, cfg_scale=1.5)
+
+
 def config(**overrides):
-    base = dict(num_samples=10, batch_size=3, shard_size=4, eval_size=12, top_k=50, cfg_scale=1.5, seed=7)
+    base = dict(num_samples=10, batch_size=3, shard_size=4, eval_size=12, sampling=SAMPLING, seed=7)
     return SampleBatchConfig(**{**base, **overrides})
+
+
+def seeded(first, count, seed=7):
+    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in range(first, first + count)]
 
 
 def load(path):
@@ -56,9 +65,8 @@ def test_first_batch_is_generate_then_decode_then_resize_then_uint8(tmp_path, mo
     tokenizer, gpt = models
     out = load(sample_batch(tokenizer, gpt, config(num_samples=3), tmp_path, progress=False))
 
-    def by_hand(classes, cfg_scale=1.5):
-        generator = torch.Generator().manual_seed(batch_seed(7, 0))
-        codes = argen.generate(gpt, classes, cfg_scale=cfg_scale, top_k=50, generator=generator)
+    def by_hand(classes, cfg_scale=1.5):  # image i has its own generator, seeded with image_seed(7, i)
+        codes = argen.generate(gpt, classes, cfg_scale=cfg_scale, top_k=50, row_generators=seeded(0, 3))
         decoded = tokenizer.decode(codes.view(3, 4, 4))
         return F.interpolate(decoded, size=(12, 12), mode="bicubic", antialias=True)
 
@@ -76,13 +84,13 @@ def test_resume_generates_only_missing_shards(tmp_path, models, monkeypatch):
     (tmp_path / "shards" / "shard_00001.npz").unlink()
     (tmp_path / "samples.npz").unlink()
     calls = []
-    real = sb.generate
+    real = pipeline.generate
 
     def counting(gpt, cond, *args, **kwargs):
         calls.append(cond.shape[0])
         return real(gpt, cond, *args, **kwargs)
 
-    monkeypatch.setattr(sb, "generate", counting)
+    monkeypatch.setattr(pipeline, "generate", counting)
     again = load(sample_batch(*models, config(), tmp_path, progress=False))
     assert calls == [3, 1]  # shard 1 = images 4..7, in batches of 3 from its first index
     assert np.array_equal(first["arr_0"], again["arr_0"])
@@ -91,7 +99,8 @@ def test_resume_generates_only_missing_shards(tmp_path, models, monkeypatch):
 def test_resuming_with_another_config_is_refused(tmp_path, models):
     sample_batch(*models, config(num_samples=4), tmp_path, progress=False)
     with pytest.raises(ArgenError, match="another config"):
-        sample_batch(*models, config(num_samples=4, cfg_scale=2.0), tmp_path, progress=False)
+        sample_batch(*models, config(num_samples=4, sampling=SamplingParams(top_k=50, cfg_scale=2.0)), tmp_path,
+                     progress=False)
 
 
 def test_class_balanced_labels_and_class_range(tmp_path, models):
@@ -101,10 +110,18 @@ def test_class_balanced_labels_and_class_range(tmp_path, models):
         sample_batch(*models, config(num_classes=11), tmp_path, progress=False)
 
 
-def test_batch_seeds_are_deterministic_and_distinct():
-    seeds = {batch_seed(0, i) for i in range(1000)}
-    assert len(seeds) == 1000 and batch_seed(3, 5) == batch_seed(3, 5) != batch_seed(4, 5)
-    assert all(0 <= s < 2 ** 63 for s in seeds)
+def test_images_do_not_depend_on_the_batch_size_and_the_seed_rule_is_recorded(tmp_path, models):
+    three = load(sample_batch(*models, config(), tmp_path / "b3", progress=False))
+    five = load(sample_batch(*models, config(batch_size=5), tmp_path / "b5", progress=False))
+    assert np.array_equal(three["arr_0"], five["arr_0"])
+    record = json.loads((tmp_path / "b3" / "config.json").read_text())
+    assert record["seed_rule"].startswith("image_seed") and "batch_size" not in record["config"]
+    assert record["config"]["sampling"] == SAMPLING.to_dict()
+    # a run written before the seed rule was recorded (per-batch seeds) is refused, not mixed in
+    del record["seed_rule"]
+    (tmp_path / "b3" / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ArgenError, match="another config"):
+        sample_batch(*models, config(), tmp_path / "b3", progress=False)
 
 
 def test_resize_modes():
@@ -128,9 +145,9 @@ def test_text_conditional_batches_cycle_over_caption_rows(tmp_path):
                             progress=False))
     assert out["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(out["prompt_index"], [0, 1, 2, 0, 1])
 
-    def by_hand(rows, first):  # one batch of config(): cfg 1.5, top-k 50, seeded by its first image index
-        generator = torch.Generator().manual_seed(batch_seed(7, first))
-        codes = argen.generate(gpt, features[rows], mask[rows], cfg_scale=1.5, top_k=50, generator=generator)
+    def by_hand(rows, first):  # one batch of config(): cfg 1.5, top-k 50, image i seeded with image_seed(7, i)
+        codes = argen.generate(gpt, features[rows], mask[rows], cfg_scale=1.5, top_k=50,
+                               row_generators=seeded(first, len(rows)))
         return to_uint8(tokenizer.decode(codes.view(len(rows), 4, 4)))
 
     assert np.array_equal(out["arr_0"][:3], by_hand([0, 1, 2], 0))  # batch 0: images 0-2, captions 0-2

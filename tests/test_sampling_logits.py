@@ -109,6 +109,7 @@ def test_for_kind_fills_only_unset_settings_from_the_one_defaults_table():
     assert SamplingParams.for_kind("t2i", top_k=None, temperature=0.9) == SamplingParams(cfg_scale=7.5, top_k=1000,
                                                                                           temperature=0.9)
     assert SamplingParams.for_kind("c2i", cfg_scale=1.0, top_k=0) == SamplingParams()
+    assert SamplingParams.for_kind(None, top_p=0.5) == SamplingParams(top_p=0.5)  # neutral defaults
     assert set(KIND_DEFAULTS) == {"c2i", "t2i"}
     with pytest.raises(ArgenError, match="kind"):
         SamplingParams.for_kind("x2i")

@@ -1,12 +1,21 @@
 """`argen` entry point: dispatches to one module per subcommand and turns `ArgenError` into a
-one-line message with exit status 2."""
+one-line message with exit status 2.
+
+Start-up stays light: only the module of the subcommand being run is imported (`argen --help` reads
+the one-line summaries from the modules' docstrings without importing them), and each subcommand
+module imports torch and the rest of the library inside its `run` function. So `--help`, `--version`
+and argument errors answer without loading torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 from argen.utils.errors import ArgenError
 
@@ -25,28 +34,57 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _summary(module_name: str) -> str:
+    """First line of a subcommand module's docstring, read from its source without importing it."""
+    spec = importlib.util.find_spec(f"argen.cli.{module_name}")
+    try:
+        doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+    except (OSError, SyntaxError, TypeError):
+        doc = ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _add_command(sub, name: str, module_name: str) -> None:
+    module = importlib.import_module(f"argen.cli.{module_name}")
+    sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], description=module.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sp)
+    sp.set_defaults(_run=module.run)
+
+
+def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `argen` parser. Only the subcommands in `commands` (default: all) get their flags, which
+    imports their modules; the others are listed with their summaries."""
     parser = argparse.ArgumentParser(prog="argen", description="Autoregressive image generation (LlamaGen-style).")
     parser.add_argument("--version", action="version", version=f"argen {version('argen')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(f"argen.cli.{module_name}")
-        sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
-                            description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sp)
-        sp.set_defaults(_run=module.run)
+        if commands is None or name in commands:
+            _add_command(sub, name, module_name)
+        else:
+            sub.add_parser(name, help=_summary(module_name), add_help=False)
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (the first word that is not an option), if it is a known one."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in SUBCOMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    args = build_parser([command] if command else []).parse_args(argv)
     try:
         result = args._run(args)
     except ArgenError as exc:
         print(f"argen {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"argen {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"argen {args.command}: {exc or 'interrupted'}", file=sys.stderr)  # a message may give progress
         return 130
     return int(result or 0)
 

@@ -147,8 +147,12 @@ class NpzImageWriter:
         return self.path
 
     def abort(self) -> None:
-        self._member.close()
-        self._zip.close()
+        """Drop the temp file; safe after a failed write (e.g. a full disk) or a failed close."""
+        for close in (self._member.close, self._zip.close):
+            try:
+                close()
+            except (OSError, ValueError):  # a full disk fails the flush again; the temp file goes below
+                pass
         err = RuntimeError("aborted")
         try:
             self._ctx.__exit__(RuntimeError, err, None)

@@ -3,18 +3,24 @@
 Contract:
 - Image i (0 <= i < N) has condition `i % C` (c2i, class-balanced: N/C images per class when C divides N)
   or caption row `i % B` of the feature file (t2i).
-- Images are cut into shards of `shard_size` consecutive indices and, inside a shard, into batches of
-  `batch_size` starting at the shard's first index. Each batch samples with its own generator seeded from
-  (seed, index of its first image), so the images depend on the config only, never on the number of
-  processes: shard s belongs to rank s % world_size, and any rank layout produces the same files.
-- Each finished shard is written atomically to `OUT/shards/shard_XXXXX.npz` (`images` uint8 (n, E, E, 3),
-  `labels`); existing valid shards are skipped, so a killed run resumes where it stopped. `OUT/config.json`
-  pins the config: resuming with a different one is an error.
-- Decoded images (float in [-1, 1]) are resized to `eval_size` before quantisation to uint8 with
-  `resize` = "bicubic-antialias" (default: bicubic with an antialiasing prefilter, torch
-  `interpolate(..., antialias=True)`) or "bicubic" (plain bicubic, what LlamaGen's sampling script does).
-- Rank 0 waits for all shards, then streams them into `OUT/samples.npz`: `arr_0` uint8 (N, E, E, 3) and
-  `arr_1` int64 labels (c2i) or `prompt_index` (t2i).
+- Image i draws from its own generator seeded with `argen.sampling.image_seed(seed, i)`, the rule of
+  `argen sample` and `argen serve` (config.json records it as `seed_rule`), so image i is the image
+  `argen sample` makes for the same condition, seed and settings, whatever the batch size, shard size or
+  number of processes (exactly so on the CPU in float32). Batches run through
+  `argen.evaluation.pipeline.sample_images` (generate -> decode -> resize -> uint8).
+- Images are cut into shards of `shard_size` consecutive indices; shard s belongs to rank s % world_size.
+  Each finished shard is written atomically to `OUT/shards/shard_XXXXX.npz` (`images` uint8 (n, E, E, 3),
+  `labels`); existing valid shards are skipped, so a killed run resumes where it stopped, and an unreadable
+  shard (e.g. a truncated file) is named and made again. `OUT/config.json` pins the config (sampling
+  settings, seed rule, sizes, checkpoints, caption hash): resuming with a different one is an error, and
+  so is resuming a run written before the seed rule was recorded. Each process holds the run-directory
+  lock (`argen.utils.io.run_lock`) while it writes.
+- `eval_size` None means the generator's image size. Decoded images (float in [-1, 1]) are resized to it
+  before quantisation to uint8 with `resize` = "bicubic-antialias" (default: bicubic with an antialiasing
+  prefilter, torch `interpolate(..., antialias=True)`) or "bicubic" (plain bicubic, what LlamaGen's
+  sampling script does).
+- Rank 0 waits for all shards, then streams them into `OUT/samples.npz` (atomically; a full disk is a
+  one-line error): `arr_0` uint8 (N, E, E, 3) and `arr_1` int64 labels (c2i) or `prompt_index` (t2i).
 """
 
 from __future__ import annotations
@@ -22,74 +28,64 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from argen.engine import generate
 from argen.evaluation.npz import NpzImageWriter
+from argen.evaluation.pipeline import RESIZE_MODES, resize_images, sample_images
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
+from argen.sampling.logits import SamplingParams
+from argen.sampling.seeds import image_seed
 from argen.utils.errors import ArgenError
-from argen.utils.images import save_png, to_uint8
-from argen.utils.io import atomic_write, atomic_write_json
+from argen.utils.images import save_png
+from argen.utils.io import atomic_write, atomic_write_json, disk_full_error, run_lock
 
-RESIZE_MODES = ("bicubic-antialias", "bicubic")
+SEED_RULE = "image_seed(seed, i) = (seed * 1000003 + i) mod 2**63"  # recorded in config.json
+__all__ = ["RESIZE_MODES", "SampleBatchConfig", "assemble_batch", "class_labels", "resize_images", "sample_batch"]
 
 
 @dataclass
 class SampleBatchConfig:
     num_samples: int = 50000
     num_classes: int | None = None
-    cfg_scale: float = 1.0
-    cfg_interval: int = -1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
     batch_size: int = 32
     shard_size: int = 1000
-    eval_size: int | None = 256
+    eval_size: int | None = None
     resize: str = "bicubic-antialias"
     png: bool = False
 
     def validate(self) -> None:
         if self.num_samples < 1:
             raise ArgenError("--num-samples must be >= 1")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ArgenError(f"--num-classes must be >= 1 (leave it out for all classes), got {self.num_classes}")
         if self.batch_size < 1 or self.shard_size < 1:
             raise ArgenError("--batch-size and --shard-size must be >= 1")
+        if not 0 <= self.seed < 1 << 63:
+            raise ArgenError(f"--seed must lie in [0, 2**63), got {self.seed}")
         if self.resize not in RESIZE_MODES:
             raise ArgenError(f"unknown resize mode {self.resize!r}; use one of {', '.join(RESIZE_MODES)}")
         if self.eval_size is not None and self.eval_size < 8:
             raise ArgenError("--eval-size must be >= 8 (or 0 to keep the generated size)")
 
     def identity(self) -> dict:
-        """The fields that decide the images (png output does not)."""
+        """The fields that decide the images (png output and the batch size do not)."""
         data = asdict(self)
         data.pop("png")
+        data.pop("batch_size")
         return data
-
-
-def batch_seed(seed: int, first_index: int) -> int:
-    """A 63-bit seed for the batch starting at image `first_index`, independent of rank and world size."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, first_index]).generate_state(2)
-    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
 
 
 def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
     return np.arange(num_samples, dtype=np.int64) % num_classes
-
-
-def resize_images(images: torch.Tensor, size: int | None, mode: str) -> torch.Tensor:
-    """(B, 3, H, W) float -> (B, 3, size, size) float."""
-    if size is None or images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False,
-                         antialias=mode == "bicubic-antialias")
 
 
 def shard_path(out: Path, shard: int) -> Path:
@@ -97,12 +93,14 @@ def shard_path(out: Path, shard: int) -> Path:
 
 
 def _shard_done(path: Path, count: int, size: int) -> bool:
+    """Whether `path` is a finished shard; an unreadable one (e.g. truncated) is named and will be redone."""
     if not path.is_file():
         return False
     try:
         with np.load(path) as data:
-            return data["images"].shape == (count, size, size, 3)
-    except (OSError, KeyError, ValueError):
+            return data["images"].shape == (count, size, size, 3) and data["labels"].shape == (count,)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        tqdm.write(f"argen sample-batch: {path} is unreadable ({type(exc).__name__}: {exc}); making it again")
         return False
 
 
@@ -129,7 +127,6 @@ def _write_config(out: Path, record: dict, rank: int) -> None:
         atomic_write_json(path, record)
 
 
-@torch.no_grad()
 def sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: str | Path,
                  features: torch.Tensor | None = None, mask: torch.Tensor | None = None, rank: int = 0,
                  world_size: int = 1, checkpoint_info: dict | None = None, progress: bool = True,
@@ -137,10 +134,16 @@ def sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: s
     """Generate this rank's shards; rank 0 then assembles `OUT/samples.npz` (returned; None elsewhere)."""
     config.validate()
     out = Path(out)
+    with run_lock(out, "sample-batch", rank):
+        return _sample_batch(tokenizer, gpt, config, out, features, mask, rank, world_size, checkpoint_info or {},
+                             progress, assemble, wait_timeout)
+
+
+def _sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: Path, features, mask, rank: int,
+                  world_size: int, checkpoint_info: dict, progress: bool, assemble: bool,
+                  wait_timeout: float) -> Path | None:
     kind = gpt.config.kind
-    device = gpt.tok_embeddings.weight.device
     n = config.num_samples
-    grid = gpt.config.grid_size
     if kind == "c2i":
         num_classes = config.num_classes or gpt.config.num_classes
         if not 1 <= num_classes <= gpt.config.num_classes:
@@ -154,10 +157,9 @@ def sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: s
         labels = np.arange(n, dtype=np.int64) % features.shape[0]
     size = config.eval_size or gpt.config.image_size
     record = {"config": config.identity(), "kind": kind, "image_size": gpt.config.image_size,
-              "checkpoints": checkpoint_info or {}}
+              "seed_rule": SEED_RULE, "checkpoints": checkpoint_info}
     if kind == "t2i":  # the captions are part of what the samples are
         record["features_sha256"] = _features_sha256(features, mask)
-    out.mkdir(parents=True, exist_ok=True)
     _write_config(out, record, rank)
 
     num_shards = -(-n // config.shard_size)
@@ -171,27 +173,20 @@ def sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: s
     done = total - sum(shard_range(s)[1] - shard_range(s)[0] for s in todo)
     bar = tqdm(total=total, initial=done, desc=f"sample-batch rank {rank}/{world_size}", unit="img",
                disable=not progress or rank != 0, dynamic_ncols=True)
-    sampling = dict(cfg_scale=config.cfg_scale, cfg_interval=config.cfg_interval, temperature=config.temperature,
-                    top_k=config.top_k, top_p=config.top_p)
     for s in todo:
         lo, hi = shard_range(s)
         chunks = []
         for start in range(lo, hi, config.batch_size):
             stop = min(hi, start + config.batch_size)
             idx = torch.from_numpy(labels[start:stop])
-            if kind == "c2i":
-                cond, cond_mask = idx.to(device), None
-            else:
-                cond = features[idx].to(device)
-                cond_mask = None if mask is None else mask[idx].to(device)
-            generator = torch.Generator(device=device).manual_seed(batch_seed(config.seed, start))
-            codes = generate(gpt, cond, cond_mask, generator=generator, **sampling)  # (b, N)
-            images = tokenizer.decode(codes.view(-1, grid, grid))  # (b, 3, H, W) in [-1, 1]
-            chunk = to_uint8(resize_images(images, size, config.resize))  # (b, E, E, 3)
+            cond, cond_mask = (idx, None) if kind == "c2i" else (features[idx], None if mask is None else mask[idx])
+            batch = sample_images(tokenizer, gpt, cond, cond_mask, config.sampling,
+                                  [image_seed(config.seed, i) for i in range(start, stop)], size=size,
+                                  resize=config.resize)  # images (b, E, E, 3) uint8
             if config.png:
-                for offset, image in enumerate(chunk):
+                for offset, image in enumerate(batch.images):
                     save_png(image, out / "png" / f"{start + offset:06d}.png")
-            chunks.append(chunk)
+            chunks.append(batch.images)
             bar.update(stop - start)
         shard_images = np.concatenate(chunks)
         shard_labels = labels[lo:hi]
@@ -221,11 +216,22 @@ def assemble_batch(out: Path, num_samples: int, size: int, shard_size: int, kind
             raise ArgenError(f"{len(missing)} shard(s) of {out} are missing (e.g. shard {missing[0]}); rerun the same "
                              f"command (any number of processes) to finish them")
         time.sleep(min(10.0, max(0.1, deadline - time.monotonic())))
-    writer = NpzImageWriter(out / "samples.npz", (num_samples, size, size, 3))
+    path = out / "samples.npz"
+    needed = num_samples * (size * size * 3 + 8)  # images + labels, uncompressed
     labels = []
-    for s in tqdm(range(num_shards), desc="assembling samples.npz", unit="shard", disable=not progress):
-        with np.load(shard_path(out, s)) as data:
-            writer.write(data["images"])
-            labels.append(data["labels"])
-    key = "arr_1" if kind == "c2i" else "prompt_index"
-    return writer.close({key: np.concatenate(labels).astype(np.int64)})
+    writer = None
+    try:
+        writer = NpzImageWriter(path, (num_samples, size, size, 3))
+        for s in tqdm(range(num_shards), desc="assembling samples.npz", unit="shard", disable=not progress):
+            with np.load(shard_path(out, s)) as data:
+                writer.write(data["images"])
+                labels.append(data["labels"])
+        key = "arr_1" if kind == "c2i" else "prompt_index"
+        return writer.close({key: np.concatenate(labels).astype(np.int64)})
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()
+        error = disk_full_error(exc, path, needed=needed) if isinstance(exc, Exception) else None
+        if error is not None:
+            raise error from exc
+        raise

@@ -55,12 +55,13 @@ class SamplingParams:
             raise ArgenError(f"cfg_power must be > 0, got {self.cfg_power}")
 
     @classmethod
-    def for_kind(cls, kind: str, **given) -> SamplingParams:
-        """Params for a `kind` ("c2i"/"t2i") generator: `given` settings, None ones from `KIND_DEFAULTS`."""
-        if kind not in KIND_DEFAULTS:
+    def for_kind(cls, kind: str | None, **given) -> SamplingParams:
+        """Params for a `kind` ("c2i"/"t2i") generator: `given` settings, None ones from `KIND_DEFAULTS`
+        (kind None: from the neutral field defaults)."""
+        if kind is not None and kind not in KIND_DEFAULTS:
             raise ArgenError(f"kind must be one of {sorted(KIND_DEFAULTS)}, got {kind!r}")
         values = {name: value for name, value in given.items() if value is not None}
-        return cls(**{**KIND_DEFAULTS[kind], **values})
+        return cls(**{**KIND_DEFAULTS.get(kind, {}), **values})
 
     @property
     def guided(self) -> bool:
