@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from argen.engine.engine import Engine
+from argen.engine.jacobi import check_decode, jacobi_generate
 from argen.models.gpt import GPT
 from argen.sampling.logits import SamplingParams
 from argen.utils.errors import ArgenError
@@ -36,14 +37,19 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
              params: SamplingParams | None = None, max_new_tokens: int | None = None,
              cfg_schedule: str | None = None, cfg_power: float | None = None,
              row_generators: Sequence[torch.Generator] | None = None,
-             progress: Callable[[int], None] | None = None) -> torch.Tensor:
+             progress: Callable[[int], None] | None = None, decode: str = "ar",
+             window: int | None = None) -> torch.Tensor:
     """Sample (B, max_new_tokens) int64 image tokens (default: the full grid) on the model's device.
 
     row_generators: one generator per image instead of `generator`, so that an image depends only on
     its own condition and seed, not on the batch it shares. progress: called with 1 after each token
     step of each chunk of up to `Engine.max_batch` images (e.g. `tqdm.update`). params: a
     `SamplingParams`, instead of the keyword settings (unset keywords take SamplingParams' defaults).
+    decode: "ar" (one token per forward, the engine) or "jacobi" (speculative Jacobi decoding with
+    `window` positions per forward, default `argen.engine.jacobi.DEFAULT_WINDOW`; the same
+    distribution, fewer forward passes; see `argen.engine.jacobi`).
     """
+    window = check_decode(decode, window)
     settings = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
                     temperature=temperature, top_k=top_k, top_p=top_p)
     given = {name: value for name, value in settings.items() if value is not None}
@@ -51,5 +57,8 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
         params = SamplingParams(**given)
     elif given:
         raise ArgenError(f"pass the sampling settings as params= or as keywords, not both (got {sorted(given)})")
+    if decode == "jacobi":
+        return jacobi_generate(gpt, cond, cond_mask, params, window, generator=generator,
+                               row_generators=row_generators, max_new_tokens=max_new_tokens, progress=progress)
     return engine_for(gpt).generate(cond, cond_mask, params, generator=generator, row_generators=row_generators,
                                     max_new_tokens=max_new_tokens, progress=progress)

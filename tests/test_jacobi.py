@@ -1,0 +1,211 @@
+"""Speculative Jacobi decoding (`argen.engine.jacobi`): greedy equality with the reference, the exact
+AR distribution by enumeration and a chi-square test (which rejects a wrong acceptance rule), batch
+independence with per-image generators, window bookkeeping and the `argen.generate` hook."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import argen
+import argen.engine.jacobi as jacobi
+from argen.engine.jacobi import jacobi_decode
+from argen.models.gpt import GPT, gpt_config
+from argen.sampling import SamplingParams, guidance_scale_at, guided_logits, process_logits, reference_generate
+from argen.utils.errors import ArgenError
+
+
+def tiny_gpt(kind: str, seed: int = 0, head_std: float = 0.5, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(gpt_config("GPT-tiny", kind=kind, **overrides)).eval()
+    torch.nn.init.normal_(model.output.weight, std=head_std)  # the zero-initialised head gives flat logits
+    return model
+
+
+def condition(kind: str, batch: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "c2i":
+        return torch.randint(0, 10, (batch,), generator=g), None
+    features = torch.randn(batch, 8, 32, generator=g)
+    mask = torch.ones(batch, 8)
+    mask[0, :3] = 0  # real left padding
+    mask[min(1, batch - 1), :6] = 0
+    features[mask == 0] = 0
+    return features, mask
+
+
+GREEDY_SETTINGS = [
+    dict(),
+    dict(cfg_scale=3.0),
+    dict(cfg_scale=3.0, cfg_interval=5),
+    dict(cfg_scale=4.0, cfg_schedule="linear"),
+    dict(cfg_scale=4.0, cfg_schedule="power", cfg_power=2.5, temperature=0.7),
+]
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+@pytest.mark.parametrize("settings", GREEDY_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "-")
+def test_greedy_jacobi_gives_the_reference_tokens(kind, settings):
+    model = tiny_gpt(kind)
+    cond, mask = condition(kind)
+    expected = reference_generate(model, cond, mask, top_k=1, **settings)
+    for window in (3, 16):  # 16 > N - 1: clamped, and the window is moved back at the end
+        result = jacobi_decode(model, cond, mask, SamplingParams(top_k=1, **settings), window=window)
+        assert torch.equal(result.tokens, expected), f"window {window}"
+        assert result.tokens.dtype == torch.int64 and result.forwards.shape == (4,)
+
+
+def test_greedy_with_max_new_tokens_and_chunks():
+    model = tiny_gpt("t2i", seed=3)
+    cond, mask = condition("t2i", batch=5)
+    expected = reference_generate(model, cond, mask, cfg_scale=2.5, top_k=1, max_new_tokens=7)
+    result = jacobi_decode(model, cond, mask, SamplingParams(cfg_scale=2.5, top_k=1), window=4, max_new_tokens=7,
+                           max_batch=2)
+    assert torch.equal(result.tokens, expected)
+
+
+def test_generate_hook_and_bad_arguments():
+    model = tiny_gpt("c2i")
+    cond, _ = condition("c2i")
+    want = reference_generate(model, cond, cfg_scale=2.0, top_k=1)
+    assert torch.equal(argen.generate(model, cond, cfg_scale=2.0, top_k=1, decode="jacobi", window=3), want)
+    assert torch.equal(argen.generate(model, cond, cfg_scale=2.0, top_k=1, decode="jacobi"), want)
+    with pytest.raises(ArgenError, match="decode"):
+        argen.generate(model, cond, decode="parallel")
+    with pytest.raises(ArgenError, match="window"):
+        argen.generate(model, cond, decode="jacobi", window=0)
+    with pytest.raises(ArgenError, match="window"):
+        argen.generate(model, cond, window=4)  # a window without decode="jacobi"
+    with pytest.raises(ArgenError, match="max_new_tokens"):
+        argen.generate(model, cond, decode="jacobi", max_new_tokens=0)
+
+
+def test_context_free_model_accepts_every_draft():
+    """A model whose logits ignore the context (all-zero embeddings: uniform p everywhere) makes every
+    stale draft exact, so each forward after the prefill adds W tokens; the last window is moved
+    back. 16 tokens, W=4: prefill (1 token), then 4, 4, 4 and the moved-back window's 3."""
+    model = tiny_gpt("c2i")
+    with torch.no_grad():
+        model.tok_embeddings.weight.zero_()
+        model.cls_embedding.embedding_table.weight.zero_()
+    result = jacobi_decode(model, torch.tensor([1, 2]), None, SamplingParams(), window=4,
+                           generator=torch.Generator().manual_seed(0))
+    assert result.forwards.tolist() == [5, 5]
+    assert result.accepted == result.drafted == 2 * (3 + 3 + 3 + 2)
+    assert len(set(result.tokens.flatten().tolist())) > 20  # 32 uniform draws of 512 codes, not repeated drafts
+
+
+def test_progress_adds_up_to_the_tokens_of_each_chunk():
+    model = tiny_gpt("c2i")
+    cond, _ = condition("c2i", batch=5)
+    steps = []
+    jacobi_decode(model, cond, None, SamplingParams(cfg_scale=2.0, top_k=20), window=4, max_new_tokens=9,
+                  generator=torch.Generator().manual_seed(0), progress=steps.append, max_batch=2)
+    assert sum(steps) == 27 and all(s >= 1 for s in steps)
+
+
+def test_row_generators_make_an_image_independent_of_its_batch():
+    model = tiny_gpt("t2i", seed=2)
+    cond, mask = condition("t2i", batch=4)
+    params = SamplingParams(cfg_scale=3.0, top_k=40, temperature=1.3)
+    seeds = [11, 12, 13, 14]
+    batch = jacobi_decode(model, cond, mask, params, window=4,
+                          row_generators=[torch.Generator().manual_seed(s) for s in seeds])
+    for i in (0, 2, 3):
+        alone = jacobi_decode(model, cond[i:i + 1], mask[i:i + 1], params, window=4,
+                              row_generators=[torch.Generator().manual_seed(seeds[i])])
+        assert torch.equal(batch.tokens[i], alone.tokens[0]), f"image {i}"
+        assert batch.forwards[i] == alone.forwards[0]
+    assert not torch.equal(batch.tokens[0], batch.tokens[1])
+    other = jacobi_decode(model, cond, mask, params, window=4,
+                          row_generators=[torch.Generator().manual_seed(s + 100) for s in seeds])
+    assert not torch.equal(other.tokens, batch.tokens)
+
+
+# ---------------------------------------------------------------- the exact distribution
+VOCAB, GRID = 5, 2  # 4 tokens of 5 codes: 625 sequences
+
+
+def toy_gpt(kind: str) -> GPT:
+    torch.manual_seed(5)
+    model = GPT(gpt_config("GPT-tiny", kind=kind, vocab_size=VOCAB, image_size=GRID * 16, downsample=16)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.output.weight, std=0.2)
+        model.tok_embeddings.weight.mul_(5.0)  # a strong dependence on the previous tokens
+    return model
+
+
+def exact_joint(model: GPT, cond, mask, params: SamplingParams) -> torch.Tensor:
+    """(V**N,) probabilities of every token sequence under AR sampling with `params`, from the
+    model's teacher-forced conditionals (guided at each token's index, then filtered)."""
+    n = GRID * GRID
+    seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=n)))  # (S, N), lexicographic
+    rows = seqs.shape[0]
+    cond = cond.expand(rows, *cond.shape[1:])
+    mask = None if mask is None else mask.expand(rows, -1)
+    with torch.no_grad():
+        logits = model.logits(seqs, cond, mask)  # (S, N, V)
+        if params.guided:
+            uncond, _ = model(seqs, cond, mask, drop_cond=torch.ones(rows, dtype=torch.bool))
+            scales = torch.tensor([guidance_scale_at(params, i, n) for i in range(n)])[None, :, None]
+            logits = guided_logits(logits, uncond, scales)
+        probs = process_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)
+    return probs.gather(-1, seqs[..., None])[..., 0].double().prod(dim=1)
+
+
+def chi_square_pvalue(tokens: torch.Tensor, joint: torch.Tensor) -> float:
+    """Chi-square goodness of fit of sampled sequences to `joint`; cells with expected count < 5
+    are pooled; a sample in a zero-probability cell gives p = 0."""
+    weights = VOCAB ** torch.arange(tokens.shape[1] - 1, -1, -1)
+    counts = torch.bincount((tokens * weights).sum(1), minlength=joint.numel()).double()
+    if counts[joint == 0].sum() > 0:
+        return 0.0
+    expected = joint * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big].numpy(), counts[~big].sum().item())
+    exp = np.append(expected[big].numpy(), expected[~big].sum().item())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+DISTRIBUTION_CASES = [
+    ("c2i", dict(cfg_scale=2.5, cfg_schedule="linear", temperature=0.8, top_k=3)),
+    ("c2i", dict(cfg_scale=3.0, cfg_interval=0, temperature=1.4, top_p=0.8)),
+    ("t2i", dict(cfg_scale=2.0, top_k=4, temperature=1.2)),
+]
+
+
+@pytest.mark.parametrize("kind,settings", DISTRIBUTION_CASES,
+                         ids=[f"{k}-" + ",".join(f"{a}={b}" for a, b in s.items()) for k, s in DISTRIBUTION_CASES])
+def test_jacobi_samples_the_exact_ar_distribution_and_a_wrong_rule_is_caught(kind, settings, monkeypatch):
+    model = toy_gpt(kind)
+    if kind == "c2i":
+        cond, mask = torch.tensor([3]), None
+    else:
+        cond = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(4))
+        mask = torch.ones(1, 8)
+        mask[0, :2] = 0
+    params = SamplingParams(**settings)
+    joint = exact_joint(model, cond, mask, params)
+    assert abs(float(joint.sum()) - 1.0) < 1e-6
+    assert float(joint.max()) < 0.5  # not a degenerate target
+
+    samples = 6000
+
+    def draw(seed: int) -> jacobi.JacobiResult:
+        return jacobi_decode(model, cond.expand(samples, *cond.shape[1:]),
+                             None if mask is None else mask.expand(samples, -1), params, window=3,
+                             generator=torch.Generator().manual_seed(seed), max_batch=samples)
+
+    right = draw(0)
+    assert right.accepted > 0.2 * right.drafted  # drafts are used, not just rejected
+    assert chi_square_pvalue(right.tokens, joint) > 1e-3
+    monkeypatch.setattr(jacobi, "_accept", lambda u, q, p: torch.ones_like(u, dtype=torch.bool))
+    wrong = draw(0)
+    assert wrong.accepted == wrong.drafted
+    assert chi_square_pvalue(wrong.tokens, joint) < 1e-6
