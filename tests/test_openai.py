@@ -208,3 +208,20 @@ def test_the_web_page_is_served_at_the_root(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     for part in ('id="generate"', "/v1/images/generations", "/v1/models", 'id="error"'):
         assert part in r.text
+
+
+def test_argen_train_stores_the_class_names_that_serve_shows(tmp_path):
+    """The codes' class names (the demo's categories) go into the generator file, and from there to the server."""
+    from argen.data.codes import CodeShardWriter
+    from argen.training.generator import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    writer = CodeShardWriter(tmp_path / "codes", {"kind": "c2i", "codebook_size": 512, "grid": [4, 4],
+                                                  "image_size": 64, "num_augs": 1, "num_classes": 10,
+                                                  "class_names": CLASS_NAMES})
+    writer.write_shard(0, rng.integers(0, 512, (16, 1, 4, 4)), rng.integers(0, 10, 16))
+    writer.finalize()
+    train(TrainConfig(codes=str(tmp_path / "codes"), out=str(tmp_path / "run"), config="GPT-tiny", max_steps=2,
+                      batch_size=8, log_every=1, tensorboard=False, progress=False, ckpt_every=2))
+    assert gpt_class_names(tmp_path / "run", 10) == CLASS_NAMES
+    assert gpt_class_names(tmp_path / "run", 12) is None  # names that do not fit the model are not used

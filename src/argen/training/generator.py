@@ -498,7 +498,8 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     result = {"out": str(out), "steps": step, "final_loss": last_loss, "first_loss": first_loss,
               "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main}
     if info.is_main:
-        extra = {"training": {"steps": step, "codes": str(cfg.codes), "ema": ema is not None}}
+        extra = {"training": {"steps": step, "codes": str(cfg.codes), "ema": ema is not None},
+                 "class_names": ds.class_names if gpt_cfg.kind == "c2i" else None}  # served by argen serve
         save_gpt(_weights_model(gpt_cfg, full, ema_state), out, extra=extra)
         if ema is not None:
             save_gpt(_weights_model(gpt_cfg, full, None), out / "raw", extra=extra)
