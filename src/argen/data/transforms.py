@@ -10,7 +10,7 @@ Contract (all randomness comes from an explicit `torch.Generator`):
   center crop; without, the center crop alone. `flip` adds the mirror image of every crop. So
   `ten_crop=True, flip=True` gives LlamaGen's 10 copies. Returns (list of PIL images, names).
 - `to_tensor(image)`: PIL RGB -> (3, H, W) float32 in [-1, 1]; `to_uint8(tensor)` is the inverse for
-  (B, 3, H, W) tensors -> (B, H, W, 3) uint8 arrays.
+  (B, 3, H, W) tensors -> (B, H, W, 3) uint8 arrays (re-exported from `argen.utils.images`: round half up).
 - `TrainTransform(size, hflip=True)` and `EvalTransform(size)` are callables `(image, generator) -> tensor`.
 """
 
@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 from PIL import Image
+
+from argen.utils.images import to_uint8 as to_uint8  # the one uint8 rule (round half up), re-exported
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 
@@ -74,12 +76,6 @@ def crop_variants(image: Image.Image, size: int, ten_crop: bool = False, flip: b
 def to_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
 
 class TrainTransform:

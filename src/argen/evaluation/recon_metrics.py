@@ -1,8 +1,9 @@
 """Tokenizer reconstruction metrics: PSNR, SSIM, LPIPS, codebook usage and (optionally) rFID.
 
 Contract:
-- `psnr_uint8(a, b)`: (B, H, W, 3) uint8 arrays -> (B,) PSNR in dB with peak 255 (inf-safe: an exact
-  match gives 100 dB).
+- `psnr(a, b, peak=255)`: the one PSNR of argen: (B, ...) arrays or tensors -> (B,) PSNR in dB, in
+  float64, capped at 100 dB (an exact match). `psnr_uint8(a, b)` is it for uint8 images (peak 255);
+  the tokenizer trainer logs it on [0, 1] images (peak 1).
 - `ssim_uint8(a, b)`: (B, H, W, 3) uint8 -> (B,) SSIM as in skimage's `structural_similarity(...,
   gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1)`
   (the SDXL/Wang et al. setting): 11x11 Gaussian window (truncate 3.5), K1=0.01, K2=0.03, mean over the
@@ -18,8 +19,6 @@ Contract:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,20 +26,30 @@ from tqdm.auto import tqdm
 
 from argen.data.datasets import TransformedDataset, collate_skip
 from argen.data.images import FailureTracker
-from argen.data.transforms import EvalTransform, to_uint8
+from argen.data.transforms import EvalTransform
 from argen.utils.errors import ArgenError
+from argen.utils.images import make_grid, to_uint8
 
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+MAX_PSNR_DB = 100.0  # an exact match
 
 
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, peak: float = 255.0) -> np.ndarray:
+    """Per-item PSNR in dB over all but the first axis, computed in float64, capped at MAX_PSNR_DB."""
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    b = b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
     diff = a.astype(np.float64) - b.astype(np.float64)
     mse = (diff**2).reshape(diff.shape[0], -1).mean(axis=1)
     with np.errstate(divide="ignore"):
-        out = 10.0 * np.log10(255.0**2 / mse)
-    return np.minimum(out, 100.0)
+        out = 10.0 * np.log10(peak**2 / mse)
+    return np.minimum(out, MAX_PSNR_DB)
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 pairs -> (B,) PSNR in dB with peak 255."""
+    return psnr(a, b, 255.0)
 
 
 def gaussian_window(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> torch.Tensor:
@@ -77,17 +86,15 @@ def ssim_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def side_by_side(originals: np.ndarray, reconstructions: np.ndarray, per_row: int = 8, pad: int = 2) -> np.ndarray:
     """(N, H, W, 3) uint8 pairs -> one uint8 image: rows of originals, each followed by its reconstructions."""
-    n, h, w, _ = originals.shape
+    n = originals.shape[0]
     per_row = max(1, min(per_row, n))
-    rows = math.ceil(n / per_row)
-    grid = np.full((rows * 2 * (h + pad) + pad, per_row * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        x = pad + c * (w + pad)
-        y = pad + 2 * r * (h + pad)
-        grid[y:y + h, x:x + w] = originals[i]
-        grid[y + h + pad:y + 2 * h + pad, x:x + w] = reconstructions[i]
-    return grid
+    blank = np.full((per_row, *originals.shape[1:]), 255, np.uint8)
+    cells = []
+    for start in range(0, n, per_row):
+        for images in (originals, reconstructions):
+            row = images[start:start + per_row]
+            cells += [row, blank[:per_row - len(row)]]
+    return make_grid(np.concatenate(cells), cols=per_row, pad=pad)
 
 
 @torch.no_grad()

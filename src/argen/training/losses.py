@@ -6,7 +6,8 @@ Contract:
 - `adopt_weight(step, start)`: 0 before `start`, 1 from then on (the discriminator's warm-up gate).
 - `adaptive_weight(nll, g_loss, last_layer)`: VQGAN's ||grad nll|| / ||grad g_loss|| at the decoder's last
   layer, clamped to [0, 1e4]; optional (LlamaGen's default is a fixed weight).
-- `psnr(a, b)`: per-image PSNR in dB for (B, 3, H, W) images in [-1, 1] (values clamped to that range).
+- `psnr(a, b)`: per-image PSNR in dB for (B, 3, H, W) images in [-1, 1] (values clamped to that range),
+  by `argen.evaluation.recon_metrics.psnr` with peak 1 on the [0, 1] scale.
 - `TokenizerLoss`: generator-side total = reconstruction (L2 or L1) + perceptual (LPIPS) + codebook +
   commitment + entropy + disc_weight * gate * adversarial; discriminator side = gate * hinge loss.
   Returns the total and a dict of float logs.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from argen.evaluation.recon_metrics import psnr as metrics_psnr
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -37,11 +40,10 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B,) PSNR in dB with peak 1 on the [0, 1] scale."""
+    """(B, 3, H, W) in [-1, 1] -> (B,) PSNR in dB with peak 1 on the [0, 1] scale (`recon_metrics.psnr`)."""
     a = (a.detach().float().clamp(-1, 1) + 1) / 2
     b = (b.detach().float().clamp(-1, 1) + 1) / 2
-    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return -10.0 * torch.log10(mse)
+    return torch.from_numpy(metrics_psnr(a, b, peak=1.0)).float()
 
 
 class TokenizerLoss:
