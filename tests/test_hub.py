@@ -124,6 +124,9 @@ def test_a_local_file_with_a_released_name_needs_no_flags(tmp_path, monkeypatch)
     assert loaded.config.image_size == 256 and loaded.config.kind == "c2i" and loaded.config.num_classes == 1000
     assert torch.equal(loaded.output.weight, gpt.output.weight)
     assert gpt_class_names(tmp_path / "c2i_B_256.pt", 1000) == list(imagenet_class_names())
+    assert default_tokenizer(tmp_path / "c2i_B_256.pt") == "vq_ds16_c2i"  # not beside it: the released name
+    (tmp_path / "vq_ds16_c2i.pt").write_bytes(b"")
+    assert default_tokenizer(tmp_path / "c2i_B_256.pt") == str(tmp_path / "vq_ds16_c2i.pt")
 
 
 def test_imagenet_names_file():

@@ -93,3 +93,21 @@ def test_page_generates_images_and_shows_api_errors(checkpoints, browser, tmp_pa
         browser.find_element("id", "generate").click()
         wait.until(lambda d: "close matches" in d.find_element("id", "error").text)
         assert "'Flags' (3)" in browser.find_element("id", "error").text
+
+
+def test_text_to_image_page_takes_a_prompt(checkpoints, browser):  # noqa: F811
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    with live_server(make_app(checkpoints, "t2i")) as url:
+        browser.get(url + "/")
+        wait.until(lambda d: d.find_element("id", "generate").is_enabled())
+        assert browser.find_element("id", "condition").tag_name == "textarea"
+        assert "text-conditional" in browser.find_element("id", "model").text
+        assert browser.find_element("id", "cfg_scale").get_attribute("value") == "7.5"
+        _set(browser, "condition", "a green heart")
+        _set(browser, "n", 2)
+        browser.find_element("id", "generate").click()
+        wait.until(lambda d: len(d.find_elements("css selector", "figure.done img.result")) == 2)
+        captions = [f.text for f in browser.find_elements("css selector", "figure.done figcaption")]
+        assert all(c.startswith("a green heart") for c in captions)

@@ -15,7 +15,8 @@ Contract:
   the loader arguments a released name implies. A given argument that contradicts the name raises
   `ArgenError` naming both, before any download, except `image_size`: the weights hold no size, so
   a given size wins (sampling a 384 px model at 256 px, as for argen files).
-- `default_tokenizer(gpt_ref)`: the released tokenizer of a released generator name, else None.
+- `default_tokenizer(gpt_ref)`: the released tokenizer of a released generator name (from the same hub
+  repository for an hf:// reference, the file beside it for a local file when it is there), else None.
 - `model_id(ref)`: the name a server reports for a checkpoint; `gpt_class_names(ref, config)`: its class
   names (stored with an argen generator, or ImageNet's for a released 1000-class file), else None.
 """
@@ -171,6 +172,10 @@ def default_tokenizer(gpt_ref: str | Path) -> str | None:
     if source is not None and text.startswith(HF_PREFIX):
         repo, _, revision = source
         return f"{HF_PREFIX}{repo}{'@' + revision if revision else ''}/{name.tokenizer}.pt"
+    if source is None:  # a local released file: its tokenizer beside it, if it is there
+        sibling = Path(text).parent / f"{name.tokenizer}.pt"
+        if sibling.is_file():
+            return str(sibling)
     return name.tokenizer
 
 
