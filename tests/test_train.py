@@ -123,18 +123,20 @@ def test_stage_two_from_lower_resolution(tmp_path):
 def test_bad_input_errors(tmp_path):
     codes = make_codes(tmp_path)
     with pytest.raises(ArgenError, match="codebook size 512"):
-        train(quick(codes, tmp_path / "x", config="GPT-mini"))  # vocab 1024
+        train(quick(codes, tmp_path / "x", vocab_size=1024))  # an explicit flag that contradicts the codes
     with pytest.raises(ArgenError, match="grid"):
         train(quick(codes, tmp_path / "x", image_size=128))
+    with pytest.raises(ArgenError, match="holds c2i codes"):
+        train(quick(codes, tmp_path / "x", kind="t2i"))
+    with pytest.raises(ArgenError, match="class labels up to"):
+        train(quick(codes, tmp_path / "x", num_classes=2))
     with pytest.raises(ArgenError, match="divisible"):
         train(quick(codes, tmp_path / "x", batch_size=6, grad_accum=4))
     with pytest.raises(ArgenError, match="extract-codes"):
         train(quick(tmp_path / "none", tmp_path / "x"))
-    t2i = make_codes(tmp_path / "t", kind="t2i", caption_dim=16)
-    with pytest.raises(ArgenError, match="16 wide"):
-        train(quick(t2i, tmp_path / "y"))
     assert main(["train", "--codes", str(codes), "--config", "GPT-mini", "--out", str(tmp_path / "z"),
-                 "--max-steps", "1"]) == 2
+                 "--max-steps", "1", "--vocab-size", "1024"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
 def test_resume_rejects_other_config(tmp_path):

@@ -1,78 +1,124 @@
 """Train a class- or text-conditional generator on extracted codes.
 
-The mode (c2i or t2i) comes from the codes. Runs on one device, or on several under torchrun
-(`torchrun --nproc_per_node 8 -m argen.cli.main train ...`; DDP, or FSDP2 with --strategy fsdp).
-Resumable: rerun with --resume after any interruption. Final weights: OUT/gpt.safetensors.
+The data shape (c2i/t2i, vocabulary = the tokenizer's codebook, token grid, classes, caption length and
+width) comes from the codes and their caption features; --config names the architecture only, so any
+size trains on any codes. The saved generator records the whole shape: `argen sample` needs no flags.
+Runs on one device, or on several under torchrun (`torchrun --nproc_per_node 8 -m argen.cli.main train
+...`; DDP, or FSDP2 with --strategy fsdp). Resumable: rerun with --resume. Final weights:
+OUT/gpt.safetensors.
 
-Example:
+--recipe NAME starts from the settings of a released model (c2i_B_256 ... c2i_3B_384, t2i_XL_stage1_256,
+t2i_XL_stage2_512; see docs/training.md); explicit flags override it. --dry-run prints the resolved
+configuration, optimizer steps, tokens seen and the estimated GPU memory per rank, and exits.
+
+Examples:
   argen train --codes runs/codes --config GPT-mini --out runs/gpt --max-steps 2000 --batch-size 64 --lr 1e-3
+  argen train --recipe c2i_XL_384 --dry-run
 """
 
 from __future__ import annotations
 
-from argen.training.generator import TrainConfig, train
+import argparse
+import json
+import os
+
+from argen.cli.common import positive_int, show_progress
+from argen.cli.flags import add_config_flags, given, resolve
+from argen.training.config import TrainConfig
+from argen.training.recipes import load_recipe, recipe_settings
 
 
 def add_arguments(parser):
-    parser.add_argument("--codes", required=True, help="codes directory from `argen extract-codes`")
-    parser.add_argument("--config", required=True, help="named generator config, e.g. GPT-tiny, GPT-mini, GPT-B")
-    parser.add_argument("--out", required=True, help="output directory (checkpoints, logs, final weights)")
-    parser.add_argument("--max-steps", type=int, required=True, help="optimizer steps to train for")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest if present")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kind", choices=["c2i", "t2i"], default=None, help="must match the codes (default: theirs)")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
-    parser.add_argument("--lr", type=float, default=1e-4,
-                        help="learning rate per 256 samples; the effective lr is lr * batch/256 (default 1e-4)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-steps")
-    parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="autocast precision (default bf16 on CUDA, fp32 on the CPU)")
+    add_config_flags(parser, TrainConfig)
     parser.add_argument("--bf16", action="store_true", help="shorthand for --precision bf16")
-    parser.add_argument("--ema", action="store_true", help="keep an EMA of the weights; the final file holds it")
-    parser.add_argument("--ema-decay", type=float, default=0.9999)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: config's)")
-    parser.add_argument("--dropout", type=float, default=None,
-                        help="token/attention-output/FFN dropout (default: config's, 0.1)")
-    parser.add_argument("--class-dropout", type=float, default=None,
-                        help="condition dropout for guidance (default: config's, 0.1)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="override the config's image size (stage II fine-tune at a higher resolution)")
-    parser.add_argument("--text-features", default=None, help="caption features (t2i; default: from the codes)")
-    parser.add_argument("--init-from", default=None, help="start from these generator weights (stage II)")
-    parser.add_argument("--strategy", choices=["auto", "none", "ddp", "fsdp"], default="auto",
-                        help="under torchrun: ddp, fsdp (sharded), or auto (fsdp above 1B parameters)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="torch.use_deterministic_algorithms(True) for bit-exact resume")
-    parser.add_argument("--ckpt-every", type=int, default=1000, help="training-state checkpoint interval")
-    parser.add_argument("--keep", type=int, default=2, help="training-state checkpoints to keep")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--sample-every", type=int, default=0, help="sample grid interval (needs --tokenizer)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer for the periodic sample grids")
-    parser.add_argument("--sample-cfg", type=float, default=3.0, help="guidance scale for the sample grids")
-    parser.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard event files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved configuration, steps, tokens seen and GPU memory per rank; exit")
+    parser.add_argument("--world-size", type=positive_int, default=None,
+                        help="--dry-run: number of processes to plan for (default: $WORLD_SIZE, else the "
+                             "recipe's reference GPU count, else 1)")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
+    """Dataclass defaults < recipe < explicit flags."""
+    from argen.utils.errors import ArgenError
+
+    values = given(args, TrainConfig)
+    if args.bf16 and "precision" not in values:
+        values["precision"] = "bf16"
+    values.setdefault("progress", show_progress(args))
+    recipe = load_recipe(values["recipe"], "train") if values.get("recipe") else None
+    base = recipe_settings(recipe) if recipe else {}
+    if "max_steps" not in values and "max_steps" not in base:
+        if not args.dry_run:
+            raise ArgenError("--max-steps is required" + (f" (recipe {recipe['name']} publishes no step count)"
+                                                          if recipe else ""))
+        base["max_steps"] = None
+    if not args.dry_run:
+        for name in ("codes", "out"):
+            if not values.get(name):
+                raise ArgenError(f"--{name} is required")
+    return resolve(TrainConfig, values, base), recipe
+
+
+def _world_size(args, recipe) -> int:
+    if args.world_size:
+        return args.world_size
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    return int((recipe or {}).get("data", {}).get("reference_gpus") or 1)
+
+
+def print_plan(args, cfg: TrainConfig, recipe: dict | None, world_size: int) -> None:
+    from argen.training.plan import fmt_bytes, fmt_count, generator_plan
+
+    plan = generator_plan(cfg, recipe, world_size)
+    sources = (recipe or {}).get("sources", {})
+    if recipe:
+        print(f"recipe {recipe['name']}: {recipe['summary']} (reproduces {recipe['released']})")
+        for short, full in recipe.get("citations", {}).items():
+            print(f"  {short}: {full}")
+    print("resolved training configuration (value  <- source):")
+    typed = set(given(args, TrainConfig))
+    from_recipe = set(recipe["settings"]) if recipe else set()
+    for key, value in cfg.to_dict().items():
+        note = "  <- command line" if key in typed else ""
+        if not note and key in sources and key in from_recipe:
+            note = f"  <- {sources[key]}"
+        print(f"  {key:14s} {json.dumps(value)}{note}")
+    model = plan["model"]
+    print(f"generator: {model['name']} ({fmt_count(plan['parameters'])} parameters), {model['n_layer']} layers, "
+          f"width {model['dim']}, {model['n_head']} heads; data shape from {plan['data']}:")
+    shape = {k: model[k] for k in ("kind", "vocab_size", "image_size", "downsample")}
+    extra = ("num_classes",) if model["kind"] == "c2i" else ("caption_dim", "caption_len")
+    shape.update({k: model[k] for k in extra})
+    print("  " + ", ".join(f"{k}={v}" for k, v in shape.items()))
+    if recipe:
+        for key, value in recipe.get("data", {}).items():
+            if key != "shape":
+                note = f"  <- {sources['data.' + key]}" if "data." + key in sources else ""
+                print(f"  data.{key}: {json.dumps(value)}{note}")
+    print(f"world size {plan['world_size']} ({plan['strategy']}), {plan['micro_batch_per_rank']} samples per rank "
+          f"per micro-step, effective lr {plan['lr_effective']:g}, precision {plan['precision']}")
+    steps = plan["optimizer_steps"]
+    print(f"optimizer steps: {fmt_count(steps) if steps else 'not published; pass --max-steps'}")
+    print(f"samples seen: {fmt_count(plan['samples_seen'])}; image tokens seen: {fmt_count(plan['image_tokens_seen'])}"
+          + (f"; epochs: {plan['epochs']:.1f}" if plan["epochs"] else ""))
+    memory = plan["memory_per_rank"]
+    print(f"estimated GPU memory per rank: {fmt_bytes(memory['total'])} (see argen.training.plan for the model)")
+    for part, size in memory["parts"].items():
+        if size:
+            print(f"  {part:44s} {fmt_bytes(size)}")
+    for note in (recipe or {}).get("notes", []):
+        print(f"note: {note}")
 
 
 def run(args):
-    precision = "bf16" if args.bf16 and args.precision is None else args.precision
-    cfg = TrainConfig(
-        codes=args.codes, out=args.out, config=args.config, max_steps=args.max_steps, resume=args.resume,
-        seed=args.seed, kind=args.kind, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule,
-        precision=precision, ema=args.ema, ema_decay=args.ema_decay, compile=args.compile,
-        drop_path=args.drop_path, dropout=args.dropout, class_dropout=args.class_dropout,
-        image_size=args.image_size, text_features=args.text_features, init_from=args.init_from,
-        strategy=args.strategy, device=args.device, deterministic=args.deterministic,
-        ckpt_every=args.ckpt_every, keep=args.keep, log_every=args.log_every, sample_every=args.sample_every,
-        tokenizer=args.tokenizer, sample_cfg=args.sample_cfg, tensorboard=not args.no_tensorboard,
-        progress=not args.no_progress,
-    )
+    cfg, recipe = resolve_config(args)
+    if args.dry_run:
+        print_plan(args, cfg, recipe, _world_size(args, recipe))
+        return 0
+    from argen.training.generator import train
+
     result = train(cfg)
     if result["is_main"] and result["first_loss"] is not None:
         print(f"trained {result['steps']} steps; loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; "

@@ -1,5 +1,11 @@
 """Train a VQ image tokenizer (L2 + LPIPS + PatchGAN + codebook losses), resumable.
 
+Shape flags for the paper's ablations (codebook size and dimension, L2 normalisation, downsample 8 or
+16) and --init-from (a released LlamaGen tokenizer .pt, with its discriminator, or an argen tokenizer)
+to fine-tune; all of it is recorded in the saved tokenizer's config. --recipe NAME starts from the
+settings of a released tokenizer (vq_ds16_c2i, vq_ds8_c2i, vq_ds16_t2i); explicit flags override it.
+--dry-run prints the resolved configuration, steps and parameter counts, and exits.
+
 Example: argen train-tokenizer --data demo --config VQ-demo --out runs/vq-demo --max-steps 2000 --batch-size 32
 Writes OUT/tokenizer.safetensors (+ .json, loadable with argen.load_tokenizer(OUT)), OUT/train_state.pt
 (exact-resume state), OUT/train_config.json and OUT/log.jsonl. Rerun with --resume to continue a run.
@@ -7,76 +13,80 @@ Writes OUT/tokenizer.safetensors (+ .json, loadable with argen.load_tokenizer(OU
 
 from __future__ import annotations
 
+import argparse
 import json
-import logging
 
-from argen.training.tokenizer import TokenizerTrainConfig, train_tokenizer
+from argen.cli.common import show_progress
+from argen.cli.flags import add_config_flags, given, resolve
+from argen.training.config import TokenizerTrainConfig
+from argen.training.recipes import load_recipe, recipe_settings
 
 
 def add_arguments(parser):
-    d = TokenizerTrainConfig(out="")
-    parser.add_argument("--data", default="demo", help="'demo', a class-folder path or a .jsonl manifest")
-    parser.add_argument("--split", default="train", help="train, val or all (default train)")
-    parser.add_argument("--config", default=d.config, help="named tokenizer config (VQ-tiny, VQ-demo, VQ-16, ...)")
-    parser.add_argument("--out", required=True, help="run directory")
-    parser.add_argument("--max-steps", type=int, required=True, help="total optimizer steps")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--codebook-size", type=int, default=None, help="override the config's codebook size")
-    parser.add_argument("--entropy-loss-ratio", type=float, default=None, help="entropy loss weight (default: config)")
-    parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--beta1", type=float, default=d.betas[0])
-    parser.add_argument("--beta2", type=float, default=d.betas[1])
-    parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    parser.add_argument("--precision", default=d.precision, help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--ema", action="store_true", help="keep an EMA of the weights and save it as the result")
-    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    parser.add_argument("--reconstruction", choices=("l2", "l1"), default=d.reconstruction)
-    parser.add_argument("--perceptual-weight", type=float, default=d.perceptual_weight)
-    parser.add_argument("--vgg-weights", default=d.vgg_weights,
-                        help="VGG16 trunk for LPIPS: a torchvision state-dict file, 'download', 'auto' (torch hub "
-                             "cache if present, else LPIPS off) or 'none'")
-    parser.add_argument("--lpips-heads", default=None, help="LPIPS linear-head file (default: the lpips package's)")
-    parser.add_argument("--codebook-weight", type=float, default=d.codebook_weight)
-    parser.add_argument("--disc-weight", type=float, default=d.disc_weight)
-    parser.add_argument("--disc-start", type=int, default=d.disc_start, help="step at which the GAN loss starts")
-    parser.add_argument("--disc-layers", type=int, default=d.disc_layers,
-                        help="PatchGAN depth (fewer for small images)")
-    parser.add_argument("--disc-adaptive", action="store_true", help="VQGAN adaptive adversarial weight")
-    parser.add_argument("--no-disc", action="store_true", help="train without the discriminator")
-    parser.add_argument("--restart-dead-codes", type=int, default=0, metavar="N",
-                        help="every N steps move unused codebook entries onto current encoder outputs (0 = off)")
-    parser.add_argument("--min-crop-frac", type=float, default=d.min_crop_frac,
-                        help="random crop keeps at least this fraction of the short side (1 = no zoom)")
-    parser.add_argument("--no-hflip", action="store_true")
-    parser.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction,
-                        help="stop when more than this fraction of images fail to load")
-    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--num-workers", type=int, default=d.num_workers)
-    parser.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
-    parser.add_argument("--no-progress", action="store_true")
+    add_config_flags(parser, TokenizerTrainConfig)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved configuration, steps and parameter counts; exit")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TokenizerTrainConfig, dict | None]:
+    """Dataclass defaults < recipe < explicit flags."""
+    from argen.utils.errors import ArgenError
+
+    values = given(args, TokenizerTrainConfig)
+    values.setdefault("progress", show_progress(args))
+    recipe = load_recipe(values["recipe"], "train-tokenizer") if values.get("recipe") else None
+    base = recipe_settings(recipe) if recipe else {}
+    if "max_steps" not in values and "max_steps" not in base and not args.dry_run:
+        raise ArgenError("--max-steps is required" + (f" (recipe {recipe['name']} publishes no step count)"
+                                                      if recipe else ""))
+    if not args.dry_run and not values.get("out"):
+        raise ArgenError("--out is required")
+    return resolve(TokenizerTrainConfig, values, base), recipe
+
+
+def print_plan(args, cfg: TokenizerTrainConfig, recipe: dict | None) -> None:
+    from argen.training.plan import fmt_bytes, fmt_count, tokenizer_plan
+
+    plan = tokenizer_plan(cfg, recipe)
+    sources = (recipe or {}).get("sources", {})
+    if recipe:
+        print(f"recipe {recipe['name']}: {recipe['summary']} (reproduces {recipe['released']})")
+        for short, full in recipe.get("citations", {}).items():
+            print(f"  {short}: {full}")
+    print("resolved training configuration (value  <- source):")
+    typed = set(given(args, TokenizerTrainConfig))
+    from_recipe = set(recipe["settings"]) if recipe else set()
+    for key, value in cfg.to_dict().items():
+        note = "  <- command line" if key in typed else ""
+        if not note and key in sources and key in from_recipe:
+            note = f"  <- {sources[key]}"
+        print(f"  {key:22s} {json.dumps(value)}{note}")
+    vq = plan["tokenizer"]
+    print(f"tokenizer: {vq['name']}, {fmt_count(plan['parameters'])} parameters, codebook {vq['codebook_size']} x "
+          f"{vq['codebook_embed_dim']} (L2 norm {'on' if vq['codebook_l2_norm'] else 'off'}), "
+          f"{plan['tokens_per_image']} tokens per {cfg.image_size} px image; discriminator "
+          f"{fmt_count(plan['discriminator_parameters'])} parameters")
+    for key, value in (recipe or {}).get("data", {}).items():
+        note = f"  <- {sources['data.' + key]}" if "data." + key in sources else ""
+        print(f"  data.{key}: {json.dumps(value)}{note}")
+    print(f"optimizer steps: {fmt_count(plan['optimizer_steps'])}; images seen: {fmt_count(plan['images_seen'])}"
+          + (f"; epochs: {plan['epochs']:.1f}" if plan["epochs"] else ""))
+    print(f"weights + gradients + AdamW moments (fp32): {fmt_bytes(plan['weights_gradients_adamw_bytes'])} "
+          f"(activations not estimated for the conv nets)")
+    for note in (recipe or {}).get("notes", []):
+        print(f"note: {note}")
 
 
 def run(args):
+    import logging
+
+    cfg, recipe = resolve_config(args)
+    if args.dry_run:
+        print_plan(args, cfg, recipe)
+        return 0
+    from argen.training.tokenizer import train_tokenizer
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = TokenizerTrainConfig(
-        out=args.out, data=args.data, split=args.split, config=args.config, codebook_size=args.codebook_size,
-        entropy_loss_ratio=args.entropy_loss_ratio, image_size=args.image_size, batch_size=args.batch_size,
-        max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2),
-        max_grad_norm=args.max_grad_norm, precision=args.precision, device=args.device, seed=args.seed,
-        ema=args.ema, ema_decay=args.ema_decay, reconstruction=args.reconstruction,
-        perceptual_weight=args.perceptual_weight, vgg_weights=args.vgg_weights, lpips_heads=args.lpips_heads,
-        codebook_weight=args.codebook_weight, disc_weight=args.disc_weight, disc_start=args.disc_start,
-        disc_layers=args.disc_layers, disc_adaptive=args.disc_adaptive, use_disc=not args.no_disc,
-        restart_dead_codes=args.restart_dead_codes, min_crop_frac=args.min_crop_frac, hflip=not args.no_hflip,
-        max_bad_fraction=args.max_bad_fraction, ckpt_every=args.ckpt_every, log_every=args.log_every,
-        num_workers=args.num_workers, deterministic=args.deterministic,
-        resume=args.resume, progress=not args.no_progress)
     summary = train_tokenizer(cfg)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -88,10 +88,20 @@ class GPTConfig:
         return cls(**data)
 
 
+# The fields the training data fixes (the tokenizer's codebook and grid, the classes, the caption features).
+# `argen train` replaces all of them from the codes (`argen.training.shape`); a named config's values for
+# them are only defaults for building a model directly: the released ImageNet/T5 shape for the paper's
+# sizes (what released files need), a small shape for the test and demo configs.
+DATA_SHAPE_FIELDS = ("kind", "vocab_size", "image_size", "downsample", "num_classes", "caption_dim",
+                     "caption_len")
+
+
 def _size(name: str, n_layer: int, n_head: int, dim: int) -> GPTConfig:
     return GPTConfig(n_layer=n_layer, n_head=n_head, dim=dim, name=name)
 
 
+# Named architectures: layers, width, heads, FFN rounding and dropout defaults (0.1 token/residual/FFN
+# dropout, 0.1 class dropout, no drop path, as in LlamaGen), plus default data-shape values (see above).
 GPT_CONFIGS: dict[str, GPTConfig] = {
     "GPT-B": _size("GPT-B", 12, 12, 768),
     "GPT-L": _size("GPT-L", 24, 16, 1024),

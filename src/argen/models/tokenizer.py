@@ -83,6 +83,20 @@ VQ_CONFIGS: dict[str, VQConfig] = {
 }
 
 
+def with_downsample(cfg: VQConfig, factor: int) -> VQConfig:
+    """`cfg` with `factor` = 2**k spatial downsampling: levels are removed from, or copies of the first
+    level's multiplier added at, the full-resolution end (VQ-16's (1, 1, 2, 2, 4) <-> VQ-8's (1, 2, 2, 4))."""
+    if factor < 2 or factor & (factor - 1):
+        raise ArgenError(f"downsample must be a power of two >= 2, got {factor}")
+    levels = factor.bit_length()  # 2**(levels-1) == factor
+    mults = []
+    for mult in (cfg.encoder_ch_mult, cfg.decoder_ch_mult):
+        mult = tuple(mult)
+        mult = mult[len(mult) - levels:] if levels <= len(mult) else (mult[0],) * (levels - len(mult)) + mult
+        mults.append(mult)
+    return replace(cfg, encoder_ch_mult=mults[0], decoder_ch_mult=mults[1])
+
+
 def vq_config(name: str, **overrides) -> VQConfig:
     try:
         config = VQ_CONFIGS[name]

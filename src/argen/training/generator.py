@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,57 +34,19 @@ from argen.checkpoint.loading import load_strict
 from argen.data.codes import CodeDataset
 from argen.data.text_features import TextFeatureStore
 from argen.engine import generate
-from argen.models.gpt import GPT, GPTConfig, gpt_config
+from argen.models.gpt import GPT, GPTConfig
 from argen.training import distributed as D
 from argen.training.checkpointing import CheckpointManager
+from argen.training.config import TrainConfig
+from argen.training.shape import build_model_config as shape_config
+from argen.training.shape import data_shape
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.images import make_grid, save_png, to_uint8
 from argen.utils.io import atomic_write_json
+from argen.utils.seeds import derive_seed
 from argen.utils.torch_utils import parse_device, parse_dtype
 
 BASE_BATCH = 256
-
-
-@dataclass
-class TrainConfig:
-    codes: str
-    out: str
-    config: str = "GPT-tiny"
-    max_steps: int = 1000
-    resume: bool = False
-    seed: int = 0
-    kind: str | None = None
-    batch_size: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    warmup: int = 0
-    schedule: str = "constant"
-    min_lr_ratio: float = 0.0
-    precision: str | None = None
-    ema: bool = False
-    ema_decay: float = 0.9999
-    compile: bool = False
-    drop_path: float | None = None
-    dropout: float | None = None
-    class_dropout: float | None = None
-    image_size: int | None = None
-    text_features: str | None = None
-    init_from: str | None = None
-    strategy: str = "auto"
-    device: str = "auto"
-    deterministic: bool = False
-    ckpt_every: int = 1000
-    keep: int = 2
-    log_every: int = 10
-    sample_every: int = 0
-    tokenizer: str | None = None
-    sample_cfg: float = 3.0
-    tensorboard: bool = True
-    progress: bool = True
-    desc: str = "train"
 
 
 # ---------------------------------------------------------------------- data order
@@ -166,23 +127,9 @@ class EMA:
 
 
 # ---------------------------------------------------------------------- helpers
-def build_model_config(cfg: TrainConfig, ds: CodeDataset) -> GPTConfig:
-    base = gpt_config(cfg.config)
-    kind = cfg.kind or ds.kind
-    if kind != ds.kind:
-        raise ArgenError(f"--kind {kind} but {cfg.codes} holds {ds.kind} codes")
-    fields = {"kind": kind}
-    if cfg.image_size is not None:
-        fields["image_size"] = cfg.image_size
-    if kind == "c2i" and ds.num_classes:
-        fields["num_classes"] = int(ds.num_classes)
-    if cfg.drop_path is not None:
-        fields["drop_path_rate"] = cfg.drop_path
-    if cfg.dropout is not None:
-        fields.update(token_dropout_p=cfg.dropout, resid_dropout_p=cfg.dropout, ffn_dropout_p=cfg.dropout)
-    if cfg.class_dropout is not None:
-        fields["class_dropout_prob"] = cfg.class_dropout
-    return replace(base, **fields)
+def build_model_config(cfg: TrainConfig, ds: CodeDataset, store: TextFeatureStore | None = None) -> GPTConfig:
+    """The architecture `cfg.config` with the data shape of `ds` (and its caption features)."""
+    return shape_config(cfg, data_shape(ds, store), str(cfg.codes))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -335,19 +282,17 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
                      on_step) -> dict:
     out = Path(cfg.out)
     ds = CodeDataset(cfg.codes)
-    gpt_cfg = build_model_config(cfg, ds)
-    ds.check_compatible(gpt_cfg)
     if len(ds) == 0:
         raise ArgenError(f"{cfg.codes} holds no images")
     store = None
-    if gpt_cfg.kind == "t2i":
+    if ds.kind == "t2i":
         feat_dir = cfg.text_features or ds.text_features_dir
         if feat_dir is None:
             raise ArgenError("t2i training needs caption features: pass --text-features DIR")
         store = TextFeatureStore(feat_dir)
-        if store.dim != gpt_cfg.caption_dim:
-            raise ArgenError(f"text features in {feat_dir} are {store.dim} wide but {cfg.config} expects "
-                             f"caption_dim {gpt_cfg.caption_dim}; use features from a matching text encoder")
+    gpt_cfg = build_model_config(cfg, ds, store)
+    ds.check_compatible(gpt_cfg)
+    if store is not None:
         if int(ds.labels.max()) >= len(store):
             raise ArgenError(f"codes reference caption {int(ds.labels.max())} but {feat_dir} holds only "
                              f"{len(store)} captions")
@@ -369,9 +314,9 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     strategy = D.resolve_strategy(cfg.strategy, model, info)
     wrapped = D.wrap_model(model, info, strategy)
     ema = EMA(model, cfg.ema_decay) if cfg.ema else None  # under FSDP it shadows the local shards
-    torch.manual_seed(cfg.seed * 7919 + 17 + info.rank)
+    torch.manual_seed(derive_seed("dropout", cfg.seed, info.rank))
     if device.type == "cuda":
-        torch.cuda.manual_seed(cfg.seed * 7919 + 17 + info.rank)
+        torch.cuda.manual_seed(derive_seed("dropout", cfg.seed, info.rank))
 
     lr = cfg.lr * cfg.batch_size / BASE_BATCH
     # fused AdamW on CUDA and on the CPU (where torch would otherwise pick its slower per-parameter loop)
@@ -384,7 +329,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     forward = torch.compile(wrapped) if cfg.compile else wrapped
 
     sampler = BatchSampler(len(ds), cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed * 31 + 5)
+    data_gen = torch.Generator().manual_seed(derive_seed("data", cfg.seed))
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep)
     identity = _identity(cfg, ds, world)
     step = 0
@@ -396,7 +341,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
                         info, device)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "train_config.json", {"train": asdict(cfg), "model": gpt_cfg.to_dict(),
+        atomic_write_json(out / "train_config.json", {"train": cfg.to_dict(), "model": gpt_cfg.to_dict(),
                                                       "world_size": world, "strategy": strategy,
                                                       "lr_effective": lr})
     logger = _Logger(out, info.is_main, cfg.tensorboard, step)

@@ -26,22 +26,25 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from argen.checkpoint import save_tokenizer
+from argen.checkpoint.loading import load_strict
 from argen.data.datasets import TransformedDataset, collate_skip, open_dataset
 from argen.data.images import FailureTracker
 from argen.data.transforms import TrainTransform
 from argen.models.discriminator import PatchGANDiscriminator
 from argen.models.lpips import LPIPS, resolve_vgg_weights
-from argen.models.tokenizer import VQModel, vq_config
+from argen.models.tokenizer import VQModel
+from argen.training.config import TokenizerTrainConfig
 from argen.training.losses import TokenizerLoss, psnr
+from argen.training.tokenizer_shape import TokenizerInit, resolve_tokenizer
 from argen.utils.errors import ArgenError
 from argen.utils.io import atomic_path, atomic_write, atomic_write_json
+from argen.utils.seeds import derive_seed
 from argen.utils.torch_utils import load_torch_file, parse_device
 
 log = logging.getLogger("argen.training")
@@ -50,56 +53,6 @@ CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
 # settings that may change between a run and its resumption
 _RESUMABLE_CHANGES = {"max_steps", "resume", "ckpt_every", "log_every", "num_workers", "progress", "out"}
-
-
-@dataclass
-class TokenizerTrainConfig:
-    out: str
-    data: str = "demo"
-    split: str = "train"
-    config: str = "VQ-tiny"
-    codebook_size: int | None = None
-    entropy_loss_ratio: float | None = None
-    image_size: int = 64
-    batch_size: int = 128
-    max_steps: int = 1000
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: float = 1.0
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    ema: bool = False
-    ema_decay: float = 0.9999
-    reconstruction: str = "l2"
-    reconstruction_weight: float = 1.0
-    perceptual_weight: float = 1.0
-    vgg_weights: str | None = "auto"
-    lpips_heads: str | None = None
-    codebook_weight: float = 1.0
-    disc_weight: float = 0.5
-    disc_start: int = 20000
-    disc_layers: int = 3
-    disc_channels: int = 64
-    disc_adaptive: bool = False
-    use_disc: bool = True
-    restart_dead_codes: int = 0
-    min_crop_frac: float = 0.8
-    hflip: bool = True
-    max_bad_fraction: float = 0.05
-    ckpt_every: int = 1000
-    log_every: int = 10
-    num_workers: int = 0
-    deterministic: bool = False
-    resume: bool = False
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
 
 
 def _precision(name: str, device: torch.device) -> torch.dtype:
@@ -215,18 +168,13 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8"))
 
 
-def build_tokenizer(cfg: TokenizerTrainConfig) -> VQModel:
-    overrides = {}
-    if cfg.codebook_size is not None:
-        overrides["codebook_size"] = cfg.codebook_size
-    if cfg.entropy_loss_ratio is not None:
-        overrides["entropy_loss_ratio"] = cfg.entropy_loss_ratio
-    vq = vq_config(cfg.config, **overrides)
-    if overrides:
-        vq = replace(vq, name=f"{vq.name}+" + ",".join(f"{k}={v}" for k, v in overrides.items()))
-    if cfg.image_size % vq.downsample:
-        raise ArgenError(f"--image-size {cfg.image_size} is not a multiple of {vq.name}'s downsample {vq.downsample}")
-    return VQModel(vq)
+def build_tokenizer(cfg: TokenizerTrainConfig) -> tuple[VQModel, TokenizerInit | None]:
+    """The tokenizer to train (named config + shape flags, or the `init_from` weights) and its init."""
+    vq, init = resolve_tokenizer(cfg)
+    model = VQModel(vq)
+    if init is not None:
+        load_strict(model, init.model_state, init.source, f"tokenizer config {vq.name!r}")
+    return model, init
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
@@ -256,7 +204,8 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     transform = TrainTransform(cfg.image_size, hflip=cfg.hflip, min_frac=cfg.min_crop_frac)
 
     torch.manual_seed(cfg.seed)
-    model = build_tokenizer(cfg).to(device)
+    model, init = build_tokenizer(cfg)
+    model.to(device)
     # On the CPU, oneDNN's convolutions run about 1.4x faster (forward and backward) on channels-last tensors,
     # mostly for the few-channel full-resolution layers; the weights are written back in the usual layout.
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
@@ -277,7 +226,9 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         if layers != cfg.disc_layers:
             log.info("using a %d-layer discriminator for %dpx images", layers, cfg.image_size)
         disc = PatchGANDiscriminator(3, cfg.disc_channels, layers)
-        disc.reset_parameters(torch.Generator().manual_seed(cfg.seed + 1))
+        disc.reset_parameters(torch.Generator().manual_seed(derive_seed("discriminator-init", cfg.seed)))
+        if init is not None and init.disc_state is not None:
+            load_strict(disc, init.disc_state, init.source, f"a {layers}-layer discriminator")
         disc.to(device)
     loss_fn = TokenizerLoss(perceptual, disc, cfg.reconstruction, cfg.reconstruction_weight, perceptual_weight,
                             cfg.codebook_weight, cfg.disc_weight, cfg.disc_start, cfg.disc_adaptive)
@@ -347,7 +298,8 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
                     logs.update(d_logs)
                 if cfg.restart_dead_codes and (step + 1) % cfg.restart_dead_codes == 0 \
                         and step + 1 + cfg.restart_dead_codes <= cfg.max_steps:
-                    logs["restarted_codes"] = restart_dead_codes(model, images, cfg.seed * 1_000_003 + step)
+                    logs["restarted_codes"] = restart_dead_codes(model, images,
+                                                                 derive_seed("restart-codes", cfg.seed, step))
                 if ema is not None:
                     ema.update(model)
                 logs["psnr"] = float(psnr(vq_out.reconstruction, images).mean())

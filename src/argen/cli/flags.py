@@ -1,0 +1,106 @@
+"""Command-line flags derived from a config dataclass, so each setting is written down once.
+
+Contract:
+- `add_config_flags(parser, cls, skip=())` adds one flag per field of the dataclass `cls` whose metadata
+  has a `help` entry (see `argen.training.config` for the metadata keys). Flags default to "not given"
+  (argparse.SUPPRESS): the namespace holds only what the user typed, so a recipe can sit between the
+  dataclass defaults and the explicit flags. The help text shows the dataclass default.
+- Types: bool fields -> `--name/--no-name`; tuple fields -> `nargs=N`; `metadata["type"]` names a
+  numeric type in `argen.cli.common` (`positive_int`, `finite_float`, `float_range(0,1)`, ...), which
+  makes a bad value exit 2 with a one-line message; otherwise the annotation's int/float/str.
+- `given(args, cls)` -> {field: value} for the flags the user gave.
+- `resolve(cls, given_values, recipe_values=None, **fixed)` -> a `cls` instance: dataclass defaults,
+  then the recipe's values, then the explicit flags, then `fixed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+
+from argen.cli import common
+
+_RANGE = re.compile(r"^(int_range|float_range)\(([^,]+),([^)]+)\)$")
+
+
+def _numeric_type(name: str):
+    match = _RANGE.match(name.replace(" ", ""))
+    if match:
+        kind, low, high = match.groups()
+        cast = int if kind == "int_range" else float
+        return getattr(common, kind)(cast(low), cast(high))
+    return getattr(common, name)
+
+
+def _base_type(annotation: str) -> str:
+    """'int | None' -> 'int'; 'tuple[float, float]' -> 'tuple'."""
+    parts = [p.strip() for p in annotation.split("|") if p.strip() != "None"]
+    return parts[0].split("[")[0] if parts else "str"
+
+
+def flag_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is dataclasses.MISSING or f.default is None:
+        return ""
+    if isinstance(f.default, bool):
+        return ""
+    if isinstance(f.default, tuple):
+        return f" (default: {' '.join(str(v) for v in f.default)})"
+    return f" (default: {f.default})"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in flag_fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        target = parser
+        if "group" in meta:
+            target = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+        base = _base_type(annotation)
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS}
+        help_text = meta["help"]
+        if base == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+            if isinstance(f.default, bool):
+                help_text += f" (default: {'on' if f.default else 'off'})"
+        else:
+            if "type" in meta:
+                kwargs["type"] = _numeric_type(meta["type"])
+            elif base in ("int", "float"):
+                kwargs["type"] = {"int": int, "float": float}[base]
+            if base == "tuple":
+                kwargs["nargs"] = annotation.count(",") + 1  # tuple[float, float] -> 2
+                kwargs["metavar"] = tuple(f"V{i + 1}" for i in range(kwargs["nargs"]))
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+            help_text += _default_text(f)
+        kwargs["help"] = help_text
+        target.add_argument(flag_name(f), **kwargs)
+
+
+def given(args: argparse.Namespace, cls) -> dict:
+    """The config values the user typed (flags left out are absent)."""
+    values = {}
+    for f in flag_fields(cls):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def resolve(cls, given_values: dict, recipe_values: dict | None = None, **fixed):
+    """Dataclass defaults < recipe < explicit flags < `fixed`."""
+    values = {**(recipe_values or {}), **given_values, **fixed}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names})
