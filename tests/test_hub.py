@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -284,3 +285,13 @@ def test_hub_errors_are_one_line(hub, tmp_path, capsys):
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "c2i_B_999.pt" in err and "\n" not in err
+
+
+def test_sample_batch_by_released_name_records_the_hub_files(hub, tmp_path):
+    code = main(["sample-batch", "--gpt", "c2i_B_256", "--image-size", "64", "--device", "cpu", "--num-samples", "2",
+                 "--num-classes", "1000", "--batch-size", "2", "--out", str(tmp_path / "batch"), "--no-progress"])
+    assert code == 0
+    config = json.loads((tmp_path / "batch" / "config.json").read_text())
+    assert config["checkpoints"]["gpt"] == "hf://FoundationVision/LlamaGen/c2i_B_256.pt"
+    assert config["checkpoints"]["tokenizer"] == "hf://FoundationVision/LlamaGen/vq_ds16_c2i.pt"
+    assert np.load(tmp_path / "batch" / "samples.npz")["arr_0"].shape == (2, 64, 64, 3)  # --image-size wins

@@ -17,6 +17,7 @@ Contract:
   a given size wins (sampling a 384 px model at 256 px, as for argen files).
 - `default_tokenizer(gpt_ref)`: the released tokenizer of a released generator name (from the same hub
   repository for an hf:// reference, the file beside it for a local file when it is there), else None.
+- `checkpoint_record(ref)`: the reference a run writes down (hf://... for hub files, else the absolute path).
 - `model_id(ref)`: the name a server reports for a checkpoint; `gpt_class_names(ref, config)`: its class
   names (stored with an argen generator, or ImageNet's for a released 1000-class file), else None.
 """
@@ -177,6 +178,16 @@ def default_tokenizer(gpt_ref: str | Path) -> str | None:
         if sibling.is_file():
             return str(sibling)
     return name.tokenizer
+
+
+def checkpoint_record(ref: str | Path) -> str:
+    """How a run records the checkpoint it used: the hub reference for a hub file, else the absolute path."""
+    text = str(ref)
+    source = _hub_source(text)
+    if source is None:
+        return str(Path(text).resolve())
+    repo, filename, revision = source
+    return f"{HF_PREFIX}{repo}{'@' + revision if revision else ''}/{filename}"
 
 
 def model_id(ref: str | Path) -> str:
