@@ -29,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-from argen.checkpoint import load_gpt
+from argen.checkpoint import load_gpt, load_tokenizer
 from argen.checkpoint.hub import (
     default_tokenizer,
     gpt_class_names,
@@ -259,6 +259,10 @@ def test_sample_by_released_name_downloads_resumes_then_works_offline(hub, tmp_p
     assert (cache / "models--FoundationVision--LlamaGen" / "refs" / "main").read_text() == COMMIT
     assert torch.equal(read_torch_file(snapshot / "c2i_B_256.pt")["model"]["output.weight"], gpt.output.weight)
     assert resolve("c2i_B_256")[0].resolve() == (snapshot / "c2i_B_256.pt").resolve()
+    loaded = load_gpt("c2i_B_256")  # the Python API takes the names too, flags from the name
+    assert (loaded.config.image_size, loaded.config.num_classes) == (256, 1000)
+    assert torch.equal(loaded.output.weight, gpt.output.weight)
+    assert load_tokenizer("vq_ds16_c2i").downsample == 16
 
     server.close()  # the network is gone; the cache and HF_HUB_OFFLINE=1 are enough
     offline = run_offline(["sample", "--gpt", "hf://FoundationVision/LlamaGen/c2i_B_256.pt",
