@@ -5,6 +5,7 @@ independence with per-image generators, window bookkeeping and the `argen.genera
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -209,3 +210,42 @@ def test_jacobi_samples_the_exact_ar_distribution_and_a_wrong_rule_is_caught(kin
     wrong = draw(0)
     assert wrong.accepted == wrong.drafted
     assert chi_square_pvalue(wrong.tokens, joint) < 1e-6
+
+
+# ---------------------------------------------------------------- command line
+def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
+    from argen.cli.main import main
+    from argen.evaluation.sample_batch import SampleBatchConfig, sample_batch
+    from argen.sampling import image_seed
+    from conftest import save_released, tiny_tokenizer
+    from conftest import tiny_gpt as random_gpt
+
+    tok = save_released(tiny_tokenizer(), tmp_path / "vq.pt")
+    c2i = save_released(random_gpt("c2i"), tmp_path / "c2i.pt")
+    flags = ["--tokenizer", str(tok), "--tokenizer-config", "VQ-tiny-16", "--gpt", str(c2i), "--gpt-config",
+             "GPT-tiny", "--kind", "c2i", "--image-size", "64", "--device", "cpu"]
+    gpt = argen.load_gpt(c2i, config="GPT-tiny", kind="c2i", image_size=64, downsample=16)
+    rc = main(["sample", *flags, "--classes", "1,2,3", "--top-k", "20", "--seed", "5", "--decode", "jacobi",
+               "--window", "4", "--save-codes", "--out", str(tmp_path / "j")])
+    assert rc == 0
+    codes = np.load(tmp_path / "j" / "codes.npy")
+    gens = [torch.Generator().manual_seed(image_seed(5, i)) for i in range(3)]
+    want = argen.generate(gpt, torch.tensor([1, 2, 3]), cfg_scale=4.0, top_k=20, row_generators=gens,
+                          decode="jacobi", window=4)
+    assert np.array_equal(codes, want.numpy())
+    assert main(["sample", *flags, "--classes", "1", "--window", "4", "--out", str(tmp_path / "w")]) == 2
+    assert "--window applies only to --decode jacobi" in capsys.readouterr().err
+
+    tokenizer = argen.load_tokenizer(tok, config="VQ-tiny-16")
+    params = SamplingParams(top_k=20, cfg_scale=2.0)
+    run = tmp_path / "batch"
+    base = dict(num_samples=3, batch_size=2, shard_size=3, sampling=params, seed=7)
+    path = sample_batch(tokenizer, gpt, SampleBatchConfig(**base, decode="jacobi", window=3), run, progress=False)
+    record = json.loads((run / "config.json").read_text())["config"]
+    assert record["decode"] == "jacobi" and record["window"] == 3
+    plain = sample_batch(tokenizer, gpt, SampleBatchConfig(**base), tmp_path / "plain", progress=False)
+    assert "decode" not in json.loads((tmp_path / "plain" / "config.json").read_text())["config"]
+    with np.load(path) as a, np.load(plain) as b:
+        assert not np.array_equal(a["arr_0"], b["arr_0"])  # another random stream for the same seeds
+    with pytest.raises(ArgenError, match="another config"):
+        sample_batch(tokenizer, gpt, SampleBatchConfig(**base), run, progress=False)

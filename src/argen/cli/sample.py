@@ -59,6 +59,26 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: str) -> No
     parser.add_argument("--temperature", type=positive_float, help="softmax temperature > 0 (default 1.0)")
 
 
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """--decode/--window: how tokens are decoded (`argen.generate`'s decode and window)."""
+    parser.add_argument("--decode", choices=("ar", "jacobi"), default="ar",
+                        help="ar: one token per forward pass (default); jacobi: speculative Jacobi decoding, "
+                             "several tokens per forward pass with the same distribution (other images per seed)")
+    parser.add_argument("--window", type=positive_int, default=None,
+                        help="with --decode jacobi: positions per forward pass (default "
+                             "argen.engine.jacobi.DEFAULT_WINDOW)")
+
+
+def decode_options(args: argparse.Namespace) -> dict:
+    """The --decode/--window flags -> generate's keywords; --window without --decode jacobi is an error."""
+    from argen.engine.jacobi import check_decode
+    from argen.utils.errors import ArgenError
+
+    if args.window is not None and args.decode != "jacobi":
+        raise ArgenError("--window applies only to --decode jacobi")
+    return dict(decode=args.decode, window=check_decode(args.decode, args.window))
+
+
 def sampling_params(args: argparse.Namespace, kind: str | None):
     """The flags -> SamplingParams; kind None takes the neutral field defaults (no guidance, no filter)."""
     from argen.sampling.logits import SamplingParams
@@ -87,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(e.g. flan-t5-xl), as for argen serve")
     group.add_argument("--n", type=positive_int, default=1, help="images per class id, prompt or caption (default 1)")
     add_sampling_arguments(parser, "kind")
+    add_decode_arguments(parser)
     parser.add_argument("--seed", type=SEED, default=0,
                         help="random seed in [0, 2**63) (default 0). Image i has its own generator seeded from "
                              "(seed, i), so it is the same whatever --batch-size is, and is seeded as image i of an "
@@ -107,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rows is not None and args.features is None:
         raise ArgenError("--rows applies only to --features")
     sampling_params(args, "c2i")  # both kinds' defaults are valid, so this checks the given values
+    decoding = decode_options(args)
     classes = parse_classes(args.classes) if args.classes is not None else None
     prompts = read_prompts(args.prompts, args.prompts_file) if args.features is None and classes is None else None
     rows = None if args.rows is None else (lambda count: parse_rows(args.rows, count))
@@ -119,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     conditions = build_conditions(gpt, classes, prompts, args.features, encode, rows)
     done = sample_to_folder(tokenizer, gpt, conditions, sampling_params(args, gpt.config.kind), args.out, n=args.n,
                             seed=args.seed, batch_size=args.batch_size, save_codes=args.save_codes,
-                            progress=show_progress(args))
+                            progress=show_progress(args), **decoding)
     print(f"sampled {done.total} images ({gpt.config.num_image_tokens} tokens each) in {done.generate_s:.2f} s "
           f"({done.total / max(done.generate_s, 1e-9):.2f} img/s); decoded in {done.decode_s:.2f} s; wrote {done.out}/")
     return 0

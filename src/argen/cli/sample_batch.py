@@ -24,7 +24,7 @@ from argen.cli.common import (
     positive_int,
     show_progress,
 )
-from argen.cli.sample import SEED, add_sampling_arguments, sampling_params
+from argen.cli.sample import SEED, add_decode_arguments, add_sampling_arguments, sampling_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", metavar="START:STOP", default=None,
                         help="with --features: use only these caption rows, e.g. 0:1000 (default all)")
     add_sampling_arguments(parser, "neutral")
+    add_decode_arguments(parser)
     parser.add_argument("--seed", type=SEED, default=0, help="global seed in [0, 2**63) (default 0)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per generation batch (default 32)")
     parser.add_argument("--shard-size", type=positive_int, default=1000,
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     config = SampleBatchConfig(num_samples=args.num_samples, num_classes=args.num_classes,
                                sampling=sampling_params(args, None), seed=args.seed, batch_size=args.batch_size,
                                shard_size=args.shard_size, eval_size=args.eval_size or None, resize=args.resize,
-                               png=args.png)
+                               png=args.png, decode=args.decode, window=args.window)
     from argen.checkpoint.hub import checkpoint_record, default_tokenizer
 
     tokenizer_ref = args.tokenizer or default_tokenizer(args.gpt)

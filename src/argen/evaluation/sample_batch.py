@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from argen.engine.jacobi import check_decode
 from argen.evaluation.npz import NpzImageWriter
 from argen.evaluation.pipeline import RESIZE_MODES, resize_images, sample_images
 from argen.models.gpt import GPT
@@ -61,6 +62,8 @@ class SampleBatchConfig:
     eval_size: int | None = None
     resize: str = "bicubic-antialias"
     png: bool = False
+    decode: str = "ar"  # or "jacobi" (argen.generate's decode), with `window`
+    window: int | None = None
 
     def validate(self) -> None:
         if self.num_samples < 1:
@@ -75,12 +78,16 @@ class SampleBatchConfig:
             raise ArgenError(f"unknown resize mode {self.resize!r}; use one of {', '.join(RESIZE_MODES)}")
         if self.eval_size is not None and self.eval_size < 8:
             raise ArgenError("--eval-size must be >= 8 (or 0 to keep the generated size)")
+        self.window = check_decode(self.decode, self.window)
 
     def identity(self) -> dict:
         """The fields that decide the images (png output and the batch size do not)."""
         data = asdict(self)
         data.pop("png")
         data.pop("batch_size")
+        if self.decode == "ar":  # Jacobi decoding draws other images for a seed; plain runs keep their identity
+            data.pop("decode")
+            data.pop("window")
         return data
 
 
@@ -182,7 +189,8 @@ def _sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: 
             cond, cond_mask = (idx, None) if kind == "c2i" else (features[idx], None if mask is None else mask[idx])
             batch = sample_images(tokenizer, gpt, cond, cond_mask, config.sampling,
                                   [image_seed(config.seed, i) for i in range(start, stop)], size=size,
-                                  resize=config.resize)  # images (b, E, E, 3) uint8
+                                  resize=config.resize, decode=config.decode,
+                                  window=config.window)  # images (b, E, E, 3) uint8
             if config.png:
                 for offset, image in enumerate(batch.images):
                     save_png(image, out / "png" / f"{start + offset:06d}.png")

@@ -1,0 +1,185 @@
+"""Speculative Jacobi decoding against plain decoding: forward passes, acceptance, wall time, quality.
+
+    python benchmarks/bench_jacobi.py --demo /work/runs/demo                # demo generators
+    python benchmarks/bench_jacobi.py --demo /work/runs/demo --quality-seeds 0,1,2
+    python benchmarks/bench_jacobi.py --gpt-b --gpt-b-windows 4,8          # full-size GPT-B, random weights
+
+Sections (each optional):
+- window sweep on the demo generators (`<demo>/gpt-c2i`, `<demo>/gpt-t2i`) at the demo's sampling
+  settings (cfg 3.0, temperature 0.8, top-k 50): per window W, forward passes per image (prefill
+  included; plain decoding needs one per token), the acceptance rate of verified drafts, and the
+  wall time of one batch against `argen.generate` (decode="ar") on the same batch;
+- quality: the demo report's two scores (c2i class match and t2i prompt match: the share of
+  samples whose nearest class/prompt centroid in colour-histogram space is their own) for plain and
+  Jacobi sampling over several seeds, with the demo report's image counts (8 per class/prompt);
+- GPT-B (random weights, 256 tokens, cfg 4.0, top-k 2000, float32): wall time and forward passes.
+  With random weights the acceptance rate says nothing about trained models; the wall time of a
+  W-token verify forward against a one-token step is the point.
+Timings on a shared CPU are noisy: each figure is the best of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from argen import generate, load_gpt, load_tokenizer
+from argen.engine.jacobi import jacobi_decode
+from argen.models.gpt import GPT, gpt_config
+from argen.sampling import SamplingParams
+from argen.utils.io import atomic_write_json
+
+DEMO_SETTINGS = dict(cfg_scale=3.0, temperature=0.8, top_k=50)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def demo_conditions(gpt: GPT, per_item: int):
+    """The demo report's conditions: each class (c2i) or each demo prompt (t2i), `per_item` times."""
+    from argen.training.demo import PROMPTS
+
+    if gpt.config.kind == "c2i":
+        return torch.arange(gpt.config.num_classes).repeat_interleave(per_item), None
+    from argen.data.text_encoders import load_text_encoder
+
+    feats, mask = load_text_encoder("minilm").encode(PROMPTS, gpt.config.caption_len)
+    return feats.repeat_interleave(per_item, dim=0), mask.repeat_interleave(per_item, dim=0)
+
+
+def best_time(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: int, repeats: int) -> list[dict]:
+    cond, mask = demo_conditions(gpt, per_item)
+    params = SamplingParams(**DEMO_SETTINGS)
+    n = gpt.config.num_image_tokens
+    ar_s, _ = best_time(lambda: generate(gpt, cond, mask, params=params, generator=torch.Generator().manual_seed(seed)),
+                        repeats)
+    rows = [dict(model=name, images=len(cond), tokens=n, window="ar", forwards_per_image=float(n),
+                 acceptance=None, wall_s=round(ar_s, 3), speedup_forwards=1.0, speedup_wall=1.0)]
+    print(f"{name}: {len(cond)} images x {n} tokens, plain decoding {ar_s:.2f} s", flush=True)
+    for w in windows:
+        t, res = best_time(lambda w=w: jacobi_decode(gpt, cond, mask, params, window=w,
+                                                     generator=torch.Generator().manual_seed(seed)), repeats)
+        fpi = float(res.forwards.double().mean())
+        row = dict(model=name, images=len(cond), tokens=n, window=w, forwards_per_image=round(fpi, 2),
+                   acceptance=round(res.acceptance_rate, 3), wall_s=round(t, 3),
+                   speedup_forwards=round(n / fpi, 2), speedup_wall=round(ar_s / t, 2),
+                   batched_forwards=res.model_calls)
+        rows.append(row)
+        print(f"  W={w:3d}: {fpi:6.2f} forwards/image ({n / fpi:4.2f}x fewer), acceptance {res.acceptance_rate:5.1%}, "
+              f"{res.model_calls} batched forwards, {t:.2f} s ({ar_s / t:4.2f}x plain)", flush=True)
+    return rows
+
+
+def quality(demo: Path, c2i: GPT, t2i: GPT, window: int, seeds: list[int], per_item: int) -> list[dict]:
+    """The demo report's class/prompt match for plain and Jacobi sampling, per seed."""
+    from argen.data.datasets import DemoDataset
+    from argen.engine import decode_codes
+    from argen.training.demo import PROMPTS, class_match, color_features
+
+    tokenizer = load_tokenizer(demo / "tokenizer")
+    train = DemoDataset("train")
+    names = train.class_names
+    centroids = np.stack([color_features(train.images[train.labels == c]).mean(0) if (train.labels == c).any()
+                          else np.full(64, 1e3) for c in range(len(names))])
+    captions = [train.captions(i)[0] for i in range(len(train))]
+    refs = [[i for i, c in enumerate(captions) if c == prompt] for prompt in PROMPTS]
+    prompt_centroids = np.stack([color_features(train.images[r]).mean(0) if r else np.full(64, 1e3) for r in refs])
+    rows = []
+    for kind, gpt, cents in (("c2i", c2i, centroids), ("t2i", t2i, prompt_centroids)):
+        cond, mask = demo_conditions(gpt, per_item)
+        labels = np.repeat(np.arange(len(cents)), per_item)
+        for seed in seeds:
+            for decode in ("ar", "jacobi"):
+                extra = dict(decode="jacobi", window=window) if decode == "jacobi" else {}
+                codes = generate(gpt, cond, mask, generator=torch.Generator().manual_seed(seed), **DEMO_SETTINGS,
+                                 **extra)
+                score = class_match(color_features(decode_codes(tokenizer, codes)), labels, cents)
+                rows.append(dict(model=kind, seed=seed, decode=decode, match=round(score, 3)))
+                print(f"  {kind} seed {seed} {decode:6s}: match {score:.1%}", flush=True)
+    for kind in ("c2i", "t2i"):
+        for decode in ("ar", "jacobi"):
+            scores = [r["match"] for r in rows if r["model"] == kind and r["decode"] == decode]
+            spread = np.std(scores, ddof=1) if len(scores) > 1 else 0.0
+            print(f"{kind} {decode:6s}: mean {np.mean(scores):.1%} (sd {spread:.1%}) over seeds {seeds}")
+    return rows
+
+
+def gpt_b(windows: list[int], images: int, repeats: int, tokens: int | None) -> list[dict]:
+    torch.manual_seed(0)
+    gpt = GPT(gpt_config("GPT-B")).eval()
+    with torch.no_grad():  # the default init zeroes the head (flat logits): give it random weights
+        torch.nn.init.normal_(gpt.output.weight, std=0.02)
+    cond = torch.arange(images) * 7 % 1000
+    params = SamplingParams(cfg_scale=4.0, top_k=2000)
+    n = tokens or gpt.config.num_image_tokens
+    ar_s, _ = best_time(lambda: generate(gpt, cond, params=params, max_new_tokens=n,
+                                         generator=torch.Generator().manual_seed(0)), repeats)
+    rows = [dict(model="GPT-B random", images=images, tokens=n, window="ar", wall_s=round(ar_s, 3),
+                 forwards_per_image=float(n))]
+    print(f"GPT-B (random weights), {images} images x {n} tokens, cfg 4.0, top-k 2000: plain {ar_s:.2f} s "
+          f"({1000 * ar_s / n:.1f} ms/token)", flush=True)
+    for w in windows:
+        t, res = best_time(lambda w=w: jacobi_decode(gpt, cond, None, params, window=w, max_new_tokens=n,
+                                                     generator=torch.Generator().manual_seed(0)), repeats)
+        fpi = float(res.forwards.double().mean())
+        rows.append(dict(model="GPT-B random", images=images, tokens=n, window=w, wall_s=round(t, 3),
+                         forwards_per_image=round(fpi, 2), acceptance=round(res.acceptance_rate, 3),
+                         ms_per_forward=round(1000 * t / res.model_calls, 1), speedup_wall=round(ar_s / t, 2)))
+        print(f"  W={w:3d}: {fpi:6.2f} forwards/image, acceptance {res.acceptance_rate:5.1%}, {t:.2f} s "
+              f"({1000 * t / res.model_calls:.1f} ms/forward, {ar_s / t:4.2f}x plain)", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", type=Path, help="an `argen demo` output folder (gpt-c2i, gpt-t2i, tokenizer)")
+    ap.add_argument("--windows", type=_ints, default=[2, 4, 8, 12, 16])
+    ap.add_argument("--per-item", type=int, default=2, help="images per class/prompt in the window sweep")
+    ap.add_argument("--sweep-seed", type=int, default=0)
+    ap.add_argument("--quality-seeds", type=_ints, default=[], help="seeds for the class/prompt match check")
+    ap.add_argument("--quality-window", type=int, default=None, help="default: argen's DEFAULT_WINDOW")
+    ap.add_argument("--gpt-b", action="store_true")
+    ap.add_argument("--gpt-b-windows", type=_ints, default=[4, 8])
+    ap.add_argument("--gpt-b-images", type=int, default=2)
+    ap.add_argument("--gpt-b-tokens", type=int, default=None, help="tokens per image (default: all 256)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {now}")
+    results: dict = {}
+    if args.demo:
+        c2i, t2i = load_gpt(args.demo / "gpt-c2i"), load_gpt(args.demo / "gpt-t2i")
+        results["sweep"] = (window_sweep("demo c2i", c2i, args.windows, args.per_item, args.sweep_seed, args.repeats)
+                            + window_sweep("demo t2i", t2i, args.windows, args.per_item, args.sweep_seed,
+                                           args.repeats))
+        if args.quality_seeds:
+            from argen.engine.jacobi import DEFAULT_WINDOW
+
+            results["quality"] = quality(args.demo, c2i, t2i, args.quality_window or DEFAULT_WINDOW,
+                                         args.quality_seeds, per_item=8)
+    if args.gpt_b:
+        results["gpt_b"] = gpt_b(args.gpt_b_windows, args.gpt_b_images, args.repeats, args.gpt_b_tokens)
+    if args.json:
+        atomic_write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
