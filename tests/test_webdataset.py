@@ -159,12 +159,17 @@ def _corrupt(path, how):
 
 
 @pytest.mark.parametrize("how", ["truncated", "corrupt"])
-def test_bad_tar_stops_with_its_name_unless_skipped(tmp_path, model, how):
+def test_bad_tar_stops_with_its_name_unless_skipped(tmp_path, model, how, capsys):
     pattern = make_shards(tmp_path / "data", kind="c2i", bad=False)
     _corrupt(tmp_path / "data" / "00001.tar", how)
     ds = ShardDataset(pattern)
     with pytest.raises(ShardError, match=f"00001.tar is {how}"):
         extract_codes(model, ds, tmp_path / "codes", 16, progress=False)
+    save_tokenizer(model, tmp_path / "tok")
+    assert main(["extract-codes", "--tokenizer", str(tmp_path / "tok"), "--data", pattern, "--image-size", "16",
+                 "--out", str(tmp_path / "cli"), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "00001.tar is" in err[-1] and "Traceback" not in "".join(err)
     with pytest.raises(ShardError, match="00001.tar"):
         len(ShardDataset(pattern))
     index = extract_codes(model, ShardDataset(pattern + "?skip_bad_shards=1"), tmp_path / "codes", 16,
