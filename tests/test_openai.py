@@ -84,6 +84,9 @@ def test_official_openai_client_gets_decodable_pngs(checkpoints):
     with live_server(make_app(checkpoints)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["gpt-c2i"]
+        assert client.models.retrieve("gpt-c2i").owned_by == "argen"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("dall-e-3")
         answer = client.images.generate(prompt="Flags", n=2, size="64x64", response_format="b64_json",
                                         model="gpt-c2i", extra_body={"seed": 3, "top_k": 1, "cfg_scale": 2.0})
         assert answer.created > 0 and len(answer.data) == 2
@@ -201,6 +204,13 @@ def test_a_model_without_class_names_takes_ids_and_says_so(checkpoints, tmp_path
         assert c.post("/v1/images/generations", json={"prompt": "2"}).status_code == 200
         r = c.post("/v1/images/generations", json={"prompt": "Flags"})
         assert r.status_code == 400 and "has no class names; send a class id in 0..9" in r.json()["error"]["message"]
+
+
+def test_openapi_schema_lists_the_openai_endpoints(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/images/generations" in paths and "/v1/models" in paths and "/v1/generate" in paths
+    schema = paths["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "prompt" in schema["properties"] and "cfg_scale" in schema["properties"]
 
 
 def test_the_web_page_is_served_at_the_root(client):

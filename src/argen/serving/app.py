@@ -15,8 +15,8 @@ Endpoints:
 - OpenAI images API (`argen.serving.openai_images`): `POST /v1/images/generations` (prompt = class id or
   name for c2i, caption for t2i; n, size, response_format=b64_json, model, and argen's sampling fields)
   answers `{"created", "data": [{"b64_json", "revised_prompt"}]}`, errors `{"error": {"message", "type",
-  "param", "code"}}`; `GET /v1/models` lists the loaded model. Both run through the same validation,
-  queue and batching as `/v1/generate`.
+  "param", "code"}}`; `GET /v1/models` lists the loaded model (`GET /v1/models/{id}`: that one). Images
+  go through the same validation, queue and batching as `/v1/generate`.
 - `GET /`: the web page (`argen/serving/static/index.html`, plain HTML + JS that calls the endpoints above).
 The app starts the service's worker on startup and drains it on shutdown.
 """
@@ -194,6 +194,13 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
     @app.get("/v1/models")
     async def models():
         return models_answer(served)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != served.id:
+            return _openai_error(OpenAIError(404, f"the model {name!r} is not served here; this server serves "
+                                                  f"{served.id!r}", "model", "model_not_found"))
+        return models_answer(served)["data"][0]
 
     @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ImagesRequest.model_json_schema()}}}})
