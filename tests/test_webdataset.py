@@ -313,11 +313,14 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, model, what):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     final = "index.json" if what == "codes" else "meta.json"
     assert not (tmp_path / "cut" / final).exists()
+    first = tmp_path / "cut" / ("codes-00000.npy" if what == "codes" else "parts/part-00000.json")
+    before = first.stat().st_mtime_ns
     again = run(tmp_path / "cut", -1)
     assert again.returncode == 0, again.stderr[-2000:]
     a, b = _codes(tmp_path / "full"), _codes(tmp_path / "cut")
     assert a.keys() == b.keys() and len(a) >= 2 and all(np.array_equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / final).read_text() == (tmp_path / "cut" / final).read_text()
+    assert first.stat().st_mtime_ns == before  # the shard done before the kill was not redone
 
 
 def test_ranks_take_every_world_size_th_shard(tmp_path, model, monkeypatch):
@@ -342,6 +345,9 @@ def test_torchrun_two_ranks_split_shards_and_match_one(tmp_path, model):
            "argen.cli.main", *args, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    done = sorted(line.split("rank ")[1][:len("0 wrote code shard 0")] for line in proc.stderr.splitlines()
+                  if " wrote code shard " in line)
+    assert done == ["0 wrote code shard 0", "0 wrote code shard 2", "1 wrote code shard 1"]
     a, b = _codes(tmp_path / "one"), _codes(tmp_path / "two")
     assert len(a) == 6 and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert (tmp_path / "one" / "index.json").read_text() == (tmp_path / "two" / "index.json").read_text()

@@ -55,6 +55,7 @@ from argen.data.text_features import (
     save_text_features,
 )
 from argen.data.transforms import crop_variants, to_tensor
+from argen.utils.dist_env import process_ranks
 from argen.utils.errors import ArgenError
 from argen.utils.io import atomic_path, atomic_save_npy, atomic_write_json
 
@@ -118,7 +119,9 @@ def _collate(items):
 
 
 def dist_env() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world_size) from the torchrun environment (`argen.utils.dist_env.process_ranks`)."""
+    ranks = process_ranks()
+    return ranks.rank, ranks.world_size
 
 
 def _barrier(world_size: int) -> None:
@@ -338,6 +341,7 @@ def _extract_shard_codes(model, dataset: ShardDataset, out_dir, image_size, ten_
                              f"features list {caption_rows[shard][1]}; extract the text features again")
         codes = torch.cat(codes_parts) if codes_parts else torch.zeros(0, len(names), grid, grid, dtype=torch.long)
         writer.write_shard(shard, codes, torch.tensor(label_parts, dtype=torch.long))
+        log.info("rank %d wrote code shard %d from %s (%d images)", rank, shard, dataset.names[shard], len(codes))
     bar.close()
     tracker.check(final=True)
     _barrier(world_size)
