@@ -37,6 +37,7 @@ from PIL import Image
 from argen.data.images import IMAGE_EXTENSIONS, BadImage, load_image
 from argen.data.shards import ShardDataset, is_shard_spec
 from argen.utils.errors import ArgenError
+from argen.utils.seeds import derive_seed
 
 DEMO_NPZ = "emoji64.npz"
 SPLITS = ("train", "val", "all")
@@ -225,10 +226,6 @@ def open_dataset(spec: str | Path, split: str = "train", label: str = "category"
     raise ArgenError(f"--data {text!r}: expected 'demo', a class folder, a .jsonl manifest or .tar shards")
 
 
-def _seed_for(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + 12345) % (2**63 - 1)
-
-
 class TransformedDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, transform, seed: int = 0):
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -238,7 +235,7 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        generator = torch.Generator().manual_seed(_seed_for(self.seed, epoch, index))
+        generator = torch.Generator().manual_seed(derive_seed("augment", self.seed, epoch, index))
         try:
             image = self.dataset.load(index)
         except BadImage as exc:

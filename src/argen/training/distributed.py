@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from argen.utils.dist_env import process_ranks
 from argen.utils.errors import ArgenError
 
 FSDP_AUTO_PARAMS = 1_000_000_000
@@ -44,9 +44,7 @@ class DistInfo:
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the torchrun process group if there is one; pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = process_ranks()
     if device.type == "cuda":
         if world > 1:
             if local_rank >= torch.cuda.device_count():
