@@ -91,7 +91,7 @@ def _save_argen(model: torch.nn.Module, config_dict: dict, family: str, path: st
     return file
 
 
-def _finish(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+def _place_for_inference(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
@@ -119,7 +119,7 @@ def load_tokenizer(path: str | Path, config: str | VQConfig | None = None, devic
                 raise CheckpointError(f"{argen_file} holds tokenizer config {cfg.name!r}, not {asked.name!r}")
         model = VQModel(cfg)
         load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"tokenizer config {cfg.name!r}")
-        return _finish(model, device, dtype)
+        return _place_for_inference(model, device, dtype)
     if config is None:
         raise ArgenError(f"{path} is a released (torch) checkpoint: pass the tokenizer config, e.g. "
                          f"config='VQ-16' (--tokenizer-config VQ-16)")
@@ -127,7 +127,7 @@ def load_tokenizer(path: str | Path, config: str | VQConfig | None = None, devic
     state = extract_state_dict(read_torch_file(path), str(path), container)
     model = VQModel(cfg)
     load_strict(model, state, str(path), f"tokenizer config {cfg.name!r}")
-    return _finish(model, device, dtype)
+    return _place_for_inference(model, device, dtype)
 
 
 # ------------------------------------------------------------------ generator
@@ -173,7 +173,7 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
             cfg = build_gpt_config(cfg, image_size=image_size, downsample=downsample)
         model = GPT(cfg)
         load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"generator config {cfg.name!r}")
-        return _finish(model, device, dtype)
+        return _place_for_inference(model, device, dtype)
     if config is None:
         raise ArgenError(f"{path} is a released (torch) checkpoint: pass the generator config, e.g. "
                          f"config='GPT-B', kind='c2i', image_size=256, downsample=16")
@@ -182,4 +182,4 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     model = GPT(cfg)
     desc = f"generator config {cfg.name!r} (kind={cfg.kind}, image_size={cfg.image_size}, downsample={cfg.downsample})"
     load_strict(model, state, str(path), desc)
-    return _finish(model, device, dtype)
+    return _place_for_inference(model, device, dtype)
