@@ -8,7 +8,8 @@ Released names (`released_name(ref)`): the stem of a released file name says its
 `c2i_L_384` is GPT-L, c2i, 384 px, VQ-16 (tokenizer `vq_ds16_c2i`); `t2i_XL_stage2_512` is GPT-XL,
 t2i, 512 px, VQ-16 (`vq_ds16_t2i`); `vq_ds8_c2i` is VQ-8. `RELEASED_REPOS` says which Hugging Face
 repository holds each published file (c2i in FoundationVision/LlamaGen, t2i in peizesun/llamagen_t2i).
-`imagenet_class_names()` are the 1000 ImageNet class names, index = class id, for the c2i models.
+`imagenet_class_names()` are the 1000 ImageNet class names, index = class id, for the c2i models
+(`checkpoint/data/imagenet_classes.txt`, one per line, the short names torchvision's weights metadata uses).
 """
 
 from __future__ import annotations
