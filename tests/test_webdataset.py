@@ -140,6 +140,18 @@ def test_captions_labels_and_map_style_view(tmp_path):
         _add(tar, "x.png", _image(np.random.default_rng(1)))
         _add(tar, "x.json", json.dumps({"label": 7, "caption": "seven"}).encode())
     assert ShardDataset(str(tmp_path / "json" / "a.tar")).label(0) == 7  # class id from the JSON
+    with tarfile.open(tmp_path / "json" / "b.tar", "w") as tar:  # metadata the kind does not need is not checked
+        for key, extra in (("a", {"cls": b"3", "json": b"{broken"}), ("b", {"cls": b"x", "txt": b"a cat"}),
+                           ("c", {"json": b"{broken"})):
+            _add(tar, f"{key}.png", _image(np.random.default_rng(2)))
+            for ext, data in extra.items():
+                _add(tar, f"{key}.{ext}", data)
+    mixed = str(tmp_path / "json" / "b.tar")
+    t2i, c2i = ShardDataset(mixed, kind="t2i"), ShardDataset(mixed)
+    a, b, c = t2i.iter_shard(0)
+    assert c2i.kind == "c2i" and c2i.problem(a) is None and t2i.problem(b) is None
+    assert t2i.problem(a).startswith("unreadable JSON") and c2i.problem(b) == "class id b'x' is not an integer"
+    assert t2i.problem(c).startswith("unreadable JSON") and c2i.problem(c).startswith("unreadable JSON")
     # the map-style view: one record per sample over all shards, in order
     assert len(ds) == 12 and ds.source(5) == f"{tmp_path}/t2i/00001.tar#1"
     assert np.array_equal(np.asarray(ds.load(4)), np.asarray(Image.open(io.BytesIO(next(ds.iter_shard(1)).image))))

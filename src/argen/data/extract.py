@@ -430,7 +430,7 @@ def _shard_text_features(encoder, dataset: ShardDataset, out_dir: Path, batch_si
                     keys.extend([sample.key] * len(sample.captions))
                     tracker.ok()
                 else:
-                    tracker.fail(dataset.sample_source(sample), f"no caption (.txt or JSON {dataset.caption_key!r})")
+                    tracker.fail(dataset.sample_source(sample), dataset.caption_problem(sample))
         except ShardError as exc:
             if not dataset.skip_bad_shards:
                 raise

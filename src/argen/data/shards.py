@@ -15,9 +15,10 @@ Contract:
   integer in `key.cls`, else the JSON value under `label_key`.
 - `kind` is c2i when the first sample of the first readable shard has a class id, else t2i (or the
   `kind` option).
-- Bad data: a sample without an image, an unreadable or truncated image, a sample without a caption
-  (t2i) or class id (c2i), or unreadable JSON is a bad record (`problem()` / `BadImage`), counted by the
-  callers' `FailureTracker` like a bad file in a folder. A missing, truncated or corrupt tar file raises
+- Bad data: a sample without an image, an unreadable or truncated image, or, for extraction, a sample
+  without a readable caption (t2i) or class id (c2i) is a bad record (`problem()` / `BadImage`),
+  counted by the callers' `FailureTracker` like a bad file in a folder. The map-style `load(i)` checks
+  the image only. A missing, truncated or corrupt tar file raises
   `ShardError` (an `ArgenError` naming the file): tarfile stops silently at a bad header, so after the
   last member the end-of-archive block is checked to be present and zero. With `skip_bad_shards` the
   callers skip such a shard as a whole instead.
@@ -246,50 +247,56 @@ def _read_group(path: Path, start: int, count: int) -> tuple[str, dict[str, byte
 
 @dataclass
 class ShardSample:
-    """One sample: its key, image bytes (or None), captions, class id (or None) and a metadata problem."""
+    """One sample: its key, image bytes (or None), captions, class id (or None), and why the captions or
+    the class id could not be read (None when they were read or are simply absent)."""
 
     shard: int
     key: str
     image: bytes | None = None
     captions: list[str] = field(default_factory=list)
     label: int | None = None
-    problem: str | None = None
+    caption_problem: str | None = None
+    label_problem: str | None = None
 
 
 def parse_sample(shard: int, key: str, files: dict[str, bytes], caption_key: str, label_key: str) -> ShardSample:
     sample = ShardSample(shard, key)
     sample.image = next((files[e] for e in IMAGE_EXTS if e in files), None)
-    meta = None
+    meta, json_problem = None, None
     if "json" in files:
         try:
             meta = json.loads(files["json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            sample.problem = f"unreadable JSON ({exc})"
+            json_problem = f"unreadable JSON ({exc})"
         if meta is not None and not isinstance(meta, dict):
-            meta, sample.problem = None, "the JSON member is not an object"
+            meta, json_problem = None, "the JSON member is not an object"
     if meta is not None and meta.get(caption_key) is not None:
         value = meta[caption_key]
         captions = [value] if isinstance(value, str) else value
         if isinstance(captions, list) and all(isinstance(c, str) for c in captions):
             sample.captions = [c for c in captions if c.strip()]
         else:
-            sample.problem = f"JSON {caption_key!r} is not a string or a list of strings"
+            sample.caption_problem = f"JSON {caption_key!r} is not a string or a list of strings"
     elif "txt" in files:
         try:
             text = files["txt"].decode("utf-8").strip()
         except UnicodeDecodeError:
-            text, sample.problem = "", "the .txt caption is not UTF-8"
+            text, sample.caption_problem = "", "the .txt caption is not UTF-8"
         sample.captions = [text] if text else []
     raw = files.get("cls")
     if raw is None and meta is not None and meta.get(label_key) is not None:
         raw = meta[label_key]
     if raw is not None:
         try:
-            if isinstance(raw, bool) or isinstance(raw, float):
+            if isinstance(raw, (bool, float)):
                 raise ValueError(raw)
             sample.label = int(raw.decode().strip() if isinstance(raw, bytes) else raw)
         except (ValueError, TypeError, UnicodeDecodeError):
-            sample.problem = f"class id {raw!r} is not an integer"
+            sample.label_problem = f"class id {raw!r} is not an integer"
+    if not sample.captions and sample.caption_problem is None:
+        sample.caption_problem = json_problem
+    if sample.label is None and sample.label_problem is None:
+        sample.label_problem = json_problem
     return sample
 
 
@@ -348,16 +355,20 @@ class ShardDataset:
         for key, _, _, files in iter_groups(self.shards[shard], exts=exts):
             yield parse_sample(shard, key, files, self.caption_key, self.label_key)
 
+    def caption_problem(self, sample: ShardSample) -> str | None:
+        """Why `sample` has no caption (None when it has one)."""
+        if sample.captions:
+            return None
+        return sample.caption_problem or f"no caption (.txt or JSON {self.caption_key!r})"
+
     def problem(self, sample: ShardSample) -> str | None:
         """Why `sample` cannot be used for this dataset's kind (None when it can; the image is not decoded)."""
-        if sample.problem:
-            return sample.problem
         if sample.image is None:
             return "no image member"
-        if self.kind == "t2i" and not sample.captions:
-            return f"no caption (.txt or JSON {self.caption_key!r})"
-        if self.kind == "c2i" and sample.label is None:
-            return f"no class id (.cls or JSON {self.label_key!r})"
+        if self.kind == "t2i":
+            return self.caption_problem(sample)
+        if sample.label is None:
+            return sample.label_problem or f"no class id (.cls or JSON {self.label_key!r})"
         return None
 
     def decode(self, sample: ShardSample) -> Image.Image:
@@ -413,10 +424,7 @@ class ShardDataset:
         return sample
 
     def load(self, i: int) -> Image.Image:
-        sample = self.sample(i)
-        if sample.problem:
-            raise BadImage(sample.problem)
-        return self.decode(sample)
+        return self.decode(self.sample(i))
 
     def source(self, i: int) -> str:
         shard, row = self._locate(i)
