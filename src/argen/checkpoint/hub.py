@@ -7,7 +7,9 @@ Contract:
   * a released name that is not a local path (`c2i_B_256`, `c2i_B_256.pt`, `vq_ds16_c2i`) is the published
     file in its repository (`argen.checkpoint.released.RELEASED_REPOS`).
   Hub files are fetched with `huggingface_hub.hf_hub_download` into its standard cache (`HF_HOME`,
-  `HF_HUB_CACHE`), which resumes a transfer that breaks off with HTTP Range requests. A cached file is
+  `HF_HUB_CACHE`). A transfer that breaks off is resumed from where it stopped with HTTP Range requests
+  (huggingface_hub retries up to 5 times within the run; a killed process starts that file over, since
+  huggingface_hub removes its partial file). A cached file is
   used without a download where the Hub says it is current, and with `HF_HUB_OFFLINE=1` the cache alone
   is used, with no network. Any failure is a one-line `CheckpointError`.
   The ReleasedName comes from the file name, for hub references and local files alike (`.../c2i_L_384.pt`).
@@ -18,7 +20,7 @@ Contract:
 - `default_tokenizer(gpt_ref)`: the released tokenizer of a released generator name (from the same hub
   repository for an hf:// reference, the file beside it for a local file when it is there), else None.
 - `checkpoint_record(ref)`: the reference a run writes down (hf://... for hub files, else the absolute path).
-- `model_id(ref)`: the name a server reports for a checkpoint; `gpt_class_names(ref, config)`: its class
+- `model_id(ref)`: the name a server reports for a checkpoint; `gpt_class_names(ref, num_classes)`: its class
   names (stored with an argen generator, or ImageNet's for a released 1000-class file), else None.
 """
 
