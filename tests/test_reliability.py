@@ -440,3 +440,160 @@ def test_missing_checkpoint_path_says_it_does_not_exist(tmp_path, capsys):
     code = main(["serve", "--tokenizer", str(tmp_path / "tok"), "--gpt", str(tmp_path / "nope"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == f"argen serve: error: generator checkpoint {tmp_path / 'nope'} does not exist"
+
+
+# ---------------------------------------------------------------- a busy port
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tmp_path, capsys):
+    import socket
+
+    from argen.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        # the port is checked before the (here missing) checkpoints are opened
+        code = main(["serve", "--tokenizer", str(tmp_path / "t"), "--gpt", str(tmp_path / "g"), "--port", str(port)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err == (f"argen serve: error: port {port} on 127.0.0.1 is already in use; stop the process that holds it "
+                   f"or choose another --port")
+
+
+# ---------------------------------------------------------------- a light start-up
+
+_LIGHT = """
+import sys
+from argen.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "numpy", "transformers", "fastapi", "safetensors", "PIL") if m in sys.modules)
+print("HEAVY", ",".join(heavy))
+"""
+
+
+def _heavy_after(*argv):
+    done = subprocess.run([sys.executable, "-c", _LIGHT, *argv], capture_output=True, text=True, timeout=120)
+    line = [x for x in done.stdout.splitlines() if x.startswith("HEAVY")][-1]
+    return line.split(" ", 1)[1] if " " in line else "", done.stderr
+
+
+def test_help_version_and_argument_errors_do_not_import_torch():
+    from argen.cli.main import SUBCOMMANDS
+
+    for argv in (["--help"], ["--version"], ["no-such-command"]):
+        heavy, _ = _heavy_after(*argv)
+        assert heavy == "", (argv, heavy)
+    for command in SUBCOMMANDS:
+        heavy, _ = _heavy_after(command, "--help")
+        assert heavy == "", (command, heavy)
+        heavy, err = _heavy_after(command, "--no-such-flag")
+        assert heavy == "" and "error:" in err and "Traceback" not in err, (command, heavy, err)
+
+
+def test_argen_help_lists_every_command_with_its_summary(capsys):
+    from argen.cli.main import SUBCOMMANDS, main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in SUBCOMMANDS)
+    assert "Sample images from a tokenizer" in out and "FID, sFID, IS, precision and recall" in out
+
+
+# ---------------------------------------------------------------- transformers' own progress bar
+
+
+def test_text_encoder_loading_prints_no_progress_bar(capfd):
+    from argen.data.text_encoders import load_text_encoder
+
+    capfd.readouterr()
+    load_text_encoder("minilm")
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "%|" not in captured.err
+
+
+# ---------------------------------------------------------------- every numeric flag is checked at parse time
+
+
+def _numeric_actions():
+    from argen.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, subparser in sub.choices.items():
+        for action in subparser._actions:
+            if action.type in (int, float) or action.type in common.NUMERIC_TYPES or \
+                    getattr(action.type, "__name__", "").startswith(("int_range", "float_range")):
+                yield command, subparser, action
+
+
+# values that make sense for a few flags (a seed of 0, a temperature of 0, ...) are listed per type
+_BAD = {
+    "positive_int": ["0", "-1", "nan", "inf", "1.5"],
+    "nonneg_int": ["-1", "nan", "inf"],
+    "positive_float": ["0", "-1", "nan", "inf"],
+    "nonneg_float": ["-1", "nan", "inf"],
+    "finite_float": ["nan", "inf", "-inf"],
+    "unit_interval": ["0", "-1", "nan", "inf", "1.5"],
+    "probability": ["-1", "nan", "inf", "1"],
+    "fraction": ["-1", "nan", "inf", "1.5"],
+}
+
+
+def _bad_values(action):
+    name = getattr(action.type, "__name__", "")
+    if name in _BAD:
+        return _BAD[name]
+    if name.startswith("int_range"):
+        low = int(name.split("_")[2])
+        return [str(low - 1), "nan", "inf"]
+    if name.startswith("float_range"):
+        low = float(name.split("_")[2])
+        return [str(low - 1), "nan", "inf"]
+    return None  # a bare int/float: not validated
+
+
+def test_every_numeric_flag_of_every_command_is_validated(capsys):
+    from argen.cli.main import main
+
+    unchecked, wrong = [], []
+    for command, _subparser, action in _numeric_actions():
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        values = _bad_values(action)
+        if values is None:
+            unchecked.append(f"{command} {flag} (type={action.type.__name__})")
+            continue
+        for value in values:
+            with pytest.raises(SystemExit) as info:
+                main([command, f"{flag}={value}"])
+            err = capsys.readouterr().err
+            if info.value.code != 2 or "error:" not in err or "Traceback" in err or flag not in err:
+                wrong.append(f"{command} {flag}={value}: exit {info.value.code}, {err.strip()[-120:]!r}")
+    assert not unchecked, "numeric flags without a checking type: " + "; ".join(unchecked)
+    assert not wrong, "; ".join(wrong)
+
+
+# ---------------------------------------------------------------- run-directory locks in the commands
+
+
+@pytest.mark.parametrize("argv", [
+    ["extract-codes", "--tokenizer", "T", "--data", "demo", "--image-size", "16", "--out", "{out}"],
+    ["demo", "--out", "{out}"],
+])
+def test_commands_refuse_a_run_directory_in_use(tmp_path, capsys, argv):
+    from argen.cli.main import main
+
+    out = tmp_path / "run"
+    proc = _holder(out)
+    try:
+        code = main([a.replace("{out}", str(out)) for a in argv])
+    finally:
+        proc.kill()
+        proc.wait()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"is in use by pid {proc.pid} (argen train)" in err and "\n" not in err

@@ -10,7 +10,8 @@ its range, and on a bad value raises `argparse.ArgumentTypeError`, so argparse p
     positive_int   int >= 1            nonneg_int      int >= 0
     positive_float finite > 0          nonneg_float    finite >= 0
     finite_float   any finite float    unit_interval   (0, 1]
-    probability    [0, 1)              int_range(lo, hi) / float_range(lo, hi): closed ranges
+    probability    [0, 1)              fraction        [0, 1]
+    int_range(lo, hi) / float_range(lo, hi): closed ranges
 
 Progress rule (one for all commands): `add_progress_argument(parser)` adds `--progress/--no-progress`;
 `show_progress(args)` is True when `--progress` was given, False with `--no-progress` (or the deprecated
@@ -78,6 +79,11 @@ def probability(text: str) -> float:
     return _check(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    return _check(text, float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
 def int_range(low: int, high: int) -> Callable[[str], int]:
     """A type for integers in [low, high]."""
 
@@ -98,7 +104,8 @@ def float_range(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
-NUMERIC_TYPES = (positive_int, nonneg_int, positive_float, nonneg_float, finite_float, unit_interval, probability)
+NUMERIC_TYPES = (positive_int, nonneg_int, positive_float, nonneg_float, finite_float, unit_interval, probability,
+                 fraction)
 
 
 def add_progress_argument(parser: argparse.ArgumentParser, quiet_alias: bool = False) -> None:

@@ -11,13 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from argen.checkpoint import load_tokenizer
-from argen.data.datasets import open_dataset
-from argen.evaluation.recon_metrics import evaluate_tokenizer, side_by_side
-from argen.models.lpips import LPIPS, resolve_vgg_weights
-from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_write, atomic_write_json
-from argen.utils.torch_utils import parse_device
+from argen.cli.common import add_progress_argument, fraction, positive_int, show_progress
 
 log = logging.getLogger("argen.evaluation")
 
@@ -28,17 +22,18 @@ def add_arguments(parser):
     parser.add_argument("--data", default="demo", help="'demo', a class folder, a .jsonl manifest or .tar shards")
     parser.add_argument("--split", default="val", help="train, val or all (default val)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 64 for demo, else 256")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--image-size", type=positive_int, default=None, help="default: 64 for demo, else 256")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-images", type=positive_int, default=None, help="evaluate only the first N images")
     parser.add_argument("--vgg-weights", default="auto",
                         help="VGG16 trunk for LPIPS: file, 'download', 'auto' (torch hub cache if present) or 'none'")
     parser.add_argument("--lpips-heads", default=None, help="LPIPS linear-head file (default: the lpips package's)")
     parser.add_argument("--inception", default=None, help="FID Inception weights file or 'random': adds rFID")
-    parser.add_argument("--grid", type=int, default=16, help="images in the side-by-side PNG")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.05)
+    parser.add_argument("--grid", type=positive_int, default=16, help="images in the side-by-side PNG")
+    parser.add_argument("--max-bad-fraction", type=fraction, default=0.05,
+                        help="stop when more than this fraction of the images cannot be read (default 0.05)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-progress", action="store_true")
+    add_progress_argument(parser)
 
 
 def _inception(spec, device):
@@ -53,6 +48,14 @@ def _inception(spec, device):
 
 
 def run(args):
+    from argen.checkpoint import load_tokenizer
+    from argen.data.datasets import open_dataset
+    from argen.evaluation.recon_metrics import evaluate_tokenizer, side_by_side
+    from argen.models.lpips import LPIPS, resolve_vgg_weights
+    from argen.utils.errors import ArgenError
+    from argen.utils.io import atomic_write, atomic_write_json
+    from argen.utils.torch_utils import parse_device
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = parse_device(args.device)
     model = load_tokenizer(args.tokenizer, config=args.tokenizer_config, device=device)
@@ -65,7 +68,7 @@ def run(args):
     metrics, originals, reconstructions = evaluate_tokenizer(
         model, dataset, size, args.batch_size, lpips=lpips, inception=_inception(args.inception, device),
         device=device, max_images=args.max_images, grid_count=args.grid, max_bad_fraction=args.max_bad_fraction,
-        progress=not args.no_progress)
+        progress=show_progress(args))
     metrics.update({"tokenizer": str(args.tokenizer), "data": str(args.data), "split": args.split})
     if args.inception == "random":
         metrics["rfid_note"] = "random Inception weights: the rFID value is only a smoke test"

@@ -14,11 +14,7 @@ import argparse
 import json
 import sys
 
-from argen.evaluation.evaluate import RANDOM_WARNING, evaluate
-from argen.models.inception import build_inception
-from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_write_json
-from argen.utils.torch_utils import parse_device
+from argen.cli.common import add_progress_argument, positive_int, show_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,23 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="path to pt_inception-2015-12-05-6726825d.pth, `download` (fetch it once into "
                              "~/.cache/argen, sha256-checked; needs network) or `random` (tests only)")
     parser.add_argument("--out", default=None, help="write the results JSON here (default: print only)")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per Inception batch (default 50)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
-    parser.add_argument("--pr-block-size", type=int, default=10000,
+    parser.add_argument("--pr-block-size", type=positive_int, default=10000,
                         help="rows/columns per distance block for precision/recall (default 10000)")
-    parser.add_argument("--reference-limit", type=int, default=None,
+    parser.add_argument("--reference-limit", type=positive_int, default=None,
                         help="use only the first N reference images (quick runs; ignores precomputed mu/sigma)")
     parser.add_argument("--ignore-reference-stats", action="store_true",
                         help="compute the reference mu/sigma with argen's network even if the npz carries them")
     parser.add_argument("--fid-method", choices=["sqrtm", "eigh"], default="sqrtm",
                         help="matrix square root: sqrtm (scipy, as ADM; default) or eigh (faster, same value to ~1e-9)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_argument(parser, quiet_alias=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.pr_block_size < 1:
-        raise ArgenError("--batch-size and --pr-block-size must be >= 1")
+    from argen.evaluation.evaluate import RANDOM_WARNING, evaluate
+    from argen.models.inception import build_inception
+    from argen.utils.io import atomic_write_json
+    from argen.utils.torch_utils import parse_device
+
     device = parse_device(args.device)
     inception = build_inception(args.inception).to(device)
     if inception.is_random:
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"argen evaluate: warning: {args.inception} loads but its sha256 ({inception.sha256[:16]}...) is not "
               f"that of the published file (6726825d...)", file=sys.stderr)
     result = evaluate(args.reference, args.samples, inception, batch_size=args.batch_size,
-                      use_cache=not args.no_cache, pr_block_size=args.pr_block_size, progress=not args.quiet,
+                      use_cache=not args.no_cache, pr_block_size=args.pr_block_size, progress=show_progress(args),
                       fid_method=args.fid_method, reference_limit=args.reference_limit,
                       use_reference_stats=not args.ignore_reference_stats)
     if args.out:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 
-from argen.data.datasets import open_dataset
-from argen.data.extract import extract_text_features
-from argen.data.text_encoders import DEFAULT_MAX_LENGTH, load_text_encoder
-from argen.utils.torch_utils import parse_device
+from argen.cli.common import add_progress_argument, fraction, positive_int, show_progress
 
 
 def add_arguments(parser):
@@ -24,21 +21,28 @@ def add_arguments(parser):
                         "use the same --split as extract-codes")
     parser.add_argument("--encoder", default="minilm", help="'minilm' or a local model folder (e.g. flan-t5-xl)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens kept per caption")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
+    parser.add_argument("--max-length", type=positive_int, default=None,
+                        help="tokens kept per caption (default: the encoder's, 120)")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-bad-fraction", type=fraction, default=0.05,
                         help="tar shards: stop when more than this fraction of samples has no caption")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-progress", action="store_true")
+    add_progress_argument(parser)
 
 
 def run(args):
+    from argen.data.datasets import open_dataset
+    from argen.data.extract import extract_text_features
+    from argen.data.text_encoders import DEFAULT_MAX_LENGTH, load_text_encoder
+    from argen.utils.torch_utils import parse_device
+
     device = parse_device(args.device)
     dataset = open_dataset(args.data, args.split)
-    encoder = load_text_encoder(args.encoder, device=device, max_length=args.max_length)
+    max_length = args.max_length or DEFAULT_MAX_LENGTH
+    encoder = load_text_encoder(args.encoder, device=device, max_length=max_length)
     encoder.batch_size = args.batch_size
     summary = extract_text_features(encoder, dataset, args.out, batch_size=args.batch_size,
-                                    progress=not args.no_progress, max_bad_fraction=args.max_bad_fraction)
+                                    progress=show_progress(args), max_bad_fraction=args.max_bad_fraction)
     if summary is not None:
         print(json.dumps({"out": args.out, **summary}, indent=2))
     return 0

@@ -18,8 +18,17 @@ starts. Ctrl-C / SIGTERM finish in-flight work. Details: docs/engine.md.
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 
-from argen.cli.common import add_checkpoint_arguments, load_models
+from argen.cli.common import (
+    add_checkpoint_arguments,
+    int_range,
+    load_models,
+    nonneg_float,
+    positive_float,
+    positive_int,
+)
 from argen.utils.errors import ArgenError
 
 
@@ -27,16 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    group.add_argument("--max-batch-size", type=int, default=16, help="images per engine batch (default 16)")
-    group.add_argument("--max-wait-ms", type=float, default=10.0,
+    group.add_argument("--port", type=int_range(1, 65535), default=8000, help="port (default 8000)")
+    group.add_argument("--max-batch-size", type=positive_int, default=16, help="images per engine batch (default 16)")
+    group.add_argument("--max-wait-ms", type=nonneg_float, default=10.0,
                        help="how long the oldest request waits for others to join its batch (default 10)")
-    group.add_argument("--max-queue", type=int, default=256, help="queued images before 503 (default 256)")
-    group.add_argument("--max-images-per-request", type=int, default=16,
+    group.add_argument("--max-queue", type=positive_int, default=256, help="queued images before 503 (default 256)")
+    group.add_argument("--max-images-per-request", type=positive_int, default=16,
                        help="larger requests get 413 (default 16)")
-    group.add_argument("--max-body-mb", type=float, default=32.0,
+    group.add_argument("--max-body-mb", type=positive_float, default=32.0,
                        help="larger request bodies get 413 (default 32; caption features are the big ones)")
-    group.add_argument("--decode-chunk", type=int, default=16, help="images decoded at once (default 16)")
+    group.add_argument("--decode-chunk", type=positive_int, default=16, help="images decoded at once (default 16)")
     group.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
                        help="decode images on a second thread while the next batch generates (auto: on for CUDA)")
     group.add_argument("--text-encoder", default="minilm",
@@ -45,13 +54,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse at once, in one line, a host/port the server could not listen on (checked before the
+    models load; uvicorn would otherwise fail after loading them, with its own multi-line log)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ArgenError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ArgenError(f"port {port} on {host} is already in use; stop the process that holds it or "
+                                 f"choose another --port") from None
+            raise ArgenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from argen.serving import GenerationService, ServeConfig, create_app
 
-    if not 0 < args.port < 65536:
-        raise ArgenError(f"--port must lie in 1..65535, got {args.port}")
-    if not 0 < args.max_body_mb <= 4096:
+    if args.max_body_mb > 4096:
         raise ArgenError(f"--max-body-mb must lie in (0, 4096], got {args.max_body_mb}")
+    check_port_free(args.host, args.port)
     config = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_images_per_request=args.max_images_per_request, decode_chunk=args.decode_chunk,
                          overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],

@@ -94,7 +94,9 @@ class TextEncoder:
 
 def _load_hf(folder: Path, name: str, max_length: int, device, dtype) -> TextEncoder:
     from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar ignores argen's progress rule
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ArgenError(f"{folder} is not a transformers model folder (no config.json)")
