@@ -57,6 +57,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp") + tuple(sorted(e[1:] for e in IMAGE_
 OPTIONS = ("caption_key", "label_key", "kind", "skip_bad_shards")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_BYTES_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 class ShardError(ArgenError):
@@ -375,7 +376,10 @@ class ShardDataset:
         """The sample's image as 8-bit RGB; raises `BadImage`."""
         if sample.image is None:
             raise BadImage("no image member")
-        return load_image(io.BytesIO(sample.image), self.min_size)
+        try:
+            return load_image(io.BytesIO(sample.image), self.min_size)
+        except BadImage as exc:  # PIL names the in-memory file by its repr
+            raise BadImage(_BYTES_REPR.sub("the image member", str(exc))) from exc
 
     def sample_source(self, sample: ShardSample) -> str:
         return f"{self.shards[sample.shard]}:{sample.key}"
@@ -427,8 +431,7 @@ class ShardDataset:
         return self.decode(self.sample(i))
 
     def source(self, i: int) -> str:
-        shard, row = self._locate(i)
-        return f"{self.shards[shard]}#{row}"
+        return self.sample_source(self.sample(i))
 
     def label(self, i: int) -> int:
         label = self.sample(i).label
