@@ -152,10 +152,10 @@ def stage_generator(out: Path, kind: str, codes: Path, plan: Plan, steps: int, s
     run_dir = out / f"gpt-{kind}"
     info_file = run_dir / "gpt.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("training", {}).get("steps") == steps:
-    from argen.models.gpt import gpt_config
-
         print(f"reusing {run_dir}")
         return run_dir
+    from argen.models.gpt import gpt_config
+
     cfg = TrainConfig(codes=str(codes), out=str(run_dir), config=plan.gpt_config, max_steps=steps, resume=True,
                       # the demo's short captions: its generators keep their 16 caption slots, not the features' 120
                       caption_len=gpt_config(plan.gpt_config).caption_len if kind == "t2i" else None,
