@@ -96,3 +96,26 @@ def test_load_torch_file_names_refused_globals_and_allows_listed(tmp_path):
     with pytest.raises(ArgenError, match="argparse.Namespace"):
         load_torch_file(tmp_path / "ns.pt")
     assert load_torch_file(tmp_path / "ns.pt", allowed=[argparse.Namespace])["args"].a == 1
+
+
+def test_quantizer_backward_is_deterministic_with_threads():
+    """Repeated codes: the codebook gradient must not depend on how CPU threads interleave (it did with
+    `codebook[codes]`, whose backward is a multi-threaded atomic add)."""
+    from argen.nn.quantizer import VectorQuantizer
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        quantizer = VectorQuantizer(64, 8, l2_norm=False).train()
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(16, 8, 32, 32, generator=g)  # 16,384 codes over 64 entries
+        upstream = torch.randn(16, 8, 32, 32, generator=g)
+        grads = set()
+        for _ in range(12):
+            quantizer.zero_grad(set_to_none=True)
+            out = quantizer(z)
+            ((out.quantized * upstream).sum() + out.codebook_loss).backward()
+            grads.add(quantizer.embedding.weight.grad.numpy().tobytes())
+        assert len(grads) == 1
+    finally:
+        torch.set_num_threads(old)

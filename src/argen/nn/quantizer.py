@@ -4,6 +4,9 @@
 Training losses: codebook loss ||sg(z) - e||^2, commitment beta * ||z - sg(e)||^2, and an optional
 entropy loss that rewards confident per-sample and diverse average code assignment.
 `codebook_used` is a rolling window of the last 65,536 codes (a buffer, saved with the weights).
+Codebook rows are gathered with `F.embedding`, whose CPU backward sums repeated codes in a fixed order
+(indexing `codebook[codes]` backpropagates through a multi-threaded atomic add on the CPU, so two
+identical training runs would differ in the last bits).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) -> latents (B, C, h, w)."""
-        return self.codebook()[codes].permute(0, 3, 1, 2).contiguous()
+        return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
 
     def _track_usage(self, codes: torch.Tensor) -> float:
         flat = codes.flatten().to(self.codebook_used.dtype)[-USAGE_WINDOW:]
@@ -83,7 +86,7 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook()
         flat = z.reshape(-1, channels)
         codes, affinity = self.nearest(flat, codebook)
-        z_q = codebook[codes].view_as(z)
+        z_q = F.embedding(codes, codebook).view_as(z)
         zero = z.new_zeros(())
         if self.training:
             codebook_loss = torch.mean((z_q - z.detach()) ** 2)
