@@ -7,7 +7,7 @@ import pytest
 
 import argen.evaluation.fid as fid_module
 from argen.cli.main import main
-from argen.evaluation.evaluate import batch_activations, cache_path, open_batch
+from argen.evaluation.evaluate import batch_activations, cache_path, open_batch, stats_cache_dir
 from argen.evaluation.fid import compute_statistics, paired_statistics, reconstruction_fid
 from argen.evaluation.npz import ImageBatchFile, NpzImageWriter
 from argen.models.inception import random_inception
@@ -116,7 +116,8 @@ def test_activation_cache_is_keyed_by_content_and_network(tmp_path, net):
 
 def test_demo_reference_and_limit(tmp_path):
     demo = open_batch("demo", "reference", limit=5)
-    assert demo.count == 5 and demo.image_size == (64, 64) and demo.key == "images" and not demo.cacheable
+    assert demo.count == 5 and demo.image_size == (64, 64) and demo.key == "images"
+    assert demo.cache_folders == [stats_cache_dir()]  # the user's cache, never the installed package
     chunks = list(demo.iter_batches(2))
     assert [c.shape[0] for c in chunks] == [2, 2, 1]
     with np.load(demo.path) as data:

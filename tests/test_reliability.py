@@ -597,3 +597,70 @@ def test_commands_refuse_a_run_directory_in_use(tmp_path, capsys, argv):
         proc.wait()
     err = capsys.readouterr().err.strip()
     assert code == 2 and f"is in use by pid {proc.pid} (argen train)" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------- cached demo reference statistics
+
+
+def test_demo_reference_statistics_are_computed_once_per_network(tmp_path, monkeypatch):
+    """`argen evaluate demo ...` used to run Inception over all 3,822 demo images on every call."""
+    import argen.evaluation.evaluate as ev
+    from argen.evaluation.fid import Activations
+
+    monkeypatch.setenv("ARGEN_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_activations(batches, inception, batch_size, total, desc, progress):
+        calls.append(desc)
+        count = sum(b.shape[0] for b in batches)
+        rng = np.random.default_rng(len(calls))
+        return Activations(rng.random((count, 4), np.float32), np.zeros(4), np.eye(4), np.zeros(2), np.eye(2))
+
+    class Net:
+        weights_id = "sha256:0123456789abcdef"
+
+    monkeypatch.setattr(ev, "compute_activations", fake_activations)
+    first, source = ev.batch_activations(ev.open_batch("demo", "reference", 6), Net(), 3, True, "reference", False)
+    assert source == "computed" and calls == ["reference"]
+    again, source = ev.batch_activations(ev.open_batch("demo", "reference", 6), Net(), 3, True, "reference", False)
+    assert source == "cache" and calls == ["reference"] and np.array_equal(again.pool, first.pool)
+    cached = list((tmp_path / "cache" / "stats").iterdir())
+    assert len(cached) == 1 and "first6" in cached[0].name and "sha256-0123456789abcdef" in cached[0].name
+    Net.weights_id = "sha256:fedcba9876543210"  # another network: computed again
+    ev.batch_activations(ev.open_batch("demo", "reference", 6), Net(), 3, True, "reference", False)
+    assert calls == ["reference", "reference"]
+    ev.batch_activations(ev.open_batch("demo", "reference", 5), Net(), 3, True, "reference", False)
+    assert len(calls) == 3  # other images (the first 5): computed again
+
+
+def test_statistics_cache_falls_back_to_the_user_cache_for_a_read_only_folder(tmp_path, monkeypatch):
+    import argen.evaluation.evaluate as ev
+    from argen.evaluation.fid import Activations
+
+    monkeypatch.setenv("ARGEN_CACHE", str(tmp_path / "cache"))
+    batch_dir = tmp_path / "ro"
+    batch_dir.mkdir()
+    np.savez(batch_dir / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    real_atomic_write = ev.atomic_write
+
+    def refuse_ro(path, write, size=None):
+        if Path(path).parent == batch_dir:
+            raise PermissionError(errno.EACCES, "read-only")
+        return real_atomic_write(path, write)
+
+    monkeypatch.setattr(ev, "atomic_write", refuse_ro)
+    calls = []
+
+    def fake_activations(batches, inception, batch_size, total, desc, progress):
+        calls.append(desc)
+        count = sum(b.shape[0] for b in batches)
+        return Activations(np.ones((count, 4), np.float32), np.zeros(4), np.eye(4), np.zeros(2), np.eye(2))
+
+    class Net:
+        weights_id = "random-seed0"
+
+    monkeypatch.setattr(ev, "compute_activations", fake_activations)
+    for expected in ("computed", "cache"):
+        _, source = ev.batch_activations(ev.open_batch(batch_dir / "ref.npz", "r"), Net(), 2, True, "r", False)
+        assert source == expected
+    assert calls == ["r"] and len(list((tmp_path / "cache" / "stats").iterdir())) == 1

@@ -7,9 +7,11 @@ Contract:
 - The reference's precomputed `mu`/`sigma`/`mu_s`/`sigma_s` are used when all four are present (as the
   ADM evaluator does) unless `use_reference_stats=False`; its pool activations are always computed, for
   precision/recall.
-- Activations and statistics are cached (except for `demo`) next to each npz as
-  `<name>.<sha256[:16]>.<weights id>.stats.npz` (file content hash + network id), so a reference batch
-  goes through Inception once. An unwritable folder only skips the cache.
+- Activations and statistics are cached as `<name>.<sha256[:16]>.<weights id>.stats.npz` (file content
+  hash + network id, plus the member and image limit when not the whole `arr_0`), as ADM keeps its
+  reference npz: a batch goes through Inception once per network. The cache sits next to each npz; for
+  `demo`, and for an npz in a folder argen cannot write, it goes to `argen.utils.io.cache_dir()/stats`
+  (`$ARGEN_CACHE` or `~/.cache/argen`). A cache that cannot be written or read only costs the recompute.
 - Returns the JSON-ready result dict; see `docs/evaluation.md` for its fields.
 """
 
@@ -30,7 +32,7 @@ from argen.evaluation.metrics import frechet_distance, inception_score, precisio
 from argen.evaluation.npz import ImageBatchFile
 from argen.models.inception import FIDInception
 from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_write, sha256_file
+from argen.utils.io import atomic_write, cache_dir, sha256_file
 
 PROTOCOL = ("ADM (guided-diffusion evaluator): FID/precision/recall on pool_3 (2048), sFID on mixed_6/conv[..., :7] "
             "(2023), IS from unbiased logits over 10 splits, k-NN manifold k=3; TF1 bilinear resize to 299")
@@ -39,10 +41,18 @@ RANDOM_WARNING = "RANDOM-WEIGHT INCEPTION: for testing the pipeline only; these 
 
 
 
-def cache_path(batch_path: Path, digest: str, weights_id: str, key: str = "arr_0", limit: int | None = None) -> Path:
+def cache_path(batch_path: Path, digest: str, weights_id: str, key: str = "arr_0", limit: int | None = None,
+               folder: Path | None = None) -> Path:
+    """The statistics cache of one batch for one network, in `folder` (default: beside the npz)."""
     safe_id = re.sub(r"[^A-Za-z0-9_.-]", "-", weights_id)
     subset = ("" if key == "arr_0" else f".{key}") + ("" if limit is None else f".first{limit}")
-    return batch_path.with_name(f"{batch_path.name}{subset}.{digest[:16]}.{safe_id}.stats.npz")
+    folder = batch_path.parent if folder is None else Path(folder)
+    return folder / f"{batch_path.name}{subset}.{digest[:16]}.{safe_id}.stats.npz"
+
+
+def stats_cache_dir() -> Path:
+    """Where statistics go that cannot sit beside their npz (the packaged demo set, read-only folders)."""
+    return cache_dir() / "stats"
 
 
 def demo_reference() -> tuple[Path, str]:
@@ -55,7 +65,7 @@ def open_batch(spec: str | Path, name: str, limit: int | None = None) -> ImageBa
     if str(spec) == "demo":
         path, key = demo_reference()
         batch = ImageBatchFile(path, name, key=key, limit=limit)
-        batch.cacheable = False  # never write statistics into the installed package
+        batch.cache_folders = [stats_cache_dir()]  # never write statistics into the installed package
         return batch
     return ImageBatchFile(spec, name, limit=limit)
 
@@ -68,30 +78,39 @@ def _load_cache(path: Path) -> Activations | None:
         return None
 
 
-def _save_cache(path: Path, acts: Activations) -> None:
+def _save_cache(paths: list[Path], acts: Activations) -> None:
+    """Write the cache to the first of `paths` that can be written."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             np.savez(handle, pool=acts.pool, mu=acts.mu, sigma=acts.sigma, mu_s=acts.mu_s, sigma_s=acts.sigma_s)
-    try:
-        atomic_write(path, write)
-    except OSError as exc:
-        print(f"argen evaluate: note: could not write the statistics cache {path} ({exc})", file=sys.stderr)
+
+    problems = []
+    for path in paths:
+        try:
+            atomic_write(path, write)
+            return
+        except (OSError, ArgenError) as exc:
+            problems.append(f"{path} ({exc})")
+    print(f"argen evaluate: note: could not write the statistics cache: {'; '.join(problems)}", file=sys.stderr)
 
 
 def batch_activations(batch: ImageBatchFile, inception: FIDInception, batch_size: int, use_cache: bool,
                       label: str, progress: bool = True) -> tuple[Activations, str]:
     """Activations of one npz batch, from its cache when valid. Returns (activations, 'cache'|'computed')."""
-    path = None
+    paths = []
     if use_cache and batch.cacheable:
-        path = cache_path(batch.path, sha256_file(batch.path), inception.weights_id, batch.key, batch.limit)
-        if path.is_file():
-            acts = _load_cache(path)
+        digest = sha256_file(batch.path)
+        folders = getattr(batch, "cache_folders", None) or [batch.path.parent, stats_cache_dir()]
+        paths = [cache_path(batch.path, digest, inception.weights_id, batch.key, batch.limit, f) for f in folders]
+        for path in paths:
+            acts = _load_cache(path) if path.is_file() else None
             if acts is not None and acts.count == batch.count:
                 return acts, "cache"
     acts = compute_activations(batch.iter_batches(batch_size), inception, batch_size, total=batch.count,
                                desc=label, progress=progress)
-    if path is not None:
-        _save_cache(path, acts)
+    if paths:
+        _save_cache(paths, acts)
     return acts, "computed"
 
 

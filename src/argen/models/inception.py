@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from argen.utils.errors import ArgenError, CheckpointError
-from argen.utils.io import sha256_file
+from argen.utils.io import cache_dir, sha256_file
 from argen.utils.torch_utils import load_torch_file
 
 INCEPTION_FILE_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -348,10 +348,7 @@ def download_inception(dest: str | Path) -> Path:
 
 def default_weights_path() -> Path:
     """Where `download` keeps the weights: $ARGEN_CACHE or ~/.cache/argen."""
-    import os
-
-    root = Path(os.environ.get("ARGEN_CACHE", Path.home() / ".cache" / "argen"))
-    return root / INCEPTION_FILE_NAME
+    return cache_dir() / INCEPTION_FILE_NAME
 
 
 def build_inception(spec: str, seed: int = 0) -> FIDInception:

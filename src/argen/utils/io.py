@@ -185,6 +185,11 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return Path(path)
 
 
+def cache_dir() -> Path:
+    """argen's per-user cache folder: `$ARGEN_CACHE`, else `~/.cache/argen` (not created here)."""
+    return Path(os.environ.get("ARGEN_CACHE") or Path.home() / ".cache" / "argen")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file's contents, read in chunks."""
     digest = hashlib.sha256()
