@@ -299,3 +299,10 @@ def test_sample_batch_by_released_name_records_the_hub_files(hub, tmp_path):
     assert config["checkpoints"]["gpt"] == "hf://FoundationVision/LlamaGen/c2i_B_256.pt"
     assert config["checkpoints"]["tokenizer"] == "hf://FoundationVision/LlamaGen/vq_ds16_c2i.pt"
     assert np.load(tmp_path / "batch" / "samples.npz")["arr_0"].shape == (2, 64, 64, 3)  # --image-size wins
+
+
+def test_tokenizer_may_be_left_out_only_for_a_released_generator(tmp_path, capsys):
+    code = main(["sample", "--gpt", str(tmp_path / "my-run"), "--classes", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--tokenizer is required" in err and "c2i_B_256" in err
