@@ -72,3 +72,32 @@ def test_process_ranks(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ArgenError, match="must be integers"):
         process_ranks()
+
+
+def test_demo_subset_cuts_every_per_image_field():
+    from argen.data.datasets import DemoDataset
+
+    full = DemoDataset("train")
+    part = full.subset([5, 2, 9])
+    assert len(part) == 3 and len(full) > 3
+    assert np.array_equal(part.images, full.images[[5, 2, 9]])
+    assert part.labels.tolist() == full.labels[[5, 2, 9]].tolist()
+    assert part.names == [full.names[i] for i in (5, 2, 9)] and part.captions(1) == full.captions(2)
+    assert part.indices.tolist() == full.indices[[5, 2, 9]].tolist() and len(part.vendor) == 3
+    assert len(full.subset(4)) == 4 and full.subset(4).short_names == full.short_names[:4]
+
+
+def test_demo_samples_are_one_generator_in_chunks_of_64_then_decoded():
+    import argen
+    from argen.training.demo import CPU_PLAN, sample_images
+    from conftest import tiny_gpt, tiny_tokenizer
+
+    gpt, tokenizer = tiny_gpt("c2i"), tiny_tokenizer()
+    classes = torch.arange(70) % 10
+    got = sample_images(gpt, tokenizer, classes, None, CPU_PLAN, seed=5)
+    gen = torch.Generator().manual_seed(5)  # the demo's rule before it used decode_codes
+    kw = dict(cfg_scale=CPU_PLAN.cfg_scale, temperature=CPU_PLAN.temperature, top_k=CPU_PLAN.top_k, generator=gen)
+    tokens = torch.cat([argen.generate(gpt, classes[:64], **kw), argen.generate(gpt, classes[64:], **kw)])
+    grid = gpt.config.grid_size
+    want = to_uint8(torch.cat([tokenizer.decode(tokens[i:i + 64].view(-1, grid, grid)) for i in (0, 64)]))
+    assert got.shape == (70, 64, 64, 3) and np.array_equal(got, want)

@@ -247,6 +247,10 @@ class CodeDataset:
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
         return shard, i - int(self._starts[shard])
 
+    def shard_codes(self, k: int) -> np.ndarray:
+        """Shard k's codes, memory-mapped: (count, num_augs, h, w), in dataset order (index.json's shards)."""
+        return self._codes[k]
+
     def get(self, i: int, aug: int = 0) -> tuple[torch.Tensor, int]:
         """Image i's augmented copy `aug` -> (codes (h*w,) int64, label)."""
         if not 0 <= aug < self.num_augs:

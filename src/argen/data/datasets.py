@@ -8,7 +8,8 @@ Contract:
   tar shards (a brace pattern, a `.tar`, a folder of `.tar` files, a list file or `shards:...`; see
   `argen.data.shards.ShardDataset`, which ignores `split`: point `--data` at the split's shards).
   - demo: the emoji npz in `argen/data/demo/`; split "train"/"val"/"all"; classes are the 10 categories
-    (`label="category"`) or 99 subcategories; captions from names and short names.
+    (`label="category"`) or 99 subcategories; captions from names and short names. `subset(rows)` gives
+    a copy with only those rows (or the first `rows`).
   - class folder: `root/<class>/<images>` (classes sorted by name, any depth below a class folder). When
     `root/<split>` is itself a class folder it is used (ImageNet's train/ and val/ layouts); split "all"
     or a root without such a folder uses the root.
@@ -18,14 +19,17 @@ Contract:
 - User errors (empty folder, class folder with no images, missing manifest column, bad JSON) raise
   `ArgenError` naming the place to fix.
 - `TransformedDataset(dataset, transform, seed)` is a torch map-style dataset over keys (epoch, index):
-  the augmentation's generator is seeded from (seed, epoch, index), so results do not depend on worker
+  the augmentation's generator is seeded with `derive_seed("augment", seed, epoch, index)`
+  (`argen.utils.seeds`), so results do not depend on worker
   count or order. A bad record yields `(None, index, source, reason)` instead of crashing; `collate_skip`
   drops those and reports them for a `FailureTracker` in the main process.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Sequence
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -75,6 +79,16 @@ class DemoDataset:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def subset(self, rows: int | Sequence[int]) -> DemoDataset:
+        """A copy holding only `rows` of this split (a count keeps the first rows), every per-image field cut."""
+        picked = np.arange(min(rows, len(self))) if isinstance(rows, int) else np.asarray(rows, dtype=np.int64)
+        part = copy.copy(self)
+        for name in ("indices", "images", "labels", "vendor"):
+            setattr(part, name, getattr(self, name)[picked])
+        part.names = [self.names[i] for i in picked]
+        part.short_names = [self.short_names[i] for i in picked]
+        return part
 
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[i])

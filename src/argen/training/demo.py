@@ -2,9 +2,10 @@
 
 `run_demo(DemoOptions(out="runs/demo"))` trains (or reuses) a small VQ tokenizer on the emoji training split,
 extracts codes, computes MiniLM caption features, trains a class-conditional and a text-conditional
-generator, samples a grid per class and for a few prompts, and writes OUT/report.md with the images,
-the metrics and the loss curves. `--quick` (the default) fits in about 10 minutes on a 2-core CPU;
-with a GPU it trains larger models for longer. Every stage reuses what an earlier run left in OUT.
+generator, samples a grid per class and for a few prompts, and writes OUT/report.md (from the package
+template `training/templates/demo_report.md`) with the images, the metrics and the loss curves.
+`--quick` (the default) fits in about 10 minutes on a 2-core CPU; with a GPU it trains larger models
+for longer. Every stage reuses what an earlier run left in OUT.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,9 @@ from argen.checkpoint import load_gpt, load_tokenizer
 from argen.data.codes import CodeDataset, CodeShardWriter
 from argen.data.datasets import DemoDataset
 from argen.data.text_features import TextFeatureStore, save_text_features
-from argen.engine import generate
+from argen.engine import decode_codes, generate
+from argen.evaluation.recon_metrics import psnr_uint8
+from argen.sampling.logits import SamplingParams
 from argen.training.generator import TrainConfig, train
 from argen.training.tokenizer import TokenizerTrainConfig, train_tokenizer
 from argen.utils.errors import ArgenError
@@ -44,6 +48,7 @@ PROMPTS = [
 
 
 REFS = 2  # real images shown left of each row of samples
+SAMPLE_CHUNK = 64  # images per generate call, all from one generator: this fixes the demo's samples
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,6 @@ CPU_PLAN = Plan(name="quick (CPU)", tokenizer_config="VQ-demo", tokenizer_steps=
 GPU_PLAN = Plan(name="GPU", tokenizer_config="VQ-demo", tokenizer_steps=6000, tokenizer_batch=64, tokenizer_lr=5e-4,
                 gpt_config="GPT-demo-L", c2i_steps=6000, t2i_steps=6000, batch_size=256, lr=1e-3, warmup=200,
                 dropout=0.1, samples_per_class=8, cfg_scale=3.0, temperature=0.8, top_k=50)
-
-
-def _limit(data: DemoDataset, count: int) -> None:
-    """Keep the first `count` images of a demo split (in place)."""
-    for attr in ("indices", "images", "labels", "vendor", "names", "short_names"):
-        setattr(data, attr, getattr(data, attr)[:count])
 
 
 def _stage(title: str) -> None:
@@ -138,11 +137,10 @@ def stage_text(out: Path, data: DemoDataset, c2i_codes: Path) -> tuple[Path, Pat
             "kind": "t2i", "text_features": "../" + text_dir.name, "num_classes": None, "class_names": None}
     writer = CodeShardWriter(t2i_dir, meta)
     offset = 0
-    for shard in source.meta["shards"]:
-        count = shard["count"]
-        codes = np.load(c2i_codes / shard["codes"])
-        writer.write_shard(shard["index"], codes, np.arange(offset, offset + count))  # caption i = image i
-        offset += count
+    for k, shard in enumerate(source.meta["shards"]):
+        codes = np.asarray(source.shard_codes(k))  # (count, num_augs, h, w), checked by CodeDataset
+        writer.write_shard(shard["index"], codes, np.arange(offset, offset + len(codes)))  # caption i = image i
+        offset += len(codes)
     writer.finalize()
     return text_dir, t2i_dir
 
@@ -201,17 +199,16 @@ def _curve_summary(curve: list[dict]) -> str:
 
 @torch.no_grad()
 def sample_images(gpt, tokenizer, cond, mask, plan: Plan, seed: int) -> np.ndarray:
+    """(B,) class ids or (B, L, D) captions -> (B, 64, 64, 3) uint8 samples.
+
+    One generator seeded with `seed` draws for all images, SAMPLE_CHUNK at a time (not the per-image
+    seeds of `argen sample`), so the demo's samples and the numbers in docs/example stay as they were."""
+    params = SamplingParams(cfg_scale=plan.cfg_scale, temperature=plan.temperature, top_k=plan.top_k)
     gen = torch.Generator(device=gpt.tok_embeddings.weight.device).manual_seed(seed)
-    tokens = []
-    for start in range(0, len(cond), 64):
-        part_mask = None if mask is None else mask[start:start + 64]
-        tokens.append(generate(gpt, cond[start:start + 64], part_mask, cfg_scale=plan.cfg_scale,
-                               temperature=plan.temperature,
-                               top_k=plan.top_k, generator=gen))
-    tokens = torch.cat(tokens)
-    grid = gpt.config.grid_size
-    images = [tokenizer.decode(tokens[i:i + 64].view(-1, grid, grid)) for i in range(0, len(tokens), 64)]
-    return to_uint8(torch.cat(images))
+    tokens = torch.cat([generate(gpt, cond[start:start + SAMPLE_CHUNK],
+                                 None if mask is None else mask[start:start + SAMPLE_CHUNK], params=params,
+                                 generator=gen) for start in range(0, len(cond), SAMPLE_CHUNK)])  # (B, N)
+    return decode_codes(tokenizer, tokens, chunk=SAMPLE_CHUNK)
 
 
 def _side_by_side(ref_rows: list[np.ndarray], samples: np.ndarray, per_row: int) -> np.ndarray:
@@ -273,7 +270,7 @@ def run_demo(options: DemoOptions) -> dict:
 
     train_set, val_set = DemoDataset("train"), DemoDataset("val")
     if options.limit:
-        _limit(train_set, options.limit)
+        train_set = train_set.subset(options.limit)
     _stage(f"1/6 tokenizer ({plan.tokenizer_config}, {plan.tokenizer_steps} steps)")
     tok_dir = timed("tokenizer", stage_tokenizer, out, plan, options.seed, options.tokenizer)
     tokenizer = load_tokenizer(tok_dir, device=device)
@@ -310,8 +307,7 @@ def write_report(out: Path, plan: Plan, tokenizer, tok_dir: Path, train_set: Dem
         grid = 64 // tokenizer.downsample
         recon = to_uint8(tokenizer.decode(tokenizer.encode(val).view(-1, grid, grid)))
     real = to_uint8(val)
-    mse = ((real.astype(np.float64) - recon.astype(np.float64)) ** 2).mean()
-    psnr = float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+    psnr = float(psnr_uint8(real[None], recon[None])[0])  # over all 16 images together
     pairs = np.stack([real, recon], axis=1).reshape(-1, *real.shape[1:])
     save_png(make_grid(pairs, cols=8), images_dir / "tokenizer_reconstructions.png")
 
@@ -367,56 +363,12 @@ def write_report(out: Path, plan: Plan, tokenizer, tok_dir: Path, train_set: Dem
     class_rows += [[str(c + 1), name, str(int((train_set.labels == c).sum()))] for c, name in enumerate(names)]
     prompt_rows = [["row", "prompt"]] + [[str(i + 1), p] for i, p in enumerate(PROMPTS)]
     timing_rows = [["stage", "seconds"]] + [[k, f"{v:.0f}"] for k, v in timings.items()]
-    text = f"""# argen demo report
-
-Produced by `argen demo --quick --out {out}` ({plan.name} plan, device `{device}`, {platform.machine()};
-torch {torch.__version__}). Data: the bundled emoji set (64x64, {len(train_set)} training images,
-{len(names)} categories). Tokenizer `{plan.tokenizer_config}`; generators `{plan.gpt_config}`
-(c2i {plan.c2i_steps} steps, t2i {plan.t2i_steps} steps, batch {plan.batch_size}). Sampling: guidance
-{plan.cfg_scale}, temperature {plan.temperature}, top-k {plan.top_k}, seed {seed}.
-
-## Class-conditional samples
-
-One row per class, in the order of the table below: {REFS} real training images of the class left of
-the bar, {n} generated samples right of it.
-
-![c2i samples](images/c2i_samples.png)
-
-{_md_table(class_rows)}
-
-## Text-conditional samples (MiniLM caption features)
-
-One row per prompt: the training images with exactly that caption left of the bar (both vendors),
-{n} generated samples right of it.
-
-![t2i samples](images/t2i_samples.png)
-
-{_md_table(prompt_rows)}
-
-## Tokenizer reconstructions (validation images; pairs of original, reconstruction)
-
-![reconstructions](images/tokenizer_reconstructions.png)
-
-## Metrics
-
-| metric | value |
-|---|---|
-| tokenizer PSNR on 16 validation images | {psnr:.2f} dB |
-| c2i samples whose nearest class colour centroid is their class | {gen_match:.1%} |
-| the same for real validation images (reference) | {val_match:.1%} |
-| chance | {1 / len(names):.1%} |
-| t2i samples whose nearest prompt (by colour) is their prompt | {prompt_match:.1%} |
-| chance | {1 / len(PROMPTS):.1%} |
-| c2i training loss | {_curve_summary(c2i_curve)} |
-| t2i training loss | {_curve_summary(t2i_curve)} |
-
-The class-match score classifies each image by the nearest per-class mean of colour histograms
-(non-white pixels) of the training images: a crude check that the samples carry their class's colours.
-The prompt-match score does the same among the 8 prompts, using the training images with that caption.
-
-## Time per stage
-
-{_md_table(timing_rows)}
-"""
+    template = resources.files("argen.training").joinpath("templates/demo_report.md").read_text(encoding="utf-8")
+    text = template.format(
+        out=out, plan=plan, device=device, machine=platform.machine(), torch_version=torch.__version__,
+        num_train=len(train_set), num_classes=len(names), seed=seed, refs=REFS, n=n,
+        class_table=_md_table(class_rows), prompt_table=_md_table(prompt_rows), timing_table=_md_table(timing_rows),
+        psnr=psnr, gen_match=gen_match, val_match=val_match, class_chance=1 / len(names), prompt_match=prompt_match,
+        prompt_chance=1 / len(PROMPTS), c2i_curve=_curve_summary(c2i_curve), t2i_curve=_curve_summary(t2i_curve))
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
     return metrics
