@@ -231,3 +231,9 @@ def test_flags_come_from_the_dataclass_and_resolve_in_order(capsys):
     values = {"lr": 3.0}
     cfg = flags.resolve(TrainConfig, values, {"lr": 2.0, "batch_size": 64, "betas": [0.8, 0.9]})
     assert (cfg.lr, cfg.batch_size, cfg.betas, cfg.weight_decay) == (3.0, 64, (0.8, 0.9), 0.05)
+    from argen.cli.main import build_parser
+
+    args = build_parser().parse_args(["train-tokenizer", "--out", "o", "--beta2", "0.99", "--no-disc"])
+    assert flags.given(args, TokenizerTrainConfig) == {"out": "o", "betas": (0.9, 0.99), "use_disc": False}
+    args = build_parser().parse_args(["train", "--betas", "0.5", "0.6"])
+    assert flags.given(args, TrainConfig) == {"betas": (0.5, 0.6)}

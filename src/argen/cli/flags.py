@@ -5,7 +5,8 @@ Contract:
   has a `help` entry (see `argen.training.config` for the metadata keys). Flags default to "not given"
   (argparse.SUPPRESS): the namespace holds only what the user typed, so a recipe can sit between the
   dataclass defaults and the explicit flags. The help text shows the dataclass default.
-- Types: bool fields -> `--name/--no-name`; tuple fields -> `nargs=N`; `metadata["type"]` names a
+- Types: bool fields -> `--name/--no-name`; tuple fields -> `nargs=N` (and one flag per element when
+  `metadata["parts"]` names them, e.g. `--beta1`, `--beta2`); `metadata["type"]` names a
   numeric type in `argen.cli.common` (`positive_int`, `finite_float`, `float_range(0,1)`, ...), which
   makes a bad value exit 2 with a one-line message; otherwise the annotation's int/float/str.
 - `given(args, cls)` -> {field: value} for the flags the user gave.
@@ -82,6 +83,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             if base == "tuple":
                 kwargs["nargs"] = annotation.count(",") + 1  # tuple[float, float] -> 2
                 kwargs["metavar"] = tuple(f"V{i + 1}" for i in range(kwargs["nargs"]))
+                for i, part in enumerate(meta.get("parts", ())):  # e.g. --beta1 / --beta2 for betas
+                    target.add_argument("--" + part.replace("_", "-"), dest=f"{f.name}.{i}", default=argparse.SUPPRESS,
+                                        type=kwargs.get("type", float), help=f"element {i + 1} of {flag_name(f)}")
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]
             help_text += _default_text(f)
@@ -96,6 +100,13 @@ def given(args: argparse.Namespace, cls) -> dict:
         if hasattr(args, f.name):
             value = getattr(args, f.name)
             values[f.name] = tuple(value) if isinstance(value, list) else value
+        parts = {i: getattr(args, f"{f.name}.{i}") for i in range(len(f.metadata.get("parts", ())))
+                 if hasattr(args, f"{f.name}.{i}")}
+        if parts:
+            whole = list(values.get(f.name, f.default))
+            for i, value in parts.items():
+                whole[i] = value
+            values[f.name] = tuple(whole)
     return values
 
 

@@ -6,7 +6,8 @@ Contract:
   `metadata`, so `argen.cli.flags` builds the `argen train` / `argen train-tokenizer` flags from these
   definitions alone. A field without `help` is not a flag.
 - Metadata keys: `help` (required for a flag), `type` (name of a type in `argen.cli.common`, e.g.
-  "positive_int"), `choices`, `flag` (the flag's spelling when it is not `--field-name`), `group`.
+  "positive_int"), `choices`, `flag` (the flag's spelling when it is not `--field-name`), `group`,
+  `parts` (tuple fields: one extra flag per element, e.g. `--beta1`, `--beta2`).
   Bool fields become `--name/--no-name` pairs.
 - Data-shape fields of `TrainConfig` (`kind`, `vocab_size`, `image_size`, `num_classes`, `caption_len`)
   default to None: the trainer takes them from the codes and their text features; a value given here
@@ -58,7 +59,7 @@ class TrainConfig:
     lr: float = _flag(1e-4, "learning rate per 256 samples; the effective lr is lr * batch/256",
                       type="positive_float")
     weight_decay: float = _flag(0.05, "AdamW weight decay on matrices and embeddings", type="nonneg_float")
-    betas: tuple[float, float] = _flag((0.9, 0.95), "AdamW betas", type="unit_interval")
+    betas: tuple[float, float] = _flag((0.9, 0.95), "AdamW betas", type="unit_interval", parts=("beta1", "beta2"))
     grad_clip: float = _flag(1.0, "gradient-norm clip", type="positive_float")
     grad_accum: int = _flag(1, "gradient accumulation micro-steps", type="positive_int")
     warmup: int = _flag(0, "linear warmup steps", type="nonneg_int")
@@ -129,7 +130,7 @@ class TokenizerTrainConfig:
     max_steps: int = _flag(1000, "total optimizer steps", type="positive_int")
     lr: float = _flag(1e-4, "learning rate (constant)", type="positive_float")
     weight_decay: float = _flag(0.05, "AdamW weight decay", type="nonneg_float")
-    betas: tuple[float, float] = _flag((0.9, 0.95), "AdamW betas", type="unit_interval")
+    betas: tuple[float, float] = _flag((0.9, 0.95), "AdamW betas", type="unit_interval", parts=("beta1", "beta2"))
     max_grad_norm: float = _flag(1.0, "gradient-norm clip", type="positive_float")
     precision: str = _flag("auto", "auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32")
     device: str = _flag("auto", "cpu, cuda or auto")
