@@ -325,6 +325,7 @@ class ShardDataset:
         if len(missing) == len(self.shards):
             raise ShardError(f"none of the {len(self.shards)} tar shards of --data {self.spec!r} exists")
         self.sha256 = shard_list_sha256(self.shards)
+        self.names = [p.name for p in self.shards]
         kind = kind or options.get("kind")
         if kind not in (None, "c2i", "t2i"):
             raise ArgenError(f"--data {self.spec!r}: kind must be c2i or t2i, not {kind!r}")
@@ -333,10 +334,6 @@ class ShardDataset:
         self._starts: np.ndarray | None = None
         self._last: tuple[int, ShardSample] | None = None  # load(i) then label(i) read the tar once
         self.skipped: dict[int, str] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.shards]
 
     def _detect_kind(self) -> str:
         for s in range(len(self.shards)):
