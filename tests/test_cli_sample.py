@@ -319,3 +319,60 @@ def test_extract_text_features_folder_feeds_sample(minilm_pair, capsys):
     names = sorted(p.name for p in (tmp / "f").glob("0*.png"))
     assert names == ["00000_a-red-flag.png", "00001_a-smiley-with-a-very-long-and-winding.png"]
     assert np.load(tmp / "f" / "codes.npy").shape == (2, 16)
+
+
+# ------------------------------------------------------------------------- issue 10: interrupts and --rows
+def test_ctrl_c_part_way_says_how_many_pngs_were_written(released, capsys, monkeypatch):
+    import argen.evaluation.pipeline as pipeline
+
+    tmp, tok, c2i, _ = released
+    real, calls = pipeline.generate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", interrupted)
+    out = tmp / "ctrl-c"
+    rc = main(["sample", *released_flags(tok, c2i, "c2i"), "--classes", "1,2,3,4", "--batch-size", "2",
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 130 and len(err.strip().splitlines()) == 1
+    assert f"argen sample: interrupted; 2 of 4 images were written to {out}/" in err
+    assert len(list(out.glob("0*.png"))) == 2
+
+
+def test_rows_pick_caption_rows_of_a_feature_file(released):
+    tmp, tok, _, t2i = released
+    cfg = tiny_gpt("t2i").config
+    feats = np.random.default_rng(1).normal(size=(5, cfg.caption_len, cfg.caption_dim)).astype(np.float32)
+    mask = np.ones((5, cfg.caption_len), np.float32)
+    np.savez(tmp / "caps.npz", features=feats, mask=mask)
+    flags = ["sample", *released_flags(tok, t2i, "t2i"), "--features", str(tmp / "caps.npz"), "--save-codes",
+             "--top-k", "1"]
+    assert main([*flags, "--out", str(tmp / "all")]) == 0
+    assert main([*flags, "--rows", "1:3", "--out", str(tmp / "rows")]) == 0
+    assert sorted(p.name for p in (tmp / "rows").glob("0*.png")) == ["00000_caption1.png", "00001_caption2.png"]
+    everything = np.load(tmp / "all" / "codes.npy")
+    picked = np.load(tmp / "rows" / "codes.npy")
+    assert picked.shape == (2, 16) and np.array_equal(picked[:, :4], everything[1:3, :4])  # greedy: same start
+    assert main([*flags, "--rows", "7:9", "--out", str(tmp / "none")]) == 2
+
+
+@pytest.mark.parametrize("text,count,rows", [("0:3", 10, [0, 1, 2]), (":2", 10, [0, 1]), ("8:", 10, [8, 9]),
+                                             ("4", 10, [4]), ("2:50", 4, [2, 3])])
+def test_parse_rows(text, count, rows):
+    from argen.data.caption_files import parse_rows
+
+    assert parse_rows(text, count) == rows
+
+
+@pytest.mark.parametrize("text", ["a:b", "1:2:3", "-1:3", "5:5", "12"])
+def test_parse_rows_refuses(text):
+    from argen.data.caption_files import parse_rows
+    from argen.utils.errors import ArgenError
+
+    with pytest.raises(ArgenError, match="--rows"):
+        parse_rows(text, 10)

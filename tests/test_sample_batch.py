@@ -244,3 +244,107 @@ def test_resuming_with_other_caption_features_is_refused(tmp_path):
     with pytest.raises(ArgenError, match="another config"):
         sample_batch(tokenizer, gpt, config(num_samples=4, eval_size=None), tmp_path, features + 1, mask,
                      progress=False)
+
+
+# ------------------------------------------------------------------------- issue 10: faults and defaults
+def test_a_truncated_shard_is_named_and_made_again(tmp_path, models, capsys):
+    first = load(sample_batch(*models, config(), tmp_path, progress=False))
+    shard = tmp_path / "shards" / "shard_00001.npz"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated: np.load raises zipfile.BadZipFile
+    (tmp_path / "samples.npz").unlink()
+    again = load(sample_batch(*models, config(), tmp_path, progress=False))
+    assert np.array_equal(first["arr_0"], again["arr_0"])
+    err = capsys.readouterr().err
+    assert "shard_00001.npz is unreadable (BadZipFile" in err and "making it again" in err
+
+
+def test_a_full_disk_while_assembling_is_one_line_and_leaves_no_partial_file(tmp_path, models, monkeypatch):
+    import errno
+
+    from argen.evaluation.npz import NpzImageWriter
+
+    sample_batch(*models, config(), tmp_path, progress=False, assemble=False)
+
+    def full(self, images):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(NpzImageWriter, "write", full)
+    from argen.evaluation.sample_batch import assemble_batch
+
+    with pytest.raises(ArgenError, match="no space left on device while writing .*samples.npz") as info:
+        assemble_batch(tmp_path, 10, 12, 4, "c2i", progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "samples.npz").exists() and not list(tmp_path.glob(".samples.npz*"))
+
+
+def test_num_classes_must_be_positive_and_eval_size_defaults_to_the_image_size(tmp_path, models):
+    with pytest.raises(ArgenError, match="--num-classes must be >= 1"):
+        sample_batch(*models, config(num_classes=0), tmp_path / "zero", progress=False)
+    out = load(sample_batch(*models, config(num_samples=2, eval_size=None), tmp_path / "native", progress=False))
+    assert out["arr_0"].shape == (2, 8, 8, 3)  # GPT-tiny here makes 8x8 images
+    assert SampleBatchConfig().eval_size is None
+
+
+def test_schedules_reach_sample_batch(tmp_path, models):
+    plain = load(sample_batch(*models, config(num_samples=3), tmp_path / "c", progress=False))
+    linear = SamplingParams(top_k=50, cfg_scale=1.5, cfg_schedule="linear")
+    ramped = load(sample_batch(*models, config(num_samples=3, sampling=linear), tmp_path / "l", progress=False))
+    assert not np.array_equal(plain["arr_0"], ramped["arr_0"])
+    assert json.loads((tmp_path / "l" / "config.json").read_text())["config"]["sampling"]["cfg_schedule"] == "linear"
+
+
+def test_sample_batch_images_are_argen_sample_images(tmp_path, models):
+    from argen.evaluation.pipeline import class_conditions, sample_to_folder
+
+    tokenizer, gpt = models
+    batch = load(sample_batch(tokenizer, gpt, config(num_samples=4, num_classes=4, eval_size=None), tmp_path / "b",
+                              progress=False))
+    sample_to_folder(tokenizer, gpt, class_conditions(torch.arange(4), gpt), SAMPLING, tmp_path / "s", seed=7,
+                     batch_size=2)
+    from PIL import Image
+
+    pngs = sorted((tmp_path / "s").glob("0*.png"))
+    assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs]), batch["arr_0"])
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_run_lock(tmp_path, models):
+    import subprocess
+    import sys
+
+    from argen.utils.io import lock_path
+
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock_path(tmp_path / 'run'))!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ArgenError, match="in use by"):
+            sample_batch(*models, config(), tmp_path / "run", progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "run" / "shards").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--num-classes", "0"), ("--num-samples", "0"), ("--batch-size", "-1"),
+                                        ("--shard-size", "nan"), ("--eval-size", "-1"), ("--cfg-scale", "inf"),
+                                        ("--top-p", "0"), ("--temperature", "nan"), ("--seed", "-1")])
+def test_cli_numeric_flags_exit_2(tmp_path, checkpoint_dir, capsys, flag, value):
+    try:
+        code = main(cli_args(checkpoint_dir, tmp_path / "out", f"{flag}={value}"))
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and f"argument {flag}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_progress_flags(tmp_path, checkpoint_dir, capsys):
+    assert main(cli_args(checkpoint_dir, tmp_path / "a", "--progress")) == 0
+    assert "sample-batch rank 0/1" in capsys.readouterr().err
+    args = [a for a in cli_args(checkpoint_dir, tmp_path / "b") if a != "--quiet"]
+    assert main([*args, "--no-progress"]) == 0
+    assert "sample-batch rank" not in capsys.readouterr().err

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -107,7 +108,8 @@ def _shard_done(path: Path, count: int, size: int) -> bool:
         with np.load(path) as data:
             return data["images"].shape == (count, size, size, 3) and data["labels"].shape == (count,)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        tqdm.write(f"argen sample-batch: {path} is unreadable ({type(exc).__name__}: {exc}); making it again")
+        tqdm.write(f"argen sample-batch: {path} is unreadable ({type(exc).__name__}: {exc}); making it again",
+                   file=sys.stderr)
         return False
 
 
