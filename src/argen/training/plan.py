@@ -112,9 +112,7 @@ def generator_plan(cfg: TrainConfig, recipe: dict | None = None, world_size: int
 
 
 def tokenizer_plan(cfg: TokenizerTrainConfig, recipe: dict | None = None) -> dict:
-    vq, _ = resolve_tokenizer(cfg) if not cfg.init_from else (None, None)
-    if vq is None:
-        raise ArgenError("--dry-run with --init-from is not supported; drop --init-from to see the plan")
+    vq, _ = resolve_tokenizer(cfg)  # reads the --init-from file's config, when given
     params = _count(lambda: VQModel(vq))
     disc = 0
     if cfg.use_disc:
