@@ -365,6 +365,22 @@ def test_torchrun_two_ranks_split_shards_and_match_one(tmp_path, model):
     assert (tmp_path / "one" / "index.json").read_text() == (tmp_path / "two" / "index.json").read_text()
 
 
+def test_torchrun_text_features_match_one_process(tmp_path):
+    pattern = make_shards(tmp_path / "data", num_shards=3, bad=False)
+    args = ["extract-text-features", "--data", pattern, "--no-progress", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "argen.cli.main", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("features.npy", "offsets.npy"):
+        assert np.array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name))
+    assert (tmp_path / "one" / "meta.json").read_text() == (tmp_path / "two" / "meta.json").read_text()
+    assert len(TextFeatureStore(tmp_path / "two")) == 15
+    ranks = [json.loads((tmp_path / "two" / "parts" / f"part-{s:05d}.json").read_text())["rank"] for s in range(3)]
+    assert ranks == [0, 1, 0]
+
+
 def test_train_and_eval_tokenizer_on_shards(tmp_path, model):
     from argen.training.tokenizer import TokenizerTrainConfig, train_tokenizer
 

@@ -25,7 +25,7 @@ Contract:
 - `extract_text_features(encoder, dataset, out_dir, ...)` (behind `argen extract-text-features`): every
   caption in dataset order -> `save_text_features`. For tar shards it is resumable and rank-aware like
   `extract_codes`: each shard's features go to `out/parts/` (`features-XXXXX.npy`, `lengths-XXXXX.npy`,
-  then `part-XXXXX.json` with its keys and texts, which marks it done); rank 0 merges them into the
+  then `part-XXXXX.json` with its keys, texts and writing rank, which marks it done); rank 0 merges them into the
   usual files, whose meta.json lists per shard its name, samples, captions and first row (`shards`)
   and `shards_sha256`; a rerun with other shards, caption key or encoder is refused. A sample without
   a caption is counted as a bad record. Other datasets are encoded in one go, as before.
@@ -447,7 +447,9 @@ def _shard_text_features(encoder, dataset: ShardDataset, out_dir: Path, batch_si
         atomic_save_npy(_part(out_dir, "lengths", shard), lengths)
         atomic_write_json(_part(out_dir, "part", shard), {"shard": dataset.names[shard], "samples": samples,
                                                           "captions": len(texts), "keys": keys, "texts": texts,
-                                                          "skipped": error})
+                                                          "skipped": error, "rank": rank})
+        log.info("rank %d wrote text-feature part %d from %s (%d captions)", rank, shard, dataset.names[shard],
+                 len(texts))
     bar.close()
     tracker.check(final=True)
     _barrier(world_size)
