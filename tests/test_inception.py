@@ -187,12 +187,18 @@ def test_cuda_features_match_cpu_with_tf32_off(net, two_images, forward):
 
 
 def test_download_checks_sha256_and_keeps_nothing_on_mismatch(tmp_path, monkeypatch):
+    import email.message
     import io
-    import urllib.request
+
+    import torch.hub
 
     from argen.models import inception as inception_module
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url: io.BytesIO(b"not the weights"))
+    class Response(io.BytesIO):
+        def info(self):
+            return email.message.Message()
+
+    monkeypatch.setattr(torch.hub, "urlopen", lambda request: Response(b"not the weights"))
     dest = tmp_path / "w.pth"
     with pytest.raises(ArgenError, match="sha256"):
         inception_module.download_inception(dest)

@@ -14,7 +14,8 @@ Contract:
   `logits` are `pool @ fc.weight.T` without the bias, as ADM's Inception Score takes them.
 - `load_inception(path)` loads a local weight file strictly with `torch.load(weights_only=True)`;
   `random_inception(seed)` builds the network with fixed random weights (tests only: its numbers are
-  not FIDs); `build_inception("download")` fetches the published file once (sha256 prefix checked).
+  not FIDs); `build_inception("download")` fetches the published file once with torch.hub (sha256 prefix
+  checked, as `torch.hub.load_state_dict_from_url(check_hash=True)` does).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import inception as tv_inception
 
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import cache_dir, sha256_file
@@ -63,11 +65,12 @@ class FrozenBatchNorm(nn.Module):
 
 
 class ConvUnit(nn.Module):
-    """conv (no bias) -> batch norm -> ReLU: one `conv`/`batchnorm` pair of the TF graph."""
+    """conv (no bias) -> batch norm -> ReLU: one `conv`/`batchnorm` pair of the TF graph (torchvision's
+    `BasicConv2d` with a frozen batch norm; used as the `conv_block` of torchvision's Inception blocks)."""
 
-    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
+    def __init__(self, cin: int, cout: int, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = FrozenBatchNorm(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,113 +82,62 @@ def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-class BlockA(nn.Module):
+# The blocks are torchvision's (layers, names and the B/D forwards unchanged); A, C and E pool their
+# `branch_pool` input as the 2015 TF graph does instead (torchvision's average pool counts the padding).
+class BlockA(tv_inception.InceptionA):
     """35x35 block (graph `mixed`, `mixed_1`, `mixed_2`)."""
 
     def __init__(self, cin: int, pool_features: int):
-        super().__init__()
-        self.branch1x1 = ConvUnit(cin, 64, 1)
-        self.branch5x5_1 = ConvUnit(cin, 48, 1)
-        self.branch5x5_2 = ConvUnit(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = ConvUnit(cin, 64, 1)
-        self.branch3x3dbl_2 = ConvUnit(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = ConvUnit(96, 96, 3, padding=1)
-        self.branch_pool = ConvUnit(cin, pool_features, 1)
+        super().__init__(cin, pool_features, conv_block=ConvUnit)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         a = self.branch1x1(x)
         b = self.branch5x5_2(self.branch5x5_1(x))
         c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        d = self.branch_pool(_avg_pool_same(x))
-        return torch.cat([a, b, c, d], 1)
+        return [a, b, c, self.branch_pool(_avg_pool_same(x))]
 
 
-class BlockB(nn.Module):
-    """35 -> 17 reduction (graph `mixed_3`)."""
-
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3 = ConvUnit(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = ConvUnit(cin, 64, 1)
-        self.branch3x3dbl_2 = ConvUnit(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = ConvUnit(96, 96, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.branch3x3(x)
-        b = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([a, b, F.max_pool2d(x, 3, stride=2)], 1)
+def block_b(cin: int) -> nn.Module:
+    """35 -> 17 reduction (graph `mixed_3`): torchvision's InceptionB as is."""
+    return tv_inception.InceptionB(cin, conv_block=ConvUnit)
 
 
-class BlockC(nn.Module):
+class BlockC(tv_inception.InceptionC):
     """17x17 block with factorised 7x7 convolutions (graph `mixed_4` .. `mixed_7`)."""
 
     def __init__(self, cin: int, c7: int):
-        super().__init__()
-        self.branch1x1 = ConvUnit(cin, 192, 1)
-        self.branch7x7_1 = ConvUnit(cin, c7, 1)
-        self.branch7x7_2 = ConvUnit(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = ConvUnit(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = ConvUnit(cin, c7, 1)
-        self.branch7x7dbl_2 = ConvUnit(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = ConvUnit(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = ConvUnit(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = ConvUnit(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = ConvUnit(cin, 192, 1)
+        super().__init__(cin, c7, conv_block=ConvUnit)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         a = self.branch1x1(x)
         b = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         c = self.branch7x7dbl_1(x)
         for unit in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
             c = unit(c)
-        d = self.branch_pool(_avg_pool_same(x))
-        return torch.cat([a, b, c, d], 1)
+        return [a, b, c, self.branch_pool(_avg_pool_same(x))]
 
 
-class BlockD(nn.Module):
-    """17 -> 8 reduction (graph `mixed_8`)."""
-
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3_1 = ConvUnit(cin, 192, 1)
-        self.branch3x3_2 = ConvUnit(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = ConvUnit(cin, 192, 1)
-        self.branch7x7x3_2 = ConvUnit(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = ConvUnit(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = ConvUnit(192, 192, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.branch3x3_2(self.branch3x3_1(x))
-        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([a, b, F.max_pool2d(x, 3, stride=2)], 1)
+def block_d(cin: int) -> nn.Module:
+    """17 -> 8 reduction (graph `mixed_8`): torchvision's InceptionD as is."""
+    return tv_inception.InceptionD(cin, conv_block=ConvUnit)
 
 
-class BlockE(nn.Module):
+class BlockE(tv_inception.InceptionE):
     """8x8 block with split 1x3/3x1 heads (graph `mixed_9`, `mixed_10`). The 2015 graph pools the last
     block's pool branch with a max pool, the one before with an average pool."""
 
     def __init__(self, cin: int, max_pool: bool):
-        super().__init__()
+        super().__init__(cin, conv_block=ConvUnit)
         self.max_pool = max_pool
-        self.branch1x1 = ConvUnit(cin, 320, 1)
-        self.branch3x3_1 = ConvUnit(cin, 384, 1)
-        self.branch3x3_2a = ConvUnit(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = ConvUnit(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = ConvUnit(cin, 448, 1)
-        self.branch3x3dbl_2 = ConvUnit(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = ConvUnit(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = ConvUnit(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = ConvUnit(cin, 192, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         a = self.branch1x1(x)
         b = self.branch3x3_1(x)
         b = torch.cat([self.branch3x3_2a(b), self.branch3x3_2b(b)], 1)
         c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         c = torch.cat([self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c)], 1)
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_same(x)
-        d = self.branch_pool(pooled)
-        return torch.cat([a, b, c, d], 1)
+        return [a, b, c, self.branch_pool(pooled)]
 
 
 def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -220,12 +172,12 @@ class FIDInception(nn.Module):
         self.Mixed_5b = BlockA(192, 32)
         self.Mixed_5c = BlockA(256, 64)
         self.Mixed_5d = BlockA(288, 64)
-        self.Mixed_6a = BlockB(288)
+        self.Mixed_6a = block_b(288)
         self.Mixed_6b = BlockC(768, 128)
         self.Mixed_6c = BlockC(768, 160)
         self.Mixed_6d = BlockC(768, 160)
         self.Mixed_6e = BlockC(768, 192)
-        self.Mixed_7a = BlockD(768)
+        self.Mixed_7a = block_d(768)
         self.Mixed_7b = BlockE(1280, max_pool=False)
         self.Mixed_7c = BlockE(2048, max_pool=True)
         self.fc = nn.Linear(2048, 1008)
@@ -324,25 +276,19 @@ def load_inception(path: str | Path) -> FIDInception:
     return model.eval().requires_grad_(False)
 
 
-def download_inception(dest: str | Path) -> Path:
-    """Download the published weights to `dest` (network access needed), checking the sha256 prefix
-    that the file name carries. Never called by tests."""
-    import urllib.request
-
-    from argen.utils.io import atomic_write
+def download_inception(dest: str | Path, progress: bool = False) -> Path:
+    """Download the published weights to `dest` with `torch.hub.download_url_to_file`, which writes a
+    temp file beside `dest`, checks that its sha256 starts with the prefix the file name carries, and only
+    then moves it into place (nothing is kept on a mismatch). Needs network access; never called by tests."""
+    from torch.hub import download_url_to_file
 
     dest = Path(dest)
-
-    def fetch(tmp: Path) -> None:
-        with urllib.request.urlopen(INCEPTION_URL) as response, open(tmp, "wb") as handle:
-            while block := response.read(1 << 20):
-                handle.write(block)
-        digest = sha256_file(tmp)
-        if not digest.startswith(INCEPTION_SHA256_PREFIX):
-            raise ArgenError(f"downloaded Inception weights have sha256 {digest}, expected a digest starting "
-                             f"with {INCEPTION_SHA256_PREFIX}; not saved")
-
-    atomic_write(dest, fetch)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download_url_to_file(INCEPTION_URL, str(dest), hash_prefix=INCEPTION_SHA256_PREFIX, progress=progress)
+    except RuntimeError as exc:  # torch.hub's "invalid hash value (expected ..., got ...)"
+        raise ArgenError(f"downloaded Inception weights fail the sha256 check ({exc}); expected a digest starting "
+                         f"with {INCEPTION_SHA256_PREFIX}; not saved") from None
     return dest
 
 

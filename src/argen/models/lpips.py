@@ -1,20 +1,24 @@
-"""LPIPS perceptual distance (VGG16 trunk + the `lpips` package's learned linear heads), frozen.
+"""LPIPS perceptual distance: the `lpips` package's `LPIPS` (VGG16, v0.1) with weights from local files, frozen.
 
 Contract:
 - `LPIPS(vgg_weights, lin_weights)`: `forward(a, b)` with (B, 3, H, W) images in [-1, 1] -> (B,) distances;
   gradients flow to the inputs, never to the parameters (all frozen, always in eval mode).
-- Trunk: the 31-layer `features` part of torchvision's VGG16, module indices as in torchvision, so a file
-  saved from `torchvision.models.vgg16().state_dict()` (keys `features.N.weight/bias`; classifier keys are
-  ignored) loads directly. `vgg_weights` is a local path, "download" (torchvision's IMAGENET1K_V1 file via
-  torch.hub's cache, needs network once), or None for a random trunk (tests only).
-- Heads: `lin0..lin4` 1x1 convs from the `lpips` package (v0.1); `lin_weights` None loads the weights shipped
-  inside the package (no network), or a path to a file with the same keys.
+- The network is `lpips.LPIPS(net="vgg", version="0.1")` built with `pnet_rand=True, pretrained=False`, so
+  building it downloads nothing; argen then loads the weights into it:
+- Trunk: a file saved from `torchvision.models.vgg16().state_dict()` (keys `features.N.weight/bias`, module
+  indices as in torchvision; classifier keys are ignored), mapped onto the package's five VGG slices.
+  `vgg_weights` is a local path, "download" (torchvision's IMAGENET1K_V1 file via torch.hub's cache, needs
+  network once, sha256 prefix checked), or None for a random trunk (tests only).
+- Heads: `lin0..lin4` 1x1 convs (keys `linI.model.1.weight`); `lin_weights` None loads the v0.1 VGG heads
+  shipped inside the `lpips` package (no network), or a path to a file with the same keys.
+- Every file is read with `torch.load(weights_only=True)` (or safetensors); bad files are `ArgenError`s.
 - `resolve_vgg_weights("auto")` returns the torch.hub cached VGG16 file when present, else None.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,9 +29,6 @@ from argen.utils.torch_utils import load_torch_file
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
-# trunk layer index after which each of the five LPIPS feature maps is taken (relu1_2 ... relu5_3)
-TAPS = (3, 8, 15, 22, 29)
-CHANNELS = (64, 128, 256, 512, 512)
 
 
 def _hub_file() -> Path:
@@ -51,16 +52,27 @@ def read_weights(path: str | os.PathLike, what: str) -> dict:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        return load_torch_file(path, what=f"{what} file")
+            state = load_file(str(path))
+        else:
+            state = load_torch_file(path, what=f"{what} file")
     except (OSError, RuntimeError, ValueError) as exc:
         raise ArgenError(f"cannot read {what} file {path} ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ArgenError(f"{what} file {path} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def vgg16_trunk() -> nn.Sequential:
+    """torchvision's VGG16 `features` (31 modules): the key layout of the trunk files `LPIPS` loads."""
     from torchvision.models.vgg import cfgs, make_layers
 
     return make_layers(cfgs["D"])
+
+
+def _package_heads() -> Path:
+    import lpips as lpips_package
+
+    return Path(lpips_package.__file__).parent / "weights" / "v0.1" / "vgg.pth"
 
 
 class LPIPS(nn.Module):
@@ -68,56 +80,51 @@ class LPIPS(nn.Module):
         super().__init__()
         import lpips as lpips_package
 
-        self.scaling = lpips_package.ScalingLayer()
-        self.trunk = vgg16_trunk()
-        self.lins = nn.ModuleList([lpips_package.NetLinLayer(c, use_dropout=True) for c in CHANNELS])
+        with warnings.catch_warnings():  # torchvision's deprecation note for the package's `pretrained=` call
+            warnings.simplefilter("ignore")
+            self.net = lpips_package.LPIPS(pretrained=False, net="vgg", version="0.1", pnet_rand=True,
+                                           verbose=False)
         if vgg_weights is not None:
             self.load_trunk(vgg_weights)
-        if lin_weights is None:
-            lin_weights = Path(lpips_package.__file__).parent / "weights" / "v0.1" / "vgg.pth"
-        self.load_heads(lin_weights)
+        self.load_heads(_package_heads() if lin_weights is None else lin_weights)
         self.requires_grad_(False)
         self.eval()
+
+    def _slices(self) -> list[nn.Sequential]:
+        return [getattr(self.net.net, f"slice{i}") for i in range(1, self.net.net.N_slices + 1)]
 
     def load_trunk(self, spec: str | os.PathLike) -> None:
         if str(spec) == "download":
             try:
-                state = torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=False)
-            except OSError as exc:
+                state = torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=False,
+                                                           check_hash=True, weights_only=True)
+            except (OSError, RuntimeError) as exc:
                 raise ArgenError(f"cannot download the VGG16 weights ({exc}); pass a local file instead") from exc
         else:
             state = read_weights(spec, "VGG16 weights")
         features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        expected = self.trunk.state_dict()
+        expected = {k: v for part in self._slices() for k, v in part.state_dict().items()}  # "N.weight" keys
         if set(features) != set(expected) or any(features[k].shape != expected[k].shape for k in expected):
             raise ArgenError(f"{spec} is not a torchvision VGG16 state dict (expected keys features.N.weight/bias)")
-        self.trunk.load_state_dict(features)
+        for part in self._slices():
+            part.load_state_dict({k: features[k] for k in part.state_dict()})
 
     def load_heads(self, path: str | os.PathLike) -> None:
         state = read_weights(path, "LPIPS linear-head weights")
         heads = {}
-        for i in range(len(CHANNELS)):
+        for i in range(len(self.net.lins)):
             key = f"lin{i}.model.1.weight"
             if key not in state:
                 raise ArgenError(f"{path} lacks {key}; it is not an lpips v0.1 VGG head file")
             heads[f"{i}.model.1.weight"] = state[key]
-        self.lins.load_state_dict(heads)
+        try:
+            self.net.lins.load_state_dict(heads)
+        except RuntimeError as exc:
+            raise ArgenError(f"{path} does not fit the lpips v0.1 VGG heads ({str(exc).splitlines()[-1].strip()})"
+                             ) from None
 
     def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        x = self.scaling(torch.cat([a, b]).float())  # (2B, 3, H, W)
-        total = x.new_zeros(a.shape[0])
-        tap = 0
-        for index, layer in enumerate(self.trunk):
-            x = layer(x)
-            if index == TAPS[tap]:
-                fa, fb = x.chunk(2)
-                fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                total = total + self.lins[tap]((fa - fb) ** 2).mean(dim=(1, 2, 3))
-                tap += 1
-                if tap == len(TAPS):
-                    break
-        return total  # (B,)
+        return self.net(a.float(), b.float()).reshape(a.shape[0])  # (B, 1, 1, 1) -> (B,)
