@@ -664,3 +664,33 @@ def test_statistics_cache_falls_back_to_the_user_cache_for_a_read_only_folder(tm
         _, source = ev.batch_activations(ev.open_batch(batch_dir / "ref.npz", "r"), Net(), 2, True, "r", False)
         assert source == expected
     assert calls == ["r"] and len(list((tmp_path / "cache" / "stats").iterdir())) == 1
+
+
+def test_a_full_disk_anywhere_in_a_command_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import argen.cli.evaluate as evaluate_cli
+    from argen.cli.main import main
+
+    log = tmp_path / "log.jsonl"
+
+    def append_log(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(log))
+
+    monkeypatch.setattr(evaluate_cli, "run", append_log)
+    assert main(["evaluate", "r.npz", "s.npz", "--inception", "random"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"argen evaluate: error: no space left on device while writing {log}: the filesystem "
+                          f"mounted at ") and " free" in err and "\n" not in err
+
+    def torch_full(args):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(evaluate_cli, "run", torch_full)
+    assert main(["evaluate", "r.npz", "s.npz", "--inception", "random"]) == 2
+    assert capsys.readouterr().err.startswith("argen evaluate: error: no space left on device (")
+
+    def bug(args):
+        raise RuntimeError("a programming error keeps its traceback")
+
+    monkeypatch.setattr(evaluate_cli, "run", bug)
+    with pytest.raises(RuntimeError, match="programming error"):
+        main(["evaluate", "r.npz", "s.npz", "--inception", "random"])

@@ -86,7 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"argen {args.command}: {exc or 'interrupted'}", file=sys.stderr)  # a message may give progress
         return 130
+    except (OSError, RuntimeError) as exc:  # a full disk met outside argen.utils.io's helpers (logs, appends)
+        error = _disk_full(exc)
+        if error is None:
+            raise
+        print(f"argen {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The one-line message for a full disk or quota, or None for any other error."""
+    from argen.utils.io import disk_full_error, is_disk_full
+
+    if not is_disk_full(exc):
+        return None
+    path = getattr(exc, "filename", None)
+    if path:
+        return str(disk_full_error(exc, path, intact=False)).replace("; no partial file was left", "")
+    return f"no space left on device ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
 
 
 if __name__ == "__main__":
