@@ -84,7 +84,7 @@ def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: i
     return rows
 
 
-def quality(demo: Path, c2i: GPT, t2i: GPT, window: int, seeds: list[int], per_item: int) -> list[dict]:
+def quality(demo: Path, models: dict[str, GPT], window: int, seeds: list[int], per_item: int) -> list[dict]:
     """The demo report's class/prompt match for plain and Jacobi sampling, per seed."""
     from argen.data.datasets import DemoDataset
     from argen.engine import decode_codes
@@ -99,7 +99,8 @@ def quality(demo: Path, c2i: GPT, t2i: GPT, window: int, seeds: list[int], per_i
     refs = [[i for i, c in enumerate(captions) if c == prompt] for prompt in PROMPTS]
     prompt_centroids = np.stack([color_features(train.images[r]).mean(0) if r else np.full(64, 1e3) for r in refs])
     rows = []
-    for kind, gpt, cents in (("c2i", c2i, centroids), ("t2i", t2i, prompt_centroids)):
+    for kind, gpt in models.items():
+        cents = centroids if kind == "c2i" else prompt_centroids
         cond, mask = demo_conditions(gpt, per_item)
         labels = np.repeat(np.arange(len(cents)), per_item)
         for seed in seeds:
@@ -110,7 +111,7 @@ def quality(demo: Path, c2i: GPT, t2i: GPT, window: int, seeds: list[int], per_i
                 score = class_match(color_features(decode_codes(tokenizer, codes)), labels, cents)
                 rows.append(dict(model=kind, seed=seed, decode=decode, match=round(score, 3)))
                 print(f"  {kind} seed {seed} {decode:6s}: match {score:.1%}", flush=True)
-    for kind in ("c2i", "t2i"):
+    for kind in models:
         for decode in ("ar", "jacobi"):
             scores = [r["match"] for r in rows if r["model"] == kind and r["decode"] == decode]
             spread = np.std(scores, ddof=1) if len(scores) > 1 else 0.0
@@ -147,6 +148,7 @@ def gpt_b(windows: list[int], images: int, repeats: int, tokens: int | None) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, help="an `argen demo` output folder (gpt-c2i, gpt-t2i, tokenizer)")
+    ap.add_argument("--kinds", default="c2i,t2i", help="which demo generators (default c2i,t2i)")
     ap.add_argument("--windows", type=_ints, default=[2, 4, 8, 12, 16])
     ap.add_argument("--per-item", type=int, default=2, help="images per class/prompt in the window sweep")
     ap.add_argument("--sweep-seed", type=int, default=0)
@@ -166,14 +168,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {now}")
     results: dict = {}
     if args.demo:
-        c2i, t2i = load_gpt(args.demo / "gpt-c2i"), load_gpt(args.demo / "gpt-t2i")
-        results["sweep"] = (window_sweep("demo c2i", c2i, args.windows, args.per_item, args.sweep_seed, args.repeats)
-                            + window_sweep("demo t2i", t2i, args.windows, args.per_item, args.sweep_seed,
-                                           args.repeats))
+        models = {kind: load_gpt(args.demo / f"gpt-{kind}") for kind in args.kinds.split(",")}
+        results["sweep"] = [row for kind, gpt in models.items()
+                            for row in window_sweep(f"demo {kind}", gpt, args.windows, args.per_item, args.sweep_seed,
+                                                    args.repeats)]
         if args.quality_seeds:
             from argen.engine.jacobi import DEFAULT_WINDOW
 
-            results["quality"] = quality(args.demo, c2i, t2i, args.quality_window or DEFAULT_WINDOW,
+            results["quality"] = quality(args.demo, models, args.quality_window or DEFAULT_WINDOW,
                                          args.quality_seeds, per_item=8)
     if args.gpt_b:
         results["gpt_b"] = gpt_b(args.gpt_b_windows, args.gpt_b_images, args.repeats, args.gpt_b_tokens)

@@ -20,20 +20,24 @@ together, each row at its own positions):
 4. The positions after the new token get new drafts, drawn from this forward's p of the same
    position (computed with partly rejected drafts as context: a proposal, not the target) or, past
    the window, from the last p computed; each draft's proposal is recorded as its q.
-Each draft is drawn from its q with its own random number, before and independently of the
-numbers that verify it, and q does not depend on the draft. So the speculative-sampling argument
-holds at every position: given x_{<i}, x_i = d_i with probability sum_v min(p_i(v), q_i(v)) split
-as min(p_i, q_i), plus the residual's share, which is p_i in total. Greedy (p one-hot): a draft is
-kept iff it is the argmax and the residual of a rejection is the argmax itself.
+Drafts are Gumbel-max draws, argmax(log q_i + g_i), where the noise g_i (V Gumbels) is drawn once
+when token i enters the window and kept until token i is verified (a coupling: a redraft from a
+slightly changed q mostly repeats the previous draft, so the context of later drafts settles as in
+greedy Jacobi iteration). g_i is used for nothing else, and neither q_i nor the accepted prefix
+x_{<i} depends on it (q_i comes from outputs that see only inputs before i), so given x_{<i} the
+draft is an exact sample of q_i, verified with fresh uniforms. The speculative-sampling identity
+then gives P(x_i = v | x_{<i}) = min(p_i(v), q_i(v)) + the residual's share = p_i(v). Greedy (p
+one-hot): a draft is kept iff it is the argmax and the residual of a rejection is the argmax itself.
 
 Keys/values written for rejected drafts lie at positions >= the new prefix length; the next forward
 rewrites them before any query can see them (attention is causal by position), so they never leak.
 Near the end of the grid the window is moved back so that it stays W positions long; the accepted
 tokens it covers again are rewritten with the same values and their outputs ignored.
 
-Randomness: each image draws 2W uniforms per iteration, from its own generator (row_generators) or
-as one row of a (B, 2W) draw from `generator`; a draw is an inverse-CDF lookup
-(`argen.engine.sampler`). With row generators an image's tokens do not depend on its batch.
+Randomness: each image draws W + (W-1) V uniforms per iteration (W-1 verification tests, one
+residual or bonus draw by inverse CDF as in `argen.engine.sampler`, and the Gumbel noise of the
+tokens entering the window), from its own generator (row_generators) or as one row of a draw from
+`generator`. With row generators an image's tokens do not depend on its batch.
 """
 
 from __future__ import annotations
@@ -104,9 +108,9 @@ def verify(p: torch.Tensor, length: torch.Tensor, drafts: torch.Tensor, q: torch
     """One verification step for A images.
 
     p (A, W, V): p[:, i] is the final distribution of token n+i, valid for i < length (A,) >= 1;
-    drafts (A, W-1) for tokens n..n+W-2 with their proposals q (A, W-1, V); uniforms (A, 2W).
-    Returns (accepted drafts a (A,), the token at n+a (A,), new drafts (A, W-1) for tokens
-    n+a+1.. and their proposals (A, W-1, V)).
+    drafts (A, W-1) for tokens n..n+W-2 with their proposals q (A, W-1, V); uniforms (A, >= W).
+    Returns (accepted drafts a (A,), the token at n+a (A,), the proposals (A, W-1, V) of the next
+    drafts, tokens n+a+1..n+a+W-1).
     """
     count, width, vocab = p.shape
     n_drafts = width - 1
@@ -130,9 +134,21 @@ def verify(p: torch.Tensor, length: torch.Tensor, drafts: torch.Tensor, q: torch
         residual = p_at
     token = _draw(residual, uniforms[:, n_drafts])
     source = (accepted[:, None] + 1 + index[None, :n_drafts]).minimum(length[:, None] - 1)  # (A, W-1)
-    new_q = p.gather(1, source[..., None].expand(count, n_drafts, vocab))
-    new_drafts = _draw(new_q, uniforms[:, width:width + n_drafts])
-    return accepted, token, new_drafts, new_q
+    return accepted, token, p.gather(1, source[..., None].expand(count, n_drafts, vocab))
+
+
+def shift_noise(noise: torch.Tensor, fresh: torch.Tensor, advance: torch.Tensor) -> torch.Tensor:
+    """Draft noise (A, W-1, V) of tokens n.. -> that of tokens n+advance..: a token keeps its noise
+    while it stays in the window; tokens entering it take `fresh` noise (A, W-1, V)."""
+    n_drafts = noise.shape[1]
+    source = advance[:, None] + torch.arange(n_drafts, device=noise.device)  # (A, W-1)
+    kept = noise.gather(1, source.clamp(max=max(n_drafts - 1, 0))[..., None].expand_as(noise))
+    return torch.where((source < n_drafts)[..., None], kept, fresh)
+
+
+def draft(q: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max draws (A, W-1) from the proposals q (A, W-1, V) with per-token Gumbel noise."""
+    return (q.log() + noise).argmax(dim=-1)
 
 
 def _final_probs(logits: torch.Tensor, params: SamplingParams, scales: torch.Tensor, index: torch.Tensor,
@@ -144,10 +160,15 @@ def _final_probs(logits: torch.Tensor, params: SamplingParams, scales: torch.Ten
     return process_logits(logits, params.temperature, params.top_k, params.top_p).softmax(dim=-1)
 
 
-def _uniforms(count: int, width: int, device, generator, row_generators, slots: torch.Tensor) -> torch.Tensor:
+def _random(count: int, width: int, vocab: int, device, generator, row_generators, slots: torch.Tensor):
+    """One iteration's numbers per image: W uniforms (A, W) and Gumbel noise (A, W-1, V)."""
+    size = width + (width - 1) * vocab
     if row_generators is None:
-        return torch.rand(count, width, generator=generator, device=device)
-    return torch.stack([torch.rand(width, generator=row_generators[i], device=device) for i in slots.tolist()])
+        u = torch.rand(count, size, generator=generator, device=device)
+    else:
+        u = torch.stack([torch.rand(size, generator=row_generators[i], device=device) for i in slots.tolist()])
+    gumbel = -torch.log(-torch.log(u[:, width:].clamp(min=1e-30)))
+    return u[:, :width], gumbel.view(count, width - 1, vocab)
 
 
 def jacobi_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
@@ -218,11 +239,12 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
                                 _visible(key_valid, prefix_pos, cond_len))[:, -1:]
     p = _final_probs(logits, params, scales, torch.zeros(batch, 1, dtype=torch.long, device=device), batch)
     slots = torch.arange(batch, device=device)  # image id of each active slot
-    uniforms = _uniforms(batch, 2 * width, device, generator, row_generators, slots)
+    uniforms, noise = _random(batch, width, vocab, device, generator, row_generators, slots)
     ones = torch.ones(batch, dtype=torch.long, device=device)
     q = p.new_zeros(batch, width - 1, vocab)
-    _, token, drafts, q = verify(p.expand(batch, width, vocab), ones, torch.zeros_like(q[..., 0], dtype=torch.long),
-                                 q, uniforms)
+    _, token, q = verify(p.expand(batch, width, vocab), ones, torch.zeros_like(q[..., 0], dtype=torch.long), q,
+                         uniforms)
+    drafts = draft(q, noise)
     canvas = torch.zeros(batch, num_tokens + width, dtype=torch.long, device=device)  # accepted, then drafts
     canvas[:, 0] = token
     canvas[:, 1:width] = drafts
@@ -243,6 +265,7 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
             row_keep = keep.repeat(twins)
             cache = [layer[:, row_keep] for layer in cache]
             key_valid, canvas, q, n, slots = key_valid[row_keep], canvas[keep], q[keep], n[keep], slots[keep]
+            noise = noise[keep]
         count = slots.shape[0]
         start = n.clamp(max=num_tokens - width)  # first token index the window predicts
         offset = n - start  # > 0 only where the window was moved back
@@ -257,9 +280,11 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
             align = (offset[:, None] + steps).clamp(max=width - 1)
             p = p.gather(1, align[..., None].expand(count, width, vocab))
         drafts = canvas.gather(1, n[:, None] + steps[:width - 1])
-        uniforms = _uniforms(count, 2 * width, device, generator, row_generators, slots)
-        accepted, token, drafts, q = verify(p, length, drafts, q, uniforms)
+        uniforms, fresh = _random(count, width, vocab, device, generator, row_generators, slots)
+        accepted, token, q = verify(p, length, drafts, q, uniforms)
         new = n + accepted
+        noise = shift_noise(noise, fresh, accepted + 1)
+        drafts = draft(q, noise)
         canvas.scatter_(1, new[:, None], token[:, None])
         canvas.scatter_(1, new[:, None] + 1 + steps[:width - 1], drafts)
         n = new + 1
