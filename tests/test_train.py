@@ -15,7 +15,7 @@ from argen.data.codes import CodeShardWriter
 from argen.data.text_features import save_text_features
 from argen.models.tokenizer import VQModel, vq_config
 from argen.training import checkpointing
-from argen.training.generator import BatchSampler, TrainConfig, param_groups, train
+from argen.training.generator import TrainConfig, param_groups, train
 from argen.utils.errors import ArgenError
 
 
@@ -84,17 +84,6 @@ def test_param_groups_decay_only_matrices():
     groups = param_groups(GPT(gpt_config("GPT-tiny")), 0.05)
     assert groups[0]["weight_decay"] == 0.05 and all(p.ndim >= 2 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0.0 and groups[1]["params"] and all(p.ndim == 1 for p in groups[1]["params"])
-
-
-def test_sampler_covers_epochs_and_resumes():
-    a = BatchSampler(10, seed=3)
-    first = torch.cat([a.next(4) for _ in range(5)])  # 2 epochs
-    assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
-    b = BatchSampler(10, seed=3)
-    b.next(4), b.next(4)
-    c = BatchSampler(10, seed=3)
-    c.load_state_dict(b.state_dict())
-    assert torch.equal(b.next(7), c.next(7))
 
 
 def test_grad_accum_matches_full_batch(tmp_path):

@@ -134,7 +134,7 @@ def test_init_from_released_tokenizer_with_its_discriminator(tmp_path):
     key = "quantize.embedding.weight"
     assert torch.allclose(tuned.state_dict()[key], start[key], atol=1e-5)
     assert not torch.allclose(tuned.state_dict()[key], fresh[key], atol=1e-3)
-    state = load_torch_file(out / "train_state.pt", what="training state")
+    state = load_torch_file(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip())
     assert _find_tensor(state, disc.state_dict()["main.0.weight"])
     # a fine-tune keeps the file's shape; an argen tokenizer brings its own config
     assert main(["train-tokenizer", *FAST_TOKENIZER, "--out", str(tmp_path / "bad"), "--max-steps", "1",

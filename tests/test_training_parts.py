@@ -60,10 +60,23 @@ def test_tokenizer_state_file_is_loaded_safely(tmp_path, label):
     out = tmp_path / "run"
     train_tokenizer(_tokenizer_cfg(out))
     marker = tmp_path / "marker"
-    _bad_files(tmp_path)[label](out / "train_state.pt", marker)
+    for path in (out / "checkpoints").glob("step-*.pt"):  # every checkpoint bad: nothing to fall back to
+        _bad_files(tmp_path)[label](path, marker)
     with pytest.raises(ArgenError) as exc:
         train_tokenizer(_tokenizer_cfg(out, resume=True, max_steps=3))
     _check_refusal(exc, label, marker)
+
+
+def test_tokenizer_run_of_the_old_format_is_refused(tmp_path):
+    """A run directory of the previous layout (train_state.pt, never unpickled) is refused clearly."""
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "marker"
+    _crafted(out / "train_state.pt", marker)
+    for resume in (True, False):
+        with pytest.raises(ArgenError, match="older argen"):
+            train_tokenizer(_tokenizer_cfg(out, resume=resume))
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("label", ["crafted", "random", "truncated"])
@@ -119,3 +132,26 @@ def test_quantizer_backward_is_deterministic_with_threads():
         assert len(grads) == 1
     finally:
         torch.set_num_threads(old)
+
+
+def test_batch_order_covers_epochs_and_resumes():
+    from argen.training.parts import BatchOrder
+
+    a = BatchOrder(10, 4, seed=3)
+    first = torch.cat([a.next()[1] for _ in range(5)])  # 2 epochs; batch 2 runs across the first epoch end
+    assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
+    assert a.batch(2)[0].tolist() == [0, 0, 1, 1] and a.epoch == 2
+    b = BatchOrder(10, 4, seed=3)
+    b.next(), b.next()
+    c = BatchOrder(10, 4, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(b.next(), c.next()))
+    assert [k for k, _ in zip(BatchOrder(10, 4, seed=3).keys(2), range(9))] == [
+        list(zip(*(t.tolist() for t in a.batch(s)))) for s in (0, 1)]
+    assert not torch.equal(BatchOrder(10, 4, seed=4).batch(0)[1], a.batch(0)[1])
+    for changed in (BatchOrder(11, 4, seed=3), BatchOrder(10, 5, seed=3), BatchOrder(10, 4, seed=0)):
+        with pytest.raises(ArgenError, match="data order differs"):
+            changed.load_state_dict(b.state_dict())
+    old_rule = {**b.state_dict(), "rule": "v1"}
+    with pytest.raises(ArgenError, match="rule"):
+        BatchOrder(10, 4, seed=3).load_state_dict(old_rule)

@@ -2,17 +2,21 @@
 
 `train(TrainConfig)` does the whole job and returns a summary dict:
 - data: `CodeDataset` (memory-mapped shards); each sample is one randomly chosen augmented copy of an
-  image. The order is a per-epoch permutation seeded by (seed, epoch); the augmentation choice and the
-  condition-dropout flags come from a data generator whose state is checkpointed. Every global batch
-  is drawn identically whatever the number of processes, and rank r trains on its contiguous slice,
-  split again into `grad_accum` micro-batches, so N processes reproduce one process's gradient.
+  image. The order is `training.parts.BatchOrder` (per-epoch permutations; batch s is a pure function
+  of (seed, s)); the augmentation choice and the condition-dropout flags come from step s's own
+  generator (`BatchOrder.generator(s)`). Every global batch is drawn identically whatever the number
+  of processes, and rank r trains on its contiguous slice, split again into `grad_accum`
+  micro-batches, so N processes reproduce one process's gradient.
 - t2i: labels index caption features in a `TextFeatureStore`, left-padded to `caption_len` with a mask.
 - optimization as in LlamaGen: AdamW (0.9, 0.95), weight decay on matrices/embeddings only, lr given
   per 256 samples and scaled by the global batch, grad clip, warmup then constant or cosine, optional
   EMA, bf16/fp16 autocast, fused AdamW on CUDA, optional torch.compile.
-- state: `out/checkpoints/step-*.pt` + `latest` (see `checkpointing`) every `ckpt_every` steps and at the
-  end; `resume=True` restores model, optimizer, scheduler, scaler, EMA, step, data position and per-rank
-  RNG states, so an interrupted run ends with bit-identical weights (CPU, `deterministic=True`).
+- state: `out/checkpoints/step-*.pt` + `latest` (`checkpointing.TrainingCheckpoint`) every `ckpt_every`
+  steps and at the end, with the parts model, optimizer, scheduler, scaler, EMA, data position and
+  per-rank RNG states, and the settings a resume must keep; `resume=True` restores them (the newest
+  readable checkpoint), so an interrupted run ends with bit-identical weights (on the CPU by default;
+  on CUDA with `deterministic=True`). The run directory is locked while the run writes it
+  (`argen.utils.io.run_lock`, one lock file per rank): a second writer is refused.
 - output: `out/gpt.safetensors` (+ .json, EMA weights when EMA is on; raw weights then in `out/raw/`),
   `out/log.jsonl`, TensorBoard events in `out/tb/`, sample grids in `out/samples/` when a tokenizer is given.
 """
@@ -20,7 +24,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -36,94 +39,30 @@ from argen.data.text_features import TextFeatureStore
 from argen.engine import generate
 from argen.models.gpt import GPT, GPTConfig
 from argen.training import distributed as D
-from argen.training.checkpointing import CheckpointManager
+from argen.training.checkpointing import FORMAT, TrainingCheckpoint
 from argen.training.config import TrainConfig
+from argen.training.parts import (
+    BATCH_ORDER_RULE,
+    EMA,
+    BatchOrder,
+    JsonlLog,
+    ModelState,
+    OptimizerState,
+    RngState,
+    Settings,
+    full_tensor,
+    resolve_precision,
+    training_scope,
+)
 from argen.training.shape import build_model_config as shape_config
 from argen.training.shape import data_shape
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.images import make_grid, save_png, to_uint8
-from argen.utils.io import atomic_write_json
+from argen.utils.io import atomic_write_json, run_lock
 from argen.utils.seeds import derive_seed
-from argen.utils.torch_utils import parse_device, parse_dtype
+from argen.utils.torch_utils import parse_device
 
 BASE_BATCH = 256
-
-
-# ---------------------------------------------------------------------- data order
-class BatchSampler:
-    """Deterministic global batches: per-epoch permutations; the state is (epoch, pos)."""
-
-    def __init__(self, size: int, seed: int):
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-        self.pos = 0
-        self._perm = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.size, generator=gen)
-
-    def next(self, batch: int) -> torch.Tensor:
-        parts, need = [], batch
-        while need:
-            take = min(need, self.size - self.pos)
-            parts.append(self._perm[self.pos:self.pos + take])
-            self.pos += take
-            need -= take
-            if self.pos == self.size:
-                self.epoch += 1
-                self.pos = 0
-                self._perm = self._permutation(self.epoch)
-        return torch.cat(parts)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "size": self.size, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["size"] != self.size:
-            raise CheckpointError(f"the checkpoint was trained on {state['size']} images but the codes hold "
-                                  f"{self.size}; resume with the same codes")
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._perm = self._permutation(self.epoch)
-
-
-# ---------------------------------------------------------------------- EMA
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP shard) -> its full tensor (collective); plain tensors pass through."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-class EMA:
-    """Exponential moving average of the trainable parameters, with the usual short-run warmup."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.shadow = [p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
-
-    def full_state(self) -> dict:
-        return {n: _full(t).detach().cpu() for n, t in zip(self.names, self.shadow)}
-
-    @torch.no_grad()
-    def load_full_state(self, state: dict) -> None:
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise CheckpointError(f"the checkpoint's EMA lacks {len(missing)} parameters (e.g. {missing[0]})")
-        for name, t in zip(self.names, self.shadow):
-            full = state[name].to(torch.float32)
-            if hasattr(t, "full_tensor"):
-                from torch.distributed.tensor import distribute_tensor
-
-                t.copy_(distribute_tensor(full.to(t.device), t.device_mesh, t.placements))
-            else:
-                t.copy_(full.to(t.device))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -152,43 +91,18 @@ def lr_lambda(warmup: int, max_steps: int, schedule: str, min_ratio: float):
     return factor
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _identity(cfg: TrainConfig, ds: CodeDataset, world: int) -> dict:
     return {"batch_size": cfg.batch_size, "seed": cfg.seed, "codebook_size": ds.codebook_size,
             "grid": list(ds.grid), "num_images": len(ds), "num_augs": ds.num_augs}
 
 
-def _config_diff(a: dict, b: dict) -> list[str]:
-    return [k for k in sorted(set(a) | set(b)) if k != "name" and a.get(k) != b.get(k)]
-
-
 class _Logger:
-    """JSONL (+ TensorBoard) logging on the main rank; on resume drops entries past the resumed step."""
+    """`log.jsonl` (`parts.JsonlLog`) and TensorBoard on the main rank, both continued after the resumed step."""
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool, start_step: int):
-        self.enabled = enabled
-        self.path = out / "log.jsonl"
+        self.jsonl = JsonlLog(out / "log.jsonl", start_step, enabled)
         self.tb = None
-        if not enabled:
-            return
-        if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.handle = open(self.path, "a")
-        if tensorboard:
+        if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -197,28 +111,16 @@ class _Logger:
                 self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1)
 
     def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        self.jsonl.write(record)
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
 
     def close(self) -> None:
-        if self.enabled:
-            self.handle.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _full_model_state(model: torch.nn.Module, info: D.DistInfo) -> dict:
-    """Full (unsharded) CPU state dict; collective under FSDP. Non-main ranks may get an empty dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=info.distributed)
-    return get_model_state_dict(model, options=options)
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _weights_model(gpt_cfg: GPTConfig, state: dict, ema_state: dict | None) -> GPT:
@@ -263,23 +165,17 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     if cfg.schedule not in ("constant", "cosine"):
         raise ArgenError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
     device = parse_device(cfg.device)
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
-    amp_dtype = parse_dtype(precision)
-    if amp_dtype == torch.float16 and device.type == "cpu":
-        raise ArgenError("fp16 training needs CUDA; use fp32 or bf16 on the CPU")
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    amp_dtype = resolve_precision(cfg.precision, device, fp16_ok=True)
     info = D.init_distributed(device)
     try:
-        return _train_generator(cfg, info, info.device, amp_dtype, on_step)
+        with contextlib.ExitStack() as resources, training_scope(cfg.deterministic, info.device):
+            return _train_generator(cfg, info, info.device, amp_dtype, on_step, resources)
     finally:
-        torch.use_deterministic_algorithms(was_deterministic)
         D.cleanup(info)
 
 
 def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, amp_dtype: torch.dtype,
-                     on_step) -> dict:
+                     on_step, resources: contextlib.ExitStack) -> dict:
     out = Path(cfg.out)
     ds = CodeDataset(cfg.codes)
     if len(ds) == 0:
@@ -313,7 +209,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     model.train()
     strategy = D.resolve_strategy(cfg.strategy, model, info)
     wrapped = D.wrap_model(model, info, strategy)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema else None  # under FSDP it shadows the local shards
+    ema = EMA(model, cfg.ema_decay, warmup=True) if cfg.ema else None  # under FSDP it shadows the local shards
     torch.manual_seed(derive_seed("dropout", cfg.seed, info.rank))
     if device.type == "cuda":
         torch.cuda.manual_seed(derive_seed("dropout", cfg.seed, info.rank))
@@ -328,22 +224,31 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     forward = torch.compile(wrapped) if cfg.compile else wrapped
 
-    sampler = BatchSampler(len(ds), cfg.seed)
-    data_gen = torch.Generator().manual_seed(derive_seed("data", cfg.seed))
-    ckpts = CheckpointManager(out / "checkpoints", cfg.keep)
-    identity = _identity(cfg, ds, world)
-    step = 0
-    if not cfg.resume and ckpts.latest_path() is not None:
+    # the inputs are valid: from here on the run writes into `out`, which no other process may write
+    resources.enter_context(run_lock(out, "argen train", rank=info.rank))
+    order = BatchOrder(len(ds), cfg.batch_size, cfg.seed)
+    model_part = ModelState(wrapped, info)
+    ckpt_dir = out / "checkpoints"
+    model_config = {k: v for k, v in gpt_cfg.to_dict().items() if k != "name"}
+    parts = {
+        "model_config": Settings(model_config, f"the checkpoint in {ckpt_dir} is for a different generator config "
+                                               f"(differs in {{keys}}); use the same --config or a new --out"),
+        "settings": Settings({**_identity(cfg, ds, world), "ema": ema is not None},
+                             f"the checkpoint in {ckpt_dir} was trained with different settings ({{keys}}); resume "
+                             f"with the same codes, --batch-size, --seed and --ema"),
+        "model": model_part, "optimizer": OptimizerState(wrapped, optimizer, info), "scheduler": scheduler,
+        "scaler": scaler, **({"ema": ema} if ema is not None else {}), "data": order, "rng": RngState(device, info),
+    }
+    ckpt = TrainingCheckpoint(ckpt_dir, parts, cfg.keep, info)
+    if not cfg.resume and ckpt.exists():
         raise ArgenError(f"{out} already holds training checkpoints; pass --resume to continue that run or "
                          f"choose another --out")
-    if cfg.resume:
-        step = _restore(ckpts, wrapped, optimizer, scheduler, scaler, ema, sampler, data_gen, gpt_cfg, identity,
-                        info, device)
+    step = ckpt.restore() if cfg.resume else 0
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "train_config.json", {"train": cfg.to_dict(), "model": gpt_cfg.to_dict(),
                                                       "world_size": world, "strategy": strategy,
-                                                      "lr_effective": lr})
+                                                      "lr_effective": lr, "batch_order": BATCH_ORDER_RULE,
+                                                      "checkpoint_format": FORMAT})
     logger = _Logger(out, info.is_main, cfg.tensorboard, step)
     tokenizer = None
     sample_cond = None
@@ -354,16 +259,9 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
                              f"generator's vocabulary ({gpt_cfg.vocab_size})")
         sample_cond = _sample_conditions(ds, store, gpt_cfg, 16 if gpt_cfg.kind == "c2i" else 8)
 
-    def save_checkpoint(at: int) -> None:
-        state = _collect(wrapped, optimizer, scheduler, scaler, ema, sampler, data_gen, gpt_cfg, identity,
-                         info, device, at)
-        if info.is_main:
-            ckpts.save(state, at)
-        D.barrier(info)
-
     def save_samples(at: int) -> None:
-        full = _full_model_state(wrapped, info)
-        ema_state = ema.full_state() if ema is not None else None
+        full = model_part.state_dict()
+        ema_state = ema.state_dict() if ema is not None else None
         if info.is_main:
             eval_model = _weights_model(gpt_cfg, full, ema_state)
             cond, mask = sample_cond
@@ -379,9 +277,10 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     first_loss = None
     tick = time.perf_counter()
     while step < cfg.max_steps:
-        indices = sampler.next(cfg.batch_size)  # (B,) global batch, identical on every rank
-        augs = torch.randint(ds.num_augs, (cfg.batch_size,), generator=data_gen)
-        drop = torch.rand(cfg.batch_size, generator=data_gen) < gpt_cfg.class_dropout_prob
+        step_gen = order.generator(step)
+        _, indices = order.next()  # (B,) global batch, identical on every rank
+        augs = torch.randint(ds.num_augs, (cfg.batch_size,), generator=step_gen)
+        drop = torch.rand(cfg.batch_size, generator=step_gen) < gpt_cfg.class_dropout_prob
         mine = slice(info.rank * micro * accum, (info.rank + 1) * micro * accum)
         indices, augs, drop = indices[mine], augs[mine], drop[mine]
         loss_sum = torch.zeros((), device=device)
@@ -411,13 +310,13 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
 
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
             loss_value = float(D.all_reduce_mean(loss_sum / accum, info))
-            grad_norm = float(_full(grad_norm))
+            grad_norm = float(full_tensor(grad_norm))
             now = time.perf_counter()
             done = step - bar.n
             tok_s = tokens_per_step * done / max(now - tick, 1e-9)
             tick = now
             record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "tokens_per_s": tok_s, "epoch": sampler.epoch}
+                      "tokens_per_s": tok_s, "epoch": order.epoch}
             postfix = {"loss": f"{loss_value:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{tok_s:.0f}"}
             if device.type == "cuda":
                 record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -429,7 +328,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
             if first_loss is None:
                 first_loss = loss_value
         if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
-            save_checkpoint(step)
+            ckpt.save(step)
         if tokenizer is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             save_samples(step)
         if on_step is not None:
@@ -437,9 +336,9 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     bar.update(step - bar.n)
     bar.close()
 
-    save_checkpoint(step)
-    full = _full_model_state(wrapped, info)
-    ema_state = ema.full_state() if ema is not None else None
+    ckpt.save(step)
+    full = model_part.state_dict()
+    ema_state = ema.state_dict() if ema is not None else None
     result = {"out": str(out), "steps": step, "final_loss": last_loss, "first_loss": first_loss,
               "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main}
     if info.is_main:
@@ -465,56 +364,3 @@ def _init_from(model: GPT, path: str) -> None:
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"cannot read {file} ({exc})") from exc
     load_strict(model, state, str(file), f"generator config {model.config.name!r}")
-
-
-def _collect(wrapped, optimizer, scheduler, scaler, ema, sampler, data_gen, gpt_cfg, identity, info, device,
-             step) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=info.distributed)
-    model_state, optim_state = get_state_dict(wrapped, optimizer, options=options)
-    rngs = D.all_gather_objects(_rng_state(device), info)
-    return {
-        "step": step,
-        "model": model_state,
-        "optimizer": optim_state,
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "ema": ema.full_state() if ema is not None else None,
-        "sampler": sampler.state_dict(),
-        "data_gen": data_gen.get_state(),
-        "rng": rngs,
-        "world_size": info.world_size,
-        "gpt_config": gpt_cfg.to_dict(),
-        "identity": identity,
-    }
-
-
-def _restore(ckpts, wrapped, optimizer, scheduler, scaler, ema, sampler, data_gen, gpt_cfg, identity, info,
-             device) -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    state = ckpts.load_latest()
-    if state is None:
-        return 0
-    diff = _config_diff(state["gpt_config"], gpt_cfg.to_dict())
-    if diff:
-        raise CheckpointError(f"the checkpoint in {ckpts.directory} is for a different generator config "
-                              f"(differs in {', '.join(diff)}); use the same --config or a new --out")
-    ident_diff = _config_diff(state["identity"], identity)
-    if ident_diff:
-        raise CheckpointError(f"the checkpoint in {ckpts.directory} was trained with different settings "
-                              f"({', '.join(ident_diff)}); resume with the same codes, --batch-size and --seed")
-    if (state["ema"] is None) != (ema is None):
-        raise CheckpointError("the checkpoint and this run disagree on --ema; resume with the same flag")
-    set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    if ema is not None:
-        ema.load_full_state(state["ema"])
-    sampler.load_state_dict(state["sampler"])
-    data_gen.set_state(state["data_gen"])
-    if state["world_size"] == info.world_size:
-        _set_rng_state(state["rng"][info.rank], device)
-    return int(state["step"])

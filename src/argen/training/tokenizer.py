@@ -5,14 +5,16 @@ Contract:
   precision, checkpointing). `train_tokenizer(cfg)` trains for `cfg.max_steps` optimizer steps and returns
   a summary dict; the final weights (the EMA copy when `ema` is on) go to `<out>/tokenizer.safetensors`
   (+ .json) through `argen.checkpoint.save_tokenizer`, so `argen.load_tokenizer(out)` reads them.
-- Files in `out`: `train_config.json`, `train_state.pt` (model, discriminator, optimizers, EMA, step, data
-  failure counts; written atomically every `ckpt_every` steps and at the end), `log.jsonl` (one line per
-  `log_every` steps: losses, PSNR, codebook usage over the quantizer's rolling 65,536-code window,
-  images/s, learning rate).
-- Exact resume: the data order is a pure function of (seed, step) (one permutation per epoch, batches
-  never straddle epochs, per-image augmentation seeded by (seed, epoch, index)) and every parameter,
-  buffer and optimizer moment is in the state file, so `resume=True` after a crash (even SIGKILL) ends
-  with the same weights as an uninterrupted run on the same device in deterministic mode.
+- Files in `out`: `train_config.json`, `checkpoints/step-*.pt` + `latest` (`training.checkpointing`:
+  the parts model, optimizer, discriminator and its optimizer, EMA, data position, RNG, failure counts
+  and the settings a resume must keep; written atomically every `ckpt_every` steps and at the end),
+  `log.jsonl` (one line per `log_every` steps: losses, PSNR, codebook usage over the quantizer's rolling
+  65,536-code window, images/s, learning rate). The run directory is locked while the run writes it
+  (`argen.utils.io.run_lock`): a second writer is refused.
+- Exact resume: the data order is `training.parts.BatchOrder` (a pure function of (seed, step)),
+  per-image augmentation is seeded by (seed, epoch, index), and every parameter, buffer and optimizer
+  moment is in the checkpoint, so `resume=True` after a crash (even SIGKILL) ends with the same weights
+  as an uninterrupted run on the same device; on the CPU that holds by default (see `training_scope`).
 - Optional dead-code restart (`restart_dead_codes` = N > 0): every N steps, codebook entries unused in the
   rolling window are moved onto random encoder outputs of the current batch (off in the paper recipe).
 - Losses: L2 (or L1) reconstruction + LPIPS + codebook + commitment (beta in the tokenizer config) +
@@ -22,8 +24,8 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -39,90 +41,35 @@ from argen.data.transforms import TrainTransform
 from argen.models.discriminator import PatchGANDiscriminator
 from argen.models.lpips import LPIPS, resolve_vgg_weights
 from argen.models.tokenizer import VQModel
+from argen.training.checkpointing import FORMAT, TrainingCheckpoint
 from argen.training.config import TokenizerTrainConfig
 from argen.training.losses import TokenizerLoss, psnr
+from argen.training.parts import (
+    BATCH_ORDER_RULE,
+    EMA,
+    Attributes,
+    BatchOrder,
+    JsonlLog,
+    ModelState,
+    OptimizerState,
+    RngState,
+    Settings,
+    resolve_precision,
+    training_scope,
+)
 from argen.training.tokenizer_shape import TokenizerInit, resolve_tokenizer
 from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_path, atomic_write, atomic_write_json
+from argen.utils.io import atomic_write_json, run_lock
 from argen.utils.seeds import derive_seed
-from argen.utils.torch_utils import load_torch_file, parse_device
+from argen.utils.torch_utils import parse_device
 
 log = logging.getLogger("argen.training")
-STATE_FILE = "train_state.pt"
+OLD_STATE_FILE = "train_state.pt"  # checkpoint format 1, before the named parts
+CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
 # settings that may change between a run and its resumption
 _RESUMABLE_CHANGES = {"max_steps", "resume", "ckpt_every", "log_every", "num_workers", "progress", "out"}
-
-
-def _precision(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if name in ("fp32", "float32"):
-        return torch.float32
-    raise ArgenError(f"unknown precision {name!r}; use auto, bf16 or fp32")
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """Keys (epoch, index) for steps [start, stop): one seeded permutation per epoch, drop-last batches."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
-        if size < batch_size:
-            raise ArgenError(f"the dataset has {size} images, fewer than one batch of {batch_size}; "
-                             f"lower --batch-size")
-        self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
-        self.per_epoch = size // batch_size
-
-    def batch(self, step: int) -> list[tuple[int, int]]:
-        epoch, slot = divmod(step, self.per_epoch)
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        chosen = order[slot * self.batch_size:(slot + 1) * self.batch_size]
-        return [(epoch, int(i)) for i in chosen]
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield self.batch(step)
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-
-class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
-
-
-def _check_out_dir(cfg: TokenizerTrainConfig, out: Path) -> dict | None:
-    state_file = out / STATE_FILE
-    if not cfg.resume:
-        if state_file.exists() or (out / "tokenizer.safetensors").exists():
-            raise ArgenError(f"{out} already holds a tokenizer training run; pass --resume to continue it or "
-                             f"choose another --out")
-        return None
-    if not state_file.exists():
-        return None
-    old = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else {}
-    new = cfg.to_dict()
-    changed = sorted(k for k in new if k not in _RESUMABLE_CHANGES and k in old and old[k] != new[k])
-    if changed:
-        raise ArgenError(f"--resume with settings that differ from the run in {out}: {', '.join(changed)}; "
-                         f"use the original settings or another --out")
-    return load_torch_file(state_file, what="training state", hint="delete it to restart the run")
-
-
-def _save_state(out: Path, state: dict) -> None:
-    with atomic_path(out / STATE_FILE) as tmp:
-        torch.save(state, tmp)
 
 
 @torch.no_grad()
@@ -154,20 +101,6 @@ def restart_dead_codes(model: VQModel, images: torch.Tensor, seed: int) -> int:
     return int(dead.numel())
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the crash
-    atomic_write(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8"))
-
-
 def build_tokenizer(cfg: TokenizerTrainConfig) -> tuple[VQModel, TokenizerInit | None]:
     """The tokenizer to train (named config + shape flags, or the `init_from` weights) and its init."""
     vq, init = resolve_tokenizer(cfg)
@@ -177,26 +110,27 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> tuple[VQModel, TokenizerInit |
     return model, init
 
 
+def _check_out_dir(cfg: TokenizerTrainConfig, out: Path) -> None:
+    if (out / OLD_STATE_FILE).exists():
+        raise ArgenError(f"{out} holds a tokenizer run of an older argen ({OLD_STATE_FILE}, checkpoint format 1, "
+                         f"another data order); this version cannot resume it: start the run in another --out")
+    if not cfg.resume and ((out / CHECKPOINTS).is_dir() or (out / "tokenizer.safetensors").exists()):
+        raise ArgenError(f"{out} already holds a tokenizer training run; pass --resume to continue it or "
+                         f"choose another --out")
+
+
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     """Run (or resume) a training run; the caller's global RNG and determinism settings are left as they were."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return _train_tokenizer(cfg)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-
-
-def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
-    out = Path(cfg.out)
     if cfg.max_steps < 0:
         raise ArgenError("--max-steps must be >= 0")
     device = parse_device(cfg.device)
-    dtype = _precision(cfg.precision, device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-    state = _check_out_dir(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as resources, training_scope(cfg.deterministic, device):
+        return _train_tokenizer(cfg, device, resources)
+
+
+def _train_tokenizer(cfg: TokenizerTrainConfig, device: torch.device, resources: contextlib.ExitStack) -> dict:
+    out = Path(cfg.out)
+    dtype = resolve_precision(cfg.precision, device, fp16_ok=False)
 
     dataset = open_dataset(cfg.data, cfg.split)
     if len(dataset) == 0:
@@ -240,41 +174,37 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
                                **opt_kwargs) if disc is not None else None)
     ema = EMA(model, cfg.ema_decay) if cfg.ema else None
     tracker = FailureTracker(cfg.max_bad_fraction, min_count=min(100, len(dataset)))
+    order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed)
+    # the inputs are valid: from here on the run writes into `out`, which no other process may write
+    resources.enter_context(run_lock(out, "argen train-tokenizer"))
+    _check_out_dir(cfg, out)
 
-    step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt_g.load_state_dict(state["opt_g"])
-        if disc is not None:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["opt_d"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-        tracker.tried, tracker.failed, tracker.skipped = state["tracker"]
-        torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
-        log.info("resuming %s at step %d", out, step)
-        _truncate_log(out / LOG_FILE, step)
-    atomic_write_json(out / CONFIG_FILE, {**cfg.to_dict(), "tokenizer_config": model.config.to_dict()})
+    kept = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES}
+    parts = {"settings": Settings({**kept, "tokenizer_config": model.config.to_dict()},
+                                  f"--resume with settings that differ from the run in {out}: {{keys}}; use the "
+                                  f"original settings or another --out"),
+             "model": ModelState(model), "optimizer": OptimizerState(model, opt_g)}
+    if disc is not None:
+        parts.update(disc=ModelState(disc), disc_optimizer=OptimizerState(disc, opt_d))
+    if ema is not None:
+        parts["ema"] = ema
+    parts.update(data=order, failures=Attributes(tracker, ("tried", "failed", "skipped")), rng=RngState(device))
+    ckpt = TrainingCheckpoint(out / CHECKPOINTS, parts, keep=2)
+    step = ckpt.restore() if cfg.resume else 0
+    if step:
+        log.info("resuming %s at step %d from %s", out, step, ckpt.restored_from)
+    atomic_write_json(out / CONFIG_FILE, {**cfg.to_dict(), "tokenizer_config": model.config.to_dict(),
+                                          "batch_order": BATCH_ORDER_RULE, "checkpoint_format": FORMAT})
 
-    def checkpoint() -> None:
-        _save_state(out, {
-            "step": step, "model": model.state_dict(), "opt_g": opt_g.state_dict(),
-            "disc": disc.state_dict() if disc is not None else None,
-            "opt_d": opt_d.state_dict() if opt_d is not None else None,
-            "ema": ema.model.state_dict() if ema is not None else None,
-            "tracker": (tracker.tried, tracker.failed, tracker.skipped),
-            "torch_rng": torch.get_rng_state(), "config": cfg.to_dict(),
-        })
-
-    sampler = StepBatches(len(dataset), cfg.batch_size, cfg.seed, step, cfg.max_steps)
-    loader = torch.utils.data.DataLoader(TransformedDataset(dataset, transform, cfg.seed), batch_sampler=sampler,
-                                         collate_fn=collate_skip, num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(TransformedDataset(dataset, transform, cfg.seed),
+                                         batch_sampler=order.keys(cfg.max_steps), collate_fn=collate_skip,
+                                         num_workers=cfg.num_workers,
+                                         generator=torch.Generator().manual_seed(derive_seed("loader", cfg.seed)))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train-tokenizer", disable=not cfg.progress, unit="step")
     window = {"images": 0, "time": time.perf_counter()}
     last_logs: dict = {}
-    log_file = open(out / LOG_FILE, "a", encoding="utf-8")
+    log_file = JsonlLog(out / LOG_FILE, step)
     try:
         for images, _, _, failures in loader:
             if tracker.record(images, failures):
@@ -301,32 +231,36 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
                     logs["restarted_codes"] = restart_dead_codes(model, images,
                                                                  derive_seed("restart-codes", cfg.seed, step))
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(model, step)
                 logs["psnr"] = float(psnr(vq_out.reconstruction, images).mean())
                 logs["codebook_usage"] = vq_out.codebook_usage
                 window["images"] += images.shape[0]
                 last_logs = logs
             step += 1
+            order.position = step
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - window["time"]
                 record = {"step": step, **last_logs, "lr": cfg.lr,
                           "images_per_s": window["images"] / max(elapsed, 1e-9)}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                log_file.write(record)
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                                 psnr=f"{record.get('psnr', float('nan')):.2f}",
                                 usage=f"{record.get('codebook_usage', 0.0):.3f}",
                                 ips=f"{record['images_per_s']:.1f}")
                 window = {"images": 0, "time": time.perf_counter()}
             if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
-                checkpoint()
+                ckpt.save(step)
         tracker.check(final=True)
     finally:
         bar.close()
         log_file.close()
-    checkpoint()
-    final = (ema.model if ema is not None else model).to(memory_format=torch.contiguous_format)
+    ckpt.save(step)
+    final = model
+    if ema is not None:  # the live model's buffers (codebook usage window) with the averaged parameters
+        final = copy.deepcopy(model)
+        final.load_state_dict({**model.state_dict(), **ema.state_dict()})
+    final = final.to(memory_format=torch.contiguous_format)
     info = {"steps": step, "data": cfg.data, "image_size": cfg.image_size, "ema": cfg.ema,
             "perceptual": perceptual is not None, "skipped_images": tracker.failed}
     path = save_tokenizer(final.eval(), out, extra={"training": info})
