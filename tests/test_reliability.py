@@ -694,3 +694,10 @@ def test_a_full_disk_anywhere_in_a_command_is_one_line_and_exit_2(tmp_path, monk
     monkeypatch.setattr(evaluate_cli, "run", bug)
     with pytest.raises(RuntimeError, match="programming error"):
         main(["evaluate", "r.npz", "s.npz", "--inception", "random"])
+
+
+def test_atomic_writes_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = atomic_write_bytes(tmp_path / "x.bin", b"x")
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask

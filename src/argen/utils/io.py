@@ -43,6 +43,8 @@ _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # substrings of full-disk failures that do not arrive as OSError (torch.save, safetensors)
 _FULL_TEXTS = ("unexpected pos", "pytorchstreamwriter failed", "file write failed", "no space left on device",
                "os error 28", "disk quota exceeded", "os error 122")
+_UMASK = os.umask(0o022)  # read the process umask (os.umask can only be read by setting it) ...
+os.umask(_UMASK)  # ... and put it back at once
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile on a full disk
 
 
@@ -133,7 +135,10 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         if error is not None:
             raise error from exc
         raise
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; argen's outputs get the usual mode
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
