@@ -63,14 +63,7 @@ def build_row_params(params: SamplingParams | Sequence[SamplingParams], batch: i
             raise ValueError(f"{len(rows)} SamplingParams for {batch} rows")
         uniform = rows[0] if all(p == rows[0] for p in rows) else None
     ks = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in rows]
-    use_top_p = any(p.top_p < 1.0 for p in rows)
-    if (any(ks) and not all(ks)) or (use_top_p and not all(ks)):
-        k_max = vocab_size  # some row needs every candidate
-    elif any(ks):
-        k_max = min(vocab_size, max(ks))
-        k_max = min(vocab_size, k_bucket * math.ceil(k_max / k_bucket))
-    else:
-        k_max = 0
+    k_max, use_top_p = static_facts(rows, vocab_size, k_bucket)
     guided_flags = [p.guided for p in rows]
     scales = torch.tensor([[guidance_scale_at(p, t, num_tokens) for t in range(num_tokens)] for p in rows],
                           dtype=torch.float32).reshape(batch, num_tokens)
@@ -83,6 +76,28 @@ def build_row_params(params: SamplingParams | Sequence[SamplingParams], batch: i
         guided=any(guided_flags), all_guided=all(guided_flags), k_max=k_max, use_top_p=use_top_p,
         uniform=uniform,
     )
+
+
+def static_facts(params: Sequence[SamplingParams], vocab_size: int, k_bucket: int = 1) -> tuple[int, bool]:
+    """(k_max, use_top_p) for rows with these parameters: the candidate width K every row is
+    filtered from (0: no filter; the vocabulary when some row needs every candidate) and whether
+    any row uses top-p. These fix the shape of the sampling computation (and so a CUDA graph)."""
+    ks = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    if (any(ks) and not all(ks)) or (use_top_p and not all(ks)):
+        return vocab_size, use_top_p  # some row needs every candidate
+    if any(ks):
+        k_max = min(vocab_size, max(ks))
+        return min(vocab_size, k_bucket * math.ceil(k_max / k_bucket)), use_top_p
+    return 0, use_top_p
+
+
+def combine_guidance_pairs(logits: torch.Tensor, rp: RowParams, scale: torch.Tensor) -> torch.Tensor:
+    """(2B, V) interleaved logits (row 2i cond, row 2i + 1 uncond of image i: the slot layout of
+    `argen.engine.slots`) -> (B, V) guided logits; unguided rows keep their conditional logits."""
+    pairs = logits.view(-1, 2, logits.shape[-1])  # (B, 2, V)
+    cond, uncond = pairs[:, 0], pairs[:, 1]
+    return torch.where(rp.guided_rows, uncond + scale * (cond - uncond), cond)
 
 
 def combine_guidance(logits: torch.Tensor, rp: RowParams, scale: torch.Tensor | float) -> torch.Tensor:

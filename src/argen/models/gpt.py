@@ -296,7 +296,9 @@ class GPT(nn.Module):
 
     # -------------------------------------------------------------- inference
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> list[torch.Tensor]:
-        """Allocate an empty KV cache: per layer a (2, B, H_kv, S, D) tensor, owned by the caller."""
+        """Allocate an empty KV cache: per layer a (2, B, H_kv, S, D) tensor, owned by the caller.
+
+        Rows may be sliced (`[c[:, a:b] for c in cache]`) to run a subset of rows in place."""
         cfg = self.config
         max_len = max_len or cfg.cond_len + cfg.num_image_tokens
         weight = self.tok_embeddings.weight
@@ -304,14 +306,44 @@ class GPT(nn.Module):
         return [torch.zeros(2, batch, n_kv, max_len, cfg.head_dim, dtype=dtype or weight.dtype,
                             device=device or weight.device) for _ in self.layers]
 
+    def rotation_table(self, device=None) -> torch.Tensor:
+        """(S, head_dim/2) complex64 RoPE rotations (cos + i sin) of every sequence position, in
+        float32 whatever the model's dtype; built once per device and kept outside the state dict."""
+        device = torch.device(device or self.tok_embeddings.weight.device)
+        tables = self.__dict__.setdefault("_rotation_tables", {})
+        table = tables.get(device)
+        if table is None:
+            cfg = self.config
+            cos_sin = rope_2d_table(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cond_len).to(device)
+            table = tables[device] = torch.complex(cos_sin[..., 0], cos_sin[..., 1])
+        return table
+
     def forward_cached(self, h: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], kv_len: int,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run embeddings h (B, T, C) at sequence `positions` (T,) through the stack, reading and
-        writing `cache`; attend over cache slots [0, kv_len). Returns logits (B, T, V) in float32."""
-        rope = self.rope[positions]
+                       mask: torch.Tensor | None = None, *, last_only: bool = False) -> torch.Tensor:
+        """The cached forward every sampler runs (prefill, one-token decode, multi-token verify).
+
+        h: (B, T, C) embeddings (`embed_condition` / `embed_tokens`) at sequence `positions`:
+        (T,) shared by all rows, or (B, T) one per row (slots at different steps). Each layer
+        writes its keys/values into `cache` (from `new_cache`, or a row slice of one) at those
+        positions and attends over cache slots [0, kv_len) only. mask: None, or (B, 1, T, kv_len)
+        bool (True = visible) or additive float in the cache dtype. With mask None a single token
+        sees every slot < kv_len and T > 1 tokens are causal by position (each sees slots <= its
+        own position). last_only: compute logits for the last token only. Returns float32 logits
+        (B, T, V), or (B, 1, V) with last_only. No dropout, whatever the mode; no state kept.
+        """
+        seq = h.shape[1]
+        if mask is None and seq > 1:
+            keys = torch.arange(kv_len, device=h.device)
+            mask = keys <= positions[..., :, None]  # (T, kv) or (B, T, kv)
+            mask = mask[None, None] if mask.ndim == 2 else mask[:, None]
+        if mask is not None and mask.dtype == torch.bool:  # additive once, not in every layer
+            mask = torch.zeros(mask.shape, dtype=cache[0].dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        rotation = self.rotation_table(h.device)[positions]  # (T, D/2) or (B, T, D/2)
         for layer, layer_cache in zip(self.layers, cache):
-            h = layer.forward_cached(h, rope, layer_cache[0], layer_cache[1], positions, kv_len, mask)
-        return self.output(self.norm(h)).float()
+            h = layer.forward_cached(h, rotation, layer_cache, positions, kv_len, mask)
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(self.norm(h), self.output.weight).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

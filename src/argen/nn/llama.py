@@ -1,10 +1,13 @@
 """Llama decoder block: pre-norm RMSNorm, attention with 2D RoPE and optional GQA, SwiGLU FFN.
 
 Two calling modes, never mixed:
-- training/teacher forcing: `forward(x, rope, mask=None)` attends causally within x;
-- cached inference: `forward_cached(x, rope, cache_k, cache_v, positions, kv_len, mask)` writes
-  this step's keys/values into caller-owned cache tensors at `positions` and attends over the first
-  `kv_len` cache slots. The block stores no state between calls.
+- training/teacher forcing: `forward(x, rope, mask=None)` attends causally within x (with dropout
+  in train mode);
+- cached inference, the fast path every sampler uses: `forward_cached(x, rotation, cache,
+  positions, kv_len, mask)` computes fused q/k/v, rotates q and k together with one complex
+  multiply, writes this call's keys/values into the caller-owned cache at `positions` (one set of
+  positions for all rows, or one per row) and attends over the first `kv_len` cache slots only.
+  It never applies dropout, whatever the module's mode, and stores no state between calls.
 """
 
 from __future__ import annotations
@@ -78,13 +81,43 @@ class Attention(nn.Module):
         q, k, v = self._project(x, rope)
         return self._attend(q, k, v, mask, is_causal=True)
 
-    def forward_cached(self, x, rope, cache_k, cache_v, positions, kv_len: int, mask=None) -> torch.Tensor:
-        q, k, v = self._project(x, rope)
-        cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
-        cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
-        keys = cache_k[:, :, :kv_len]
-        values = cache_v[:, :, :kv_len]
-        return self._attend(q, keys, values, mask, is_causal=False)
+    def forward_cached(self, x: torch.Tensor, rotation: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor,
+                       kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, C) normed input; rotation (T, D/2) or (B, T, D/2) complex64 (cos + i sin of each
+        query's position); cache (2, B, H_kv, S, D); positions (T,) or (B, T) int64; mask None or
+        (B, 1, T, kv_len) bool (True = visible) or additive float. Returns (B, T, C), no dropout."""
+        batch, seq, _ = x.shape
+        n_head, n_kv, head_dim = self.n_head, self.n_kv_head, self.head_dim
+        kv_dim = n_kv * head_dim
+        qkv = F.linear(x, self.wqkv.weight)  # (B, T, C + 2 kv_dim)
+        pairs = qkv[..., :self.dim + kv_dim].float().view(batch, seq, n_head + n_kv, head_dim // 2, 2)
+        rot = rotation[None, :, None] if rotation.ndim == 2 else rotation[:, :, None]  # (B|1, T, 1, D/2)
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * rot).flatten(3).to(x.dtype)  # (B, T, H+H_kv, D)
+        q = rotated[:, :, :n_head].transpose(1, 2)  # (B, H, T, D)
+        k = rotated[:, :, n_head:].transpose(1, 2).to(cache.dtype)  # (B, H_kv, T, D)
+        v = qkv[..., self.dim + kv_dim:].view(batch, seq, n_kv, head_dim).transpose(1, 2).to(cache.dtype)
+        cache_k, cache_v = cache[0], cache[1]  # (B, H_kv, S, D)
+        if positions.ndim == 1:
+            cache_k.index_copy_(2, positions, k)
+            cache_v.index_copy_(2, positions, v)
+        else:  # one position per row and token
+            index = positions[:, None, :, None].expand(batch, n_kv, seq, head_dim)
+            cache_k.scatter_(2, index, k)
+            cache_v.scatter_(2, index, v)
+        keys, values = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]  # (B, H_kv, kv, D)
+        if n_kv != n_head:
+            keys = keys.repeat_interleave(n_head // n_kv, dim=1)
+            values = values.repeat_interleave(n_head // n_kv, dim=1)
+        q = q.to(keys.dtype)
+        if seq == 1 and not x.is_cuda:
+            # one query on the CPU: two batched matmuls beat the fused kernel, whose fixed cost dominates
+            scores = torch.matmul(q, keys.transpose(2, 3)).mul_(head_dim ** -0.5)  # (B, H, 1, kv)
+            if mask is not None:
+                scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
+            att = torch.matmul(scores.softmax(dim=-1), values)  # (B, H, 1, D)
+        else:
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, D)
+        return F.linear(att.transpose(1, 2).reshape(batch, seq, self.dim).to(x.dtype), self.wo.weight)
 
 
 class DropPath(nn.Module):
@@ -117,7 +150,9 @@ class TransformerBlock(nn.Module):
         h = x + self.drop_path(self.attention(self.attention_norm(x), rope, mask))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
-    def forward_cached(self, x, rope, cache_k, cache_v, positions, kv_len, mask=None):
-        h = x + self.attention.forward_cached(self.attention_norm(x), rope, cache_k, cache_v, positions,
-                                              kv_len, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward_cached(self, x, rotation, cache, positions, kv_len: int, mask=None) -> torch.Tensor:
+        """Cached inference (see `Attention.forward_cached`); no dropout or drop-path."""
+        h = x + self.attention.forward_cached(self.attention_norm(x), rotation, cache, positions, kv_len, mask)
+        ff = self.feed_forward
+        y = self.ffn_norm(h)
+        return h + F.linear(F.silu(F.linear(y, ff.w1.weight)) * F.linear(y, ff.w3.weight), ff.w2.weight)
