@@ -12,12 +12,16 @@ Contract:
 - `given(args, cls)` -> {field: value} for the flags the user gave.
 - `resolve(cls, given_values, recipe_values=None, **fixed)` -> a `cls` instance: dataclass defaults,
   then the recipe's values, then the explicit flags, then `fixed`.
+- `print_resolved(args, cfg, recipe)` prints (for `--dry-run`) the recipe's header and citations and
+  every resolved setting with its source: "command line", the recipe's citation, or none (a default);
+  `print_recipe_data(recipe)` and `print_recipe_notes(recipe)` print the recipe's data and notes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 
 from argen.cli import common
@@ -115,3 +119,34 @@ def resolve(cls, given_values: dict, recipe_values: dict | None = None, **fixed)
     values = {**(recipe_values or {}), **given_values, **fixed}
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names})
+
+
+def print_resolved(args: argparse.Namespace, cfg, recipe: dict | None) -> None:
+    sources = (recipe or {}).get("sources", {})
+    if recipe:
+        print(f"recipe {recipe['name']}: {recipe['summary']} (reproduces {recipe['released']})")
+        for short, full in recipe.get("citations", {}).items():
+            print(f"  {short}: {full}")
+    print("resolved training configuration (value  <- source):")
+    typed = set(given(args, type(cfg)))
+    from_recipe = set(recipe["settings"]) if recipe else set()
+    values = cfg.to_dict()
+    width = max(len(k) for k in values) + 1
+    for key, value in values.items():
+        note = "  <- command line" if key in typed else ""
+        if not note and key in sources and key in from_recipe:
+            note = f"  <- {sources[key]}"
+        print(f"  {key:{width}s} {json.dumps(value)}{note}")
+
+
+def print_recipe_data(recipe: dict | None, skip=("shape",)) -> None:
+    sources = (recipe or {}).get("sources", {})
+    for key, value in (recipe or {}).get("data", {}).items():
+        if key not in skip:
+            note = f"  <- {sources['data.' + key]}" if "data." + key in sources else ""
+            print(f"  data.{key}: {json.dumps(value)}{note}")
+
+
+def print_recipe_notes(recipe: dict | None) -> None:
+    for note in (recipe or {}).get("notes", []):
+        print(f"note: {note}")

@@ -19,11 +19,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from argen.cli.common import positive_int, show_progress
-from argen.cli.flags import add_config_flags, given, resolve
+from argen.cli.flags import add_config_flags, given, print_recipe_data, print_recipe_notes, print_resolved, resolve
 from argen.training.config import TrainConfig
 from argen.training.recipes import load_recipe, recipe_settings
 
@@ -72,19 +71,7 @@ def print_plan(args, cfg: TrainConfig, recipe: dict | None, world_size: int) -> 
     from argen.training.plan import fmt_bytes, fmt_count, generator_plan
 
     plan = generator_plan(cfg, recipe, world_size)
-    sources = (recipe or {}).get("sources", {})
-    if recipe:
-        print(f"recipe {recipe['name']}: {recipe['summary']} (reproduces {recipe['released']})")
-        for short, full in recipe.get("citations", {}).items():
-            print(f"  {short}: {full}")
-    print("resolved training configuration (value  <- source):")
-    typed = set(given(args, TrainConfig))
-    from_recipe = set(recipe["settings"]) if recipe else set()
-    for key, value in cfg.to_dict().items():
-        note = "  <- command line" if key in typed else ""
-        if not note and key in sources and key in from_recipe:
-            note = f"  <- {sources[key]}"
-        print(f"  {key:14s} {json.dumps(value)}{note}")
+    print_resolved(args, cfg, recipe)
     model = plan["model"]
     print(f"generator: {model['name']} ({fmt_count(plan['parameters'])} parameters), {model['n_layer']} layers, "
           f"width {model['dim']}, {model['n_head']} heads; data shape from {plan['data']}:")
@@ -92,11 +79,7 @@ def print_plan(args, cfg: TrainConfig, recipe: dict | None, world_size: int) -> 
     extra = ("num_classes",) if model["kind"] == "c2i" else ("caption_dim", "caption_len")
     shape.update({k: model[k] for k in extra})
     print("  " + ", ".join(f"{k}={v}" for k, v in shape.items()))
-    if recipe:
-        for key, value in recipe.get("data", {}).items():
-            if key != "shape":
-                note = f"  <- {sources['data.' + key]}" if "data." + key in sources else ""
-                print(f"  data.{key}: {json.dumps(value)}{note}")
+    print_recipe_data(recipe)
     print(f"world size {plan['world_size']} ({plan['strategy']}), {plan['micro_batch_per_rank']} samples per rank "
           f"per micro-step, effective lr {plan['lr_effective']:g}, precision {plan['precision']}")
     steps = plan["optimizer_steps"]
@@ -108,8 +91,7 @@ def print_plan(args, cfg: TrainConfig, recipe: dict | None, world_size: int) -> 
     for part, size in memory["parts"].items():
         if size:
             print(f"  {part:44s} {fmt_bytes(size)}")
-    for note in (recipe or {}).get("notes", []):
-        print(f"note: {note}")
+    print_recipe_notes(recipe)
 
 
 def run(args):

@@ -17,7 +17,7 @@ import argparse
 import json
 
 from argen.cli.common import show_progress
-from argen.cli.flags import add_config_flags, given, resolve
+from argen.cli.flags import add_config_flags, given, print_recipe_data, print_recipe_notes, print_resolved, resolve
 from argen.training.config import TokenizerTrainConfig
 from argen.training.recipes import load_recipe, recipe_settings
 
@@ -48,33 +48,18 @@ def print_plan(args, cfg: TokenizerTrainConfig, recipe: dict | None) -> None:
     from argen.training.plan import fmt_bytes, fmt_count, tokenizer_plan
 
     plan = tokenizer_plan(cfg, recipe)
-    sources = (recipe or {}).get("sources", {})
-    if recipe:
-        print(f"recipe {recipe['name']}: {recipe['summary']} (reproduces {recipe['released']})")
-        for short, full in recipe.get("citations", {}).items():
-            print(f"  {short}: {full}")
-    print("resolved training configuration (value  <- source):")
-    typed = set(given(args, TokenizerTrainConfig))
-    from_recipe = set(recipe["settings"]) if recipe else set()
-    for key, value in cfg.to_dict().items():
-        note = "  <- command line" if key in typed else ""
-        if not note and key in sources and key in from_recipe:
-            note = f"  <- {sources[key]}"
-        print(f"  {key:22s} {json.dumps(value)}{note}")
+    print_resolved(args, cfg, recipe)
     vq = plan["tokenizer"]
     print(f"tokenizer: {vq['name']}, {fmt_count(plan['parameters'])} parameters, codebook {vq['codebook_size']} x "
           f"{vq['codebook_embed_dim']} (L2 norm {'on' if vq['codebook_l2_norm'] else 'off'}), "
           f"{plan['tokens_per_image']} tokens per {cfg.image_size} px image; discriminator "
           f"{fmt_count(plan['discriminator_parameters'])} parameters")
-    for key, value in (recipe or {}).get("data", {}).items():
-        note = f"  <- {sources['data.' + key]}" if "data." + key in sources else ""
-        print(f"  data.{key}: {json.dumps(value)}{note}")
+    print_recipe_data(recipe, skip=())
     print(f"optimizer steps: {fmt_count(plan['optimizer_steps'])}; images seen: {fmt_count(plan['images_seen'])}"
           + (f"; epochs: {plan['epochs']:.1f}" if plan["epochs"] else ""))
     print(f"weights + gradients + AdamW moments (fp32): {fmt_bytes(plan['weights_gradients_adamw_bytes'])} "
           f"(activations not estimated for the conv nets)")
-    for note in (recipe or {}).get("notes", []):
-        print(f"note: {note}")
+    print_recipe_notes(recipe)
 
 
 def run(args):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+BASE_BATCH = 256  # `TrainConfig.lr` is per this many samples: the optimizer uses lr * batch_size / BASE_BATCH
+
 
 def _flag(default, help: str, **meta):
     """A dataclass field that is also a command-line flag."""

@@ -40,7 +40,7 @@ from argen.engine import generate
 from argen.models.gpt import GPT, GPTConfig
 from argen.training import distributed as D
 from argen.training.checkpointing import FORMAT, TrainingCheckpoint
-from argen.training.config import TrainConfig
+from argen.training.config import BASE_BATCH, TrainConfig
 from argen.training.parts import (
     BATCH_ORDER_RULE,
     EMA,
@@ -61,8 +61,6 @@ from argen.utils.images import make_grid, save_png, to_uint8
 from argen.utils.io import atomic_write_json, run_lock
 from argen.utils.seeds import derive_seed
 from argen.utils.torch_utils import parse_device
-
-BASE_BATCH = 256
 
 
 # ---------------------------------------------------------------------- helpers

@@ -33,13 +33,12 @@ from argen.data.text_features import TextFeatureStore
 from argen.models.gpt import GPT, GPTConfig
 from argen.models.tokenizer import VQModel
 from argen.nn.llama import swiglu_hidden_dim
-from argen.training.config import TokenizerTrainConfig, TrainConfig
+from argen.training.config import BASE_BATCH, TokenizerTrainConfig, TrainConfig
 from argen.training.shape import build_model_config, data_shape
 from argen.training.tokenizer_shape import resolve_tokenizer
 from argen.utils.errors import ArgenError
 
 GIB = 2 ** 30
-BASE_BATCH = 256
 
 
 def _count(build) -> int:
