@@ -79,7 +79,7 @@ def test_discriminator_and_losses():
 
 @pytest.fixture()
 def one_thread():
-    """Single-threaded CPU kernels, like the OMP_NUM_THREADS=1 subprocess, restored afterwards."""
+    """Single-threaded CPU kernels, restored afterwards."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -114,18 +114,18 @@ def test_train_writes_loadable_tokenizer_and_logs(tmp_path, lpips_files, one_thr
         train_tokenizer(_cfg(tmp_path / "run", lpips_files, max_steps=4, ema=False, resume=True, lr=1e-3))
 
 
-@pytest.fixture()
-def two_threads():
-    """Two CPU threads (the 2-core default), like the OMP_NUM_THREADS=2 subprocess, restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
-def test_sigkill_then_resume_gives_identical_weights(tmp_path, lpips_files, two_threads):
+def test_sigkill_then_resume_gives_identical_weights(tmp_path, lpips_files):
     """A default run (no --deterministic) with two threads, killed and resumed in another process, ends
     bit-identical to a straight one."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # like the OMP_NUM_THREADS=2 subprocess (the 2-core default)
+    try:
+        _sigkill_then_resume(tmp_path, lpips_files)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _sigkill_then_resume(tmp_path, lpips_files):
     full = tmp_path / "full"
     train_tokenizer(_cfg(full, lpips_files))
     killed = tmp_path / "killed"

@@ -1,5 +1,6 @@
-"""Exact resume: a training process killed with SIGKILL (between steps, or in the middle of writing a
-checkpoint) and resumed ends with bit-identical weights to an uninterrupted run."""
+"""Exact resume with the default settings (no --deterministic, two CPU threads): a training process killed
+with SIGKILL (between steps, or in the middle of writing a checkpoint) and resumed ends with bit-identical
+weights to an uninterrupted run, and two uninterrupted runs are identical."""
 
 import os
 import random
@@ -36,14 +37,14 @@ SCRIPT = textwrap.dedent("""
         checkpointing.write_state = half_write
 
     cfg = TrainConfig(codes=codes, out=out, config="GPT-tiny", max_steps=10, batch_size=6, lr=1e-2, ema=True,
-                      warmup=3, schedule="cosine", ckpt_every=2, keep=2, log_every=1, deterministic=True,
+                      warmup=3, schedule="cosine", ckpt_every=2, keep=2, log_every=1,
                       tensorboard=False, progress=False, resume=resume)
     train(cfg, on_step=None if kill_in_save else die)
 """)
 
 
 def _run(script, codes, out, kill_step=-1, kill_in_save=False, resume=False):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     args = [sys.executable, str(script), str(codes), str(out), str(kill_step), str(int(kill_in_save)),
             str(int(resume))]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
@@ -60,6 +61,21 @@ def uninterrupted(tmp_path_factory):
     return root, codes, script
 
 
+def _assert_same_weights(a_dir, b_dir, what):
+    for name in ("gpt.safetensors", "raw/gpt.safetensors"):
+        a, b = load_file(str(a_dir / name)), load_file(str(b_dir / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (what, name, key)
+
+
+def test_two_default_runs_are_identical(tmp_path, uninterrupted):
+    root, codes, script = uninterrupted
+    again = _run(script, codes, tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    _assert_same_weights(root / "full", tmp_path / "again", "run to run")
+
+
 @pytest.mark.parametrize("kill_in_save", [False, True])
 def test_sigkill_then_resume_is_exact(tmp_path, uninterrupted, kill_in_save):
     root, codes, script = uninterrupted
@@ -70,8 +86,4 @@ def test_sigkill_then_resume_is_exact(tmp_path, uninterrupted, kill_in_save):
     assert not (tmp_path / "cut" / "gpt.safetensors").exists()
     resumed = _run(script, codes, tmp_path / "cut", resume=True)
     assert resumed.returncode == 0, resumed.stderr
-    for name in ("gpt.safetensors", "raw/gpt.safetensors"):
-        a, b = load_file(str(root / "full" / name)), load_file(str(tmp_path / "cut" / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (kill_step, name, key)
+    _assert_same_weights(root / "full", tmp_path / "cut", f"killed at step {kill_step}")

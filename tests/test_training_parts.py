@@ -155,3 +155,100 @@ def test_batch_order_covers_epochs_and_resumes():
     old_rule = {**b.state_dict(), "rule": "v1"}
     with pytest.raises(ArgenError, match="rule"):
         BatchOrder(10, 4, seed=3).load_state_dict(old_rule)
+
+
+# ---------------------------------------------------------------------- issue 10: full disk, corrupt latest, lock
+def _generator_run(tmp_path, **kw):
+    from argen.training.generator import train
+
+    codes = tmp_path / "codes" if (tmp_path / "codes").is_dir() else make_codes(tmp_path)
+    base = dict(max_steps=2, ckpt_every=1, keep=3)
+    base.update(kw)
+    return train(quick(codes, tmp_path / "run", **base))
+
+
+def _tokenizer_run(tmp_path, **kw):
+    base = dict(max_steps=2, ckpt_every=1)
+    base.update(kw)
+    return train_tokenizer(_tokenizer_cfg(tmp_path / "run", **base))
+
+
+TRAINERS = {"generator": _generator_run, "tokenizer": _tokenizer_run}
+WEIGHTS = {"generator": "gpt.safetensors", "tokenizer": "tokenizer.safetensors"}
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+def test_full_disk_during_a_checkpoint_names_the_disk_and_the_space(tmp_path, monkeypatch, trainer):
+    from argen.training import checkpointing
+
+    run = TRAINERS[trainer]
+    run(tmp_path)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+
+    def full_disk(state, path):  # what torch.save raises when the disk fills under it
+        path.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4030")
+
+    monkeypatch.setattr(checkpointing, "write_state", full_disk)
+    with pytest.raises(ArgenError) as exc:
+        run(tmp_path, max_steps=4, resume=True)
+    message = str(exc.value)
+    assert "\n" not in message and "no space left on device" in message and "mounted at" in message
+    import re
+
+    needed = re.search(r"free, ([\d.]+) (B|KiB|MiB) needed", message)  # the checkpoint's size is known ...
+    assert needed and "more than" not in message, message
+    kib = float(needed.group(1)) / {"B": 1024, "KiB": 1, "MiB": 1 / 1024}[needed.group(2)]
+    on_disk = max(len(v) for v in before.values()) / 1024
+    assert 0.5 * on_disk < kib < 1.5 * on_disk, (kib, on_disk)  # ... and close to what a checkpoint takes
+    assert {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == before  # nothing lost, no temp file left
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+def test_resume_falls_back_past_a_corrupt_latest_checkpoint(tmp_path, caplog, trainer):
+    run = TRAINERS[trainer]
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    if trainer == "generator":
+        make_codes(straight)
+    run(straight, max_steps=3)
+    run(tmp_path)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    latest = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    assert latest.name == "step-00000002.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    with caplog.at_level("WARNING", logger="argen.training"):
+        run(tmp_path, max_steps=3, resume=True)
+    assert "resuming from" in caplog.text and "step-00000001.pt" in caplog.text and "step-00000002.pt" in caplog.text
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(straight / "run" / WEIGHTS[trainer])), load_file(str(tmp_path / "run" / WEIGHTS[trainer]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_HOLD = """
+import sys, time
+from argen.utils.io import run_lock
+with run_lock(sys.argv[1], "argen test-holder"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+def test_a_second_writer_of_a_run_directory_is_refused(tmp_path, trainer):
+    import subprocess
+    import sys
+
+    run = TRAINERS[trainer]
+    run(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ArgenError, match=rf"in use by pid {holder.pid} \(argen test-holder\)"):
+            run(tmp_path, max_steps=3, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    run(tmp_path, max_steps=3, resume=True)  # the lock went with its process

@@ -39,21 +39,9 @@ from argen.data.text_features import TextFeatureStore
 from argen.engine import generate
 from argen.models.gpt import GPT, GPTConfig
 from argen.training import distributed as D
+from argen.training import parts as P
 from argen.training.checkpointing import FORMAT, TrainingCheckpoint
 from argen.training.config import BASE_BATCH, TrainConfig
-from argen.training.parts import (
-    BATCH_ORDER_RULE,
-    EMA,
-    BatchOrder,
-    JsonlLog,
-    ModelState,
-    OptimizerState,
-    RngState,
-    Settings,
-    full_tensor,
-    resolve_precision,
-    training_scope,
-)
 from argen.training.shape import build_model_config as shape_config
 from argen.training.shape import data_shape
 from argen.utils.errors import ArgenError, CheckpointError
@@ -98,7 +86,7 @@ class _Logger:
     """`log.jsonl` (`parts.JsonlLog`) and TensorBoard on the main rank, both continued after the resumed step."""
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool, start_step: int):
-        self.jsonl = JsonlLog(out / "log.jsonl", start_step, enabled)
+        self.jsonl = P.JsonlLog(out / "log.jsonl", start_step, enabled)
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -163,10 +151,10 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     if cfg.schedule not in ("constant", "cosine"):
         raise ArgenError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
     device = parse_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.precision, device, fp16_ok=True)
+    amp_dtype = P.resolve_precision(cfg.precision, device, fp16_ok=True)
     info = D.init_distributed(device)
     try:
-        with contextlib.ExitStack() as resources, training_scope(cfg.deterministic, info.device):
+        with contextlib.ExitStack() as resources, P.training_scope(cfg.deterministic, info.device):
             return _train_generator(cfg, info, info.device, amp_dtype, on_step, resources)
     finally:
         D.cleanup(info)
@@ -207,7 +195,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     model.train()
     strategy = D.resolve_strategy(cfg.strategy, model, info)
     wrapped = D.wrap_model(model, info, strategy)
-    ema = EMA(model, cfg.ema_decay, warmup=True) if cfg.ema else None  # under FSDP it shadows the local shards
+    ema = P.EMA(model, cfg.ema_decay, warmup=True) if cfg.ema else None  # under FSDP it shadows the local shards
     torch.manual_seed(derive_seed("dropout", cfg.seed, info.rank))
     if device.type == "cuda":
         torch.cuda.manual_seed(derive_seed("dropout", cfg.seed, info.rank))
@@ -224,18 +212,18 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
 
     # the inputs are valid: from here on the run writes into `out`, which no other process may write
     resources.enter_context(run_lock(out, "argen train", rank=info.rank))
-    order = BatchOrder(len(ds), cfg.batch_size, cfg.seed)
-    model_part = ModelState(wrapped, info)
+    order = P.BatchOrder(len(ds), cfg.batch_size, cfg.seed)
+    model_part = P.ModelState(wrapped, info)
     ckpt_dir = out / "checkpoints"
     model_config = {k: v for k, v in gpt_cfg.to_dict().items() if k != "name"}
     parts = {
-        "model_config": Settings(model_config, f"the checkpoint in {ckpt_dir} is for a different generator config "
+        "model_config": P.Settings(model_config, f"the checkpoint in {ckpt_dir} is for a different generator config "
                                                f"(differs in {{keys}}); use the same --config or a new --out"),
-        "settings": Settings({**_identity(cfg, ds, world), "ema": ema is not None},
+        "settings": P.Settings({**_identity(cfg, ds, world), "ema": ema is not None},
                              f"the checkpoint in {ckpt_dir} was trained with different settings ({{keys}}); resume "
                              f"with the same codes, --batch-size, --seed and --ema"),
-        "model": model_part, "optimizer": OptimizerState(wrapped, optimizer, info), "scheduler": scheduler,
-        "scaler": scaler, **({"ema": ema} if ema is not None else {}), "data": order, "rng": RngState(device, info),
+        "model": model_part, "optimizer": P.OptimizerState(wrapped, optimizer, info), "scheduler": scheduler,
+        "scaler": scaler, **({"ema": ema} if ema is not None else {}), "data": order, "rng": P.RngState(device, info),
     }
     ckpt = TrainingCheckpoint(ckpt_dir, parts, cfg.keep, info)
     if not cfg.resume and ckpt.exists():
@@ -245,7 +233,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     if info.is_main:
         atomic_write_json(out / "train_config.json", {"train": cfg.to_dict(), "model": gpt_cfg.to_dict(),
                                                       "world_size": world, "strategy": strategy,
-                                                      "lr_effective": lr, "batch_order": BATCH_ORDER_RULE,
+                                                      "lr_effective": lr, "batch_order": P.BATCH_ORDER_RULE,
                                                       "checkpoint_format": FORMAT})
     logger = _Logger(out, info.is_main, cfg.tensorboard, step)
     tokenizer = None
@@ -308,7 +296,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
 
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
             loss_value = float(D.all_reduce_mean(loss_sum / accum, info))
-            grad_norm = float(full_tensor(grad_norm))
+            grad_norm = float(P.full_tensor(grad_norm))
             now = time.perf_counter()
             done = step - bar.n
             tok_s = tokens_per_step * done / max(now - tick, 1e-9)

@@ -41,22 +41,10 @@ from argen.data.transforms import TrainTransform
 from argen.models.discriminator import PatchGANDiscriminator
 from argen.models.lpips import LPIPS, resolve_vgg_weights
 from argen.models.tokenizer import VQModel
+from argen.training import parts as P
 from argen.training.checkpointing import FORMAT, TrainingCheckpoint
 from argen.training.config import TokenizerTrainConfig
 from argen.training.losses import TokenizerLoss, psnr
-from argen.training.parts import (
-    BATCH_ORDER_RULE,
-    EMA,
-    Attributes,
-    BatchOrder,
-    JsonlLog,
-    ModelState,
-    OptimizerState,
-    RngState,
-    Settings,
-    resolve_precision,
-    training_scope,
-)
 from argen.training.tokenizer_shape import TokenizerInit, resolve_tokenizer
 from argen.utils.errors import ArgenError
 from argen.utils.io import atomic_write_json, run_lock
@@ -124,13 +112,13 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     if cfg.max_steps < 0:
         raise ArgenError("--max-steps must be >= 0")
     device = parse_device(cfg.device)
-    with contextlib.ExitStack() as resources, training_scope(cfg.deterministic, device):
+    with contextlib.ExitStack() as resources, P.training_scope(cfg.deterministic, device):
         return _train_tokenizer(cfg, device, resources)
 
 
 def _train_tokenizer(cfg: TokenizerTrainConfig, device: torch.device, resources: contextlib.ExitStack) -> dict:
     out = Path(cfg.out)
-    dtype = resolve_precision(cfg.precision, device, fp16_ok=False)
+    dtype = P.resolve_precision(cfg.precision, device, fp16_ok=False)
 
     dataset = open_dataset(cfg.data, cfg.split)
     if len(dataset) == 0:
@@ -172,29 +160,29 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, device: torch.device, resources:
                               **opt_kwargs)
     opt_d = (torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                **opt_kwargs) if disc is not None else None)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+    ema = P.EMA(model, cfg.ema_decay) if cfg.ema else None
     tracker = FailureTracker(cfg.max_bad_fraction, min_count=min(100, len(dataset)))
-    order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed)
+    order = P.BatchOrder(len(dataset), cfg.batch_size, cfg.seed)
     # the inputs are valid: from here on the run writes into `out`, which no other process may write
     resources.enter_context(run_lock(out, "argen train-tokenizer"))
     _check_out_dir(cfg, out)
 
     kept = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES}
-    parts = {"settings": Settings({**kept, "tokenizer_config": model.config.to_dict()},
+    parts = {"settings": P.Settings({**kept, "tokenizer_config": model.config.to_dict()},
                                   f"--resume with settings that differ from the run in {out}: {{keys}}; use the "
                                   f"original settings or another --out"),
-             "model": ModelState(model), "optimizer": OptimizerState(model, opt_g)}
+             "model": P.ModelState(model), "optimizer": P.OptimizerState(model, opt_g)}
     if disc is not None:
-        parts.update(disc=ModelState(disc), disc_optimizer=OptimizerState(disc, opt_d))
+        parts.update(disc=P.ModelState(disc), disc_optimizer=P.OptimizerState(disc, opt_d))
     if ema is not None:
         parts["ema"] = ema
-    parts.update(data=order, failures=Attributes(tracker, ("tried", "failed", "skipped")), rng=RngState(device))
+    parts.update(data=order, failures=P.Attributes(tracker, ("tried", "failed", "skipped")), rng=P.RngState(device))
     ckpt = TrainingCheckpoint(out / CHECKPOINTS, parts, keep=2)
     step = ckpt.restore() if cfg.resume else 0
     if step:
         log.info("resuming %s at step %d from %s", out, step, ckpt.restored_from)
     atomic_write_json(out / CONFIG_FILE, {**cfg.to_dict(), "tokenizer_config": model.config.to_dict(),
-                                          "batch_order": BATCH_ORDER_RULE, "checkpoint_format": FORMAT})
+                                          "batch_order": P.BATCH_ORDER_RULE, "checkpoint_format": FORMAT})
 
     loader = torch.utils.data.DataLoader(TransformedDataset(dataset, transform, cfg.seed),
                                          batch_sampler=order.keys(cfg.max_steps), collate_fn=collate_skip,
@@ -204,7 +192,7 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, device: torch.device, resources:
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train-tokenizer", disable=not cfg.progress, unit="step")
     window = {"images": 0, "time": time.perf_counter()}
     last_logs: dict = {}
-    log_file = JsonlLog(out / LOG_FILE, step)
+    log_file = P.JsonlLog(out / LOG_FILE, step)
     try:
         for images, _, _, failures in loader:
             if tracker.record(images, failures):
