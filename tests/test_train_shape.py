@@ -210,6 +210,29 @@ def test_memory_estimate_components():
     assert estimate_memory(cfg, 1, 1, "fp32", ema=False)["parts"][act[0]] > one["parts"][act[0]]
 
 
+def test_activation_estimate_matches_what_autograd_saves():
+    from dataclasses import replace
+
+    from argen.training.plan import estimate_memory
+
+    cfg = replace(gpt_config("GPT-mini"), image_size=128)  # 16x16 grid, 1024 codes
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randint(1024, (2, 256)), torch.randint(10, (2,)))  # fp32: no autocast copies
+    parts = estimate_memory(cfg, 2, 1, "fp32", ema=False)["parts"]
+    estimate = sum(v for k, v in parts.items() if k.startswith("activations"))
+    assert 0.8 < sum(seen.values()) / estimate < 1.25
+
+
 @pytest.mark.parametrize("command", ["train", "train-tokenizer"])
 @pytest.mark.parametrize("bad", [["--ckpt-every", "0"], ["--lr", "nan"], ["--lr", "-1"], ["--batch-size", "0"]])
 def test_bad_numbers_exit_2_with_one_line(command, bad, capsys, tmp_path):

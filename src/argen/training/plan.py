@@ -13,12 +13,14 @@ Contract:
   - autocast copies of the weights, 2P / shards in bf16/fp16;
   - activations kept for backward, per sample of s = cond_len + N - 1 positions and N image tokens, with
     d = width, f = SwiGLU hidden size, a = 2 bytes (bf16/fp16) or 4 (fp32), V = vocabulary:
-    per layer and position 10d (two fp32 residual inputs of the RMSNorms, two dropout masks) +
-    a(6d + 4f) (normed input, q, k, v, attention output, normed FFN input, w1/w3 outputs, SiLU, product);
+    per layer and position 18d (two fp32 residual inputs of the RMSNorms, the fp32 q and k that RoPE
+    rotates, two dropout masks) + a(6d + 4f) (normed input, q, k, v, attention output, normed FFN
+    input, w1/w3 outputs, SiLU, product);
     plus per image token (a + 8)V for the logits, their float32 copy and the log-softmax;
   - 1 GiB for the CUDA context, kernels' workspace and allocator slack.
   Attention is assumed to run in a fused kernel (no s x s score matrix kept); activation
-  checkpointing is not modelled. Treat the total as an estimate good to a few tens of percent.
+  checkpointing and allocator fragmentation are not modelled. `benchmarks/check_memory_estimate.py`
+  compares the activation part with the bytes autograd really saves (on the CPU).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def estimate_memory(gpt_cfg: GPTConfig, micro_batch: int, shards: int, precision
     f = swiglu_hidden_dim(d, gpt_cfg.multiple_of, gpt_cfg.ffn_dim_multiplier)
     tokens = gpt_cfg.num_image_tokens
     positions = gpt_cfg.cond_len + tokens - 1
-    per_sample = positions * (layers * (10 * d + a * (6 * d + 4 * f)) + 4 * d + a * d) + tokens * (a + 8) * vocab
+    per_sample = positions * (layers * (18 * d + a * (6 * d + 4 * f)) + 4 * d + a * d) + tokens * (a + 8) * vocab
     parts = {
         "weights (fp32)": 4 * params / shards,
         "gradients (fp32)": 4 * params / shards,
