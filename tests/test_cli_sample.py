@@ -376,3 +376,22 @@ def test_parse_rows_refuses(text):
 
     with pytest.raises(ArgenError, match="--rows"):
         parse_rows(text, 10)
+
+
+def test_an_unexpected_error_keeps_its_traceback_with_the_count_as_a_note(released, monkeypatch):
+    import argen.evaluation.pipeline as pipeline
+
+    tmp, tok, c2i, _ = released
+    real, calls = pipeline.generate, []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: device-side assert")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", broken)
+    out = tmp / "broken"
+    with pytest.raises(RuntimeError, match="device-side assert") as info:
+        main(["sample", *released_flags(tok, c2i, "c2i"), "--classes", "1,2,3", "--batch-size", "2", "--out", str(out)])
+    assert f"2 of 3 images were written to {out}/" in info.value.__notes__

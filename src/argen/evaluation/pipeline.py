@@ -311,4 +311,7 @@ def sample_to_folder(tokenizer: VQModel, gpt: GPT, conditions: Conditions, param
         raise ArgenError(f"{exc} ({so_far()} before this)") from exc
     except KeyboardInterrupt as exc:
         raise SamplingInterrupted(f"interrupted; {so_far()}") from exc
+    except Exception as exc:  # a bug or a device error keeps its traceback, with the count as a note
+        exc.add_note(so_far())
+        raise
     return summary
