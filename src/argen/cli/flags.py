@@ -89,7 +89,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
                 kwargs["metavar"] = tuple(f"V{i + 1}" for i in range(kwargs["nargs"]))
                 for i, part in enumerate(meta.get("parts", ())):  # e.g. --beta1 / --beta2 for betas
                     target.add_argument("--" + part.replace("_", "-"), dest=f"{f.name}.{i}", default=argparse.SUPPRESS,
-                                        type=kwargs.get("type", float), help=f"element {i + 1} of {flag_name(f)}")
+                                        type=kwargs.get("type", float), metavar=part.upper(),
+                                        help=f"element {i + 1} of {flag_name(f)}")
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]
             help_text += _default_text(f)
