@@ -6,11 +6,21 @@
     python benchmarks/loadtest.py --url http://127.0.0.1:8000 --requests 500 --concurrency 16
     # a t2i server taking precomputed caption features (spawned with --text-encoder none):
     python benchmarks/loadtest.py --spawn --kind t2i --features --requests 100
+    # open-loop Poisson arrivals, continuous vs static scheduling in one run (issue 18):
+    python benchmarks/loadtest.py --spawn --compare --fractions 0.5,0.8 --requests 60
 
 Each request asks for `--images` images of random classes with a random seed (c2i; with
 `--prompts` t2i prompts; with `--features` random caption features as base64 .npy, shaped from the
 server's /health). Reports latency p50/p99, requests/s, images/s, errors by status, and the
 server's own /metrics (mean batch size). Only loopback URLs are accepted.
+
+`--compare` (with `--spawn`): one server per scheduler (`--schedulers`, default static then
+continuous). On the static server a closed loop (`--calibrate-requests` at concurrency 2 x
+`--max-batch-size`) measures its capacity in images/s; then, on each server, open-loop Poisson
+arrivals (seeded: the same arrival times and payloads for both) at each `--fractions` x that
+capacity (or at `--rates` images/s). Each open-loop run sends `--requests` requests (bounded by
+`--duration`) and reports throughput, latency p50/p99 (send to answer) and queue wait p50/p99
+(the server's `timings.queue_ms`: arrival to admission), then the continuous/static ratios.
 """
 
 from __future__ import annotations
@@ -59,11 +69,13 @@ def write_tiny_checkpoints(folder: Path, gpt_name: str, vq_name: str, kind: str 
     save_gpt(gpt, folder / "gpt")
 
 
-def spawn_server(folder: Path, port: int, args) -> subprocess.Popen:
+def spawn_server(folder: Path, port: int, args, scheduler: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "argen.cli.main", "serve", "--tokenizer", str(folder / "vq"), "--gpt",
            str(folder / "gpt"), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", str(args.max_queue), "--log-level", "warning", "--text-encoder", "none"]
+    if scheduler is not None:
+        cmd += ["--scheduler", scheduler]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -139,6 +151,128 @@ async def run_load(url: str, args) -> dict:
     }
 
 
+def make_payload(rng: random.Random, args, health: dict) -> dict:
+    payload = {"seed": rng.randrange(2**31), "top_k": args.top_k, "cfg_scale": args.cfg_scale}
+    if args.features:
+        payload["features"] = random_features(rng, args.images, health["caption_len"], health["caption_dim"])
+    elif args.prompts:
+        payload["prompts"] = [f"test prompt {rng.randrange(1000)}" for _ in range(args.images)]
+    else:
+        payload["classes"] = [rng.randrange(args.num_classes) for _ in range(args.images)]
+    return payload
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+async def open_loop(url: str, args, rate: float) -> dict:
+    """Poisson arrivals at `rate` images/s (seeded by --seed): send each request at its arrival
+    time whatever the server is doing; at most --requests requests and --duration s of arrivals."""
+    rng = random.Random(args.seed)
+    limits = httpx.Limits(max_connections=args.requests)
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
+        await wait_healthy(client, time.perf_counter() + 60)
+        health = (await client.get("/health")).json()
+        for _ in range(3):  # warm-up, not measured
+            await client.post("/v1/generate", json=make_payload(random.Random(-1), args, health))
+        arrivals, t = [], 0.0
+        for _ in range(args.requests):
+            t += rng.expovariate(rate / args.images)
+            if t > args.duration:
+                break
+            arrivals.append((t, make_payload(rng, args, health)))
+        results: list[tuple[int, float, float | None, int, float]] = []
+        start = time.perf_counter()
+
+        async def send(at: float, payload: dict) -> None:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/generate", json=payload)
+            except httpx.HTTPError:
+                results.append((0, 0.0, None, 0, time.perf_counter()))
+                return
+            body = r.json() if r.status_code == 200 else {}
+            results.append((r.status_code, time.perf_counter() - t0, body.get("timings", {}).get("queue_ms"),
+                            len(body.get("images", [])), time.perf_counter()))
+
+        await asyncio.gather(*(send(at, payload) for at, payload in arrivals))
+        server_metrics = (await client.get("/metrics")).json()
+    ok = [r for r in results if r[0] == 200]
+    elapsed = (max(r[4] for r in results) - start) if results else 0.0
+    latency = [r[1] * 1e3 for r in ok]
+    queue = [r[2] for r in ok if r[2] is not None]
+    return {"rate_img_s": rate, "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+            "elapsed_s": elapsed, "images_per_s": sum(r[3] for r in ok) / elapsed if elapsed else 0.0,
+            "latency_ms_p50": percentile(latency, 50), "latency_ms_p99": percentile(latency, 99),
+            "queue_ms_p50": percentile(queue, 50), "queue_ms_p99": percentile(queue, 99),
+            "server_slot_occupancy": server_metrics.get("slot_occupancy"),
+            "server_mean_batch_images": server_metrics.get("mean_batch_images")}
+
+
+# issue 18's targets at about 80% of the static capacity: continuous / static
+TARGETS = {"queue_ms_p50": ("<=", 0.1), "latency_ms_p50": ("<=", 0.85), "images_per_s": (">=", 0.95)}
+
+
+def compare(args, folder: Path) -> dict:
+    """One spawned server per scheduler; capacity calibration on the static one; open-loop runs."""
+    runs: dict[str, list[dict]] = {}
+    capacity = None
+    for scheduler in args.schedulers.split(","):
+        port = free_port()
+        proc = spawn_server(folder, port, args, scheduler)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if args.rates is None and capacity is None:
+                closed = argparse.Namespace(**{**vars(args), "requests": args.calibrate_requests,
+                                               "concurrency": 2 * args.max_batch_size})
+                capacity = asyncio.run(run_load(url, closed))["images_per_s"]
+                print(f"# {scheduler} capacity (closed loop, concurrency {closed.concurrency}): "
+                      f"{capacity:.2f} img/s", file=sys.stderr, flush=True)
+            rates = ([float(r) for r in args.rates.split(",")] if args.rates is not None
+                     else [float(f) * capacity for f in args.fractions.split(",")])
+            runs[scheduler] = []
+            for rate in rates:
+                row = asyncio.run(open_loop(url, args, rate))
+                row["scheduler"] = scheduler
+                runs[scheduler].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    report = {"static_capacity_img_s": capacity, "runs": runs, "ratios": []}
+    if "static" in runs and "continuous" in runs:
+        for static, cont in zip(runs["static"], runs["continuous"]):
+            ratios = {"rate_img_s": static["rate_img_s"]}
+            for key, (op, goal) in TARGETS.items():
+                if static[key] and cont[key] is not None:
+                    value = cont[key] / static[key]
+                    ratios[key] = value
+                    met = value <= goal if op == "<=" else value >= goal
+                    ratios[f"{key}_target"] = f"{op} {goal}: {'met' if met else 'MISSED'}"
+            report["ratios"].append(ratios)
+    return report
+
+
+def print_compare(report: dict) -> None:
+    print("| scheduler | arrivals img/s | requests | errors | throughput img/s | latency p50 ms | latency p99 ms "
+          "| queue p50 ms | queue p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    for rows in report["runs"].values():
+        for r in rows:
+            print(f"| {r['scheduler']} | {r['rate_img_s']:.2f} | {r['requests']} | {r['errors']} | "
+                  f"{r['images_per_s']:.2f} | {fmt(r['latency_ms_p50'])} | {fmt(r['latency_ms_p99'])} | "
+                  f"{fmt(r['queue_ms_p50'])} | {fmt(r['queue_ms_p99'])} |")
+    for ratio in report["ratios"]:
+        parts = [f"{key} {ratio[key]:.3f} ({ratio[key + '_target']})" for key in TARGETS if key in ratio]
+        print(f"- continuous/static at {ratio['rate_img_s']:.2f} img/s: " + "; ".join(parts))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server on this machine, e.g. http://127.0.0.1:8000")
@@ -162,6 +296,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--compare", action="store_true", help="open-loop Poisson arrivals, schedulers compared")
+    parser.add_argument("--schedulers", default="static,continuous", help="--compare: servers, in order")
+    parser.add_argument("--fractions", default="0.5,0.8", help="--compare: arrival rates x the static capacity")
+    parser.add_argument("--rates", default=None, help="--compare: arrival rates in images/s (no calibration)")
+    parser.add_argument("--calibrate-requests", type=int, default=48, help="--compare: closed-loop requests")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= MAX_REQUESTS or not 0 < args.duration <= MAX_SECONDS or args.concurrency < 1:
         parser.error(f"--requests must be in 1..{MAX_REQUESTS}, --duration in (0, {MAX_SECONDS}], --concurrency >= 1")
@@ -169,6 +308,20 @@ def main(argv=None) -> int:
         parser.error("give exactly one of --url or --spawn")
     if args.spawn and args.kind == "t2i" and not args.features:
         parser.error("--spawn --kind t2i starts a features-only server: add --features")
+    if args.compare:
+        if not args.spawn:
+            parser.error("--compare needs --spawn")
+        with tempfile.TemporaryDirectory() as tmp:
+            write_tiny_checkpoints(Path(tmp), args.gpt_config, args.vq_config, args.kind)
+            report = compare(args, Path(tmp))
+        report["settings"] = {k: getattr(args, k) for k in ("requests", "duration", "images", "top_k", "cfg_scale",
+                                                              "max_batch_size", "max_wait_ms", "seed", "gpt_config",
+                                                              "vq_config", "kind", "calibrate_requests")}
+        report["settings"]["threads"] = os.environ.get("OMP_NUM_THREADS")
+        print_compare(report)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return 0 if all(r["errors"] == 0 for rows in report["runs"].values() for r in rows) else 1
     proc = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.spawn:

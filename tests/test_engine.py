@@ -3,6 +3,8 @@ parameters, and a chi-square test of its sampled token distribution."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from argen.engine import Engine, decode_codes, generate
 from argen.models.gpt import GPT, gpt_config
 from argen.models.tokenizer import VQModel, vq_config
 from argen.sampling import SamplingParams, guided_logits, process_logits, reference_generate
+from argen.utils.errors import ArgenError
 
 
 def tiny_gpt(kind: str, seed: int = 0, head_std: float = 0.5, **overrides) -> GPT:
@@ -133,8 +136,6 @@ def test_generate_with_row_generators_gives_each_image_its_own_stream():
 
 
 def test_bad_arguments_raise_argen_errors():
-    from argen.utils.errors import ArgenError
-
     model = tiny_gpt("c2i")
     with pytest.raises(ArgenError, match="top_p"):
         generate(model, torch.tensor([1]), top_p=0.0)
@@ -191,8 +192,6 @@ def test_first_step_distribution_matches_reference(filters):
 def check_second_step_distribution(device: str) -> None:
     """Draw 6000 two-token samples on `device`; the second token, given the most common first one,
     must follow the float32 reference probabilities on the CPU (and not a shifted copy of them)."""
-    import copy
-
     model = tiny_gpt("c2i", seed=12, head_std=0.08)
     filters = dict(temperature=1.1, top_k=30, top_p=0.9)
     n = 6000
@@ -229,7 +228,8 @@ def test_bf16_engine_on_cpu_tracks_the_float32_reference():
     model = tiny_gpt("c2i", head_std=2.0)
     cond = torch.arange(8) % 10
     expected = reference_generate(model, cond, cfg_scale=3.0, top_k=1)
-    got = Engine(model, dtype=torch.bfloat16).generate(cond, None, SamplingParams(cfg_scale=3.0, top_k=1))
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)  # the compute dtype is the model's own
+    got = Engine(bf16).generate(cond, None, SamplingParams(cfg_scale=3.0, top_k=1))
     assert (got[:, 0] == expected[:, 0]).float().mean() >= 0.75
     assert (got == expected).float().mean() >= 0.5
 
@@ -257,8 +257,8 @@ def test_bf16_graph_step_on_cpu_picks_the_float32_argmax(kind, simulated_cuda_gr
     argmax up to bf16 rounding (measured: at most 0.035 logit spreads); random tokens are ~3 spreads off."""
     model = tiny_gpt(kind, head_std=2.0, image_size=128)
     cond, mask = condition(kind, batch=6) if kind == "t2i" else (torch.arange(6) % 10, None)
-    tokens = simulated_cuda_graphs(model, dtype=torch.bfloat16).generate(cond, mask, SamplingParams(cfg_scale=3.0,
-                                                                                                     top_k=1))
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    tokens = simulated_cuda_graphs(bf16).generate(cond, mask, SamplingParams(cfg_scale=3.0, top_k=1))
     gaps, spread = guided_gaps(model, cond, mask, tokens, 3.0)
     assert float(gaps.max()) <= 0.08 * spread
     random_gaps, _ = guided_gaps(model, cond, mask, torch.randint_like(tokens, 512), 3.0)
@@ -277,7 +277,7 @@ def test_cuda_graph_greedy_tokens_are_the_argmax_on_gpu(kind, dtype):
     model = tiny_gpt(kind, head_std=2.0, image_size=128).cuda()  # 64 tokens: two kv buckets
     cond, mask = condition(kind, batch=6) if kind == "t2i" else (torch.arange(6) % 10, None)  # padded to 8
     cond, mask = cond.cuda(), None if mask is None else mask.cuda()
-    engine = Engine(model, dtype=dtype)
+    engine = Engine(copy.deepcopy(model).to(dtype))
     assert engine.use_graphs and engine._capture_on_device
     params = SamplingParams(cfg_scale=3.0, top_k=1)
     # seeded: with bf16 logits exact ties are common, and top_k=1 keeps ties (as the reference does)
@@ -492,8 +492,8 @@ class _Recorder(TorchDispatchMode):
         return out
 
     def restore(self):
-        for storage, copy in self.saved.values():
-            storage.copy_(copy)
+        for storage, saved in self.saved.values():
+            storage.copy_(saved)
 
 
 class _SimGraph:
@@ -658,3 +658,146 @@ def test_simulator_catches_what_a_cuda_graph_cannot_hold(simulated_cuda_graphs, 
         session.uniforms = session.uniforms.clone()  # rebinding a static input instead of copying into it
     with pytest.raises(AssertionError, match="freed since capture"):
         engine.generate(cond, None, params)
+
+
+# --------------------------------------------------------------------------- continuous batching (slots)
+from argen.engine.slots import SlotDecoder, SlotRequest  # noqa: E402
+
+SLOT_SETTINGS = [dict(cfg_scale=3.0), dict(), dict(cfg_scale=3.0, cfg_interval=5),
+                 dict(cfg_scale=4.0, cfg_schedule="linear"), dict(cfg_scale=2.0, temperature=0.7),
+                 dict(cfg_scale=4.0, cfg_schedule="power", cfg_power=2.5), dict(cfg_scale=1.5, top_p=0.5)]
+
+
+def slot_requests(kind: str, settings, top_k: int = 1, seed: int = 1, device: str = "cpu"):
+    """One request per settings dict; t2i captions have 8, 7, 6, ... real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, s in enumerate(settings):
+        if kind == "c2i":
+            cond, mask = torch.tensor(i % 10), None
+        else:
+            mask = torch.ones(8)
+            mask[:i % 8] = 0
+            cond = torch.randn(8, 32, generator=g) * mask[:, None]
+        out.append(SlotRequest(cond, mask, SamplingParams(top_k=top_k, **s),
+                               generator=torch.Generator(device).manual_seed(100 + i), tag=i))
+    return out
+
+
+def run_staggered(decoder: SlotDecoder, requests, joins) -> dict:
+    """Admit request i at step joins[i] (or later, when no slot is free); tokens by tag."""
+    pending = sorted(zip(joins, range(len(requests))))
+    results, step = {}, 0
+    while pending or decoder.slots:
+        while pending and pending[0][0] <= step and decoder.free:
+            decoder.admit([requests[pending.pop(0)[1]]])
+        for request, tokens in decoder.step():
+            results[request.tag] = tokens
+        step += 1
+    return results
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "fixed-slots"])
+def test_slots_greedy_equals_reference_whenever_a_request_joins(kind, graphs):
+    """Requests with mixed guidance (scale, interval, schedules), temperature and top-p join at
+    different steps, wait for a slot, move when another slot retires; each gets the reference's
+    greedy tokens."""
+    model = tiny_gpt(kind, seed=4)
+    requests = slot_requests(kind, SLOT_SETTINGS)
+    decoder = SlotDecoder(model, 3, cuda_graphs=graphs, kv_bucket=8)
+    results = run_staggered(decoder, requests, joins=[0, 0, 2, 3, 5, 9, 9])
+    assert decoder.active == 0 and decoder.free == 3
+    for r, s in zip(requests, SLOT_SETTINGS):
+        expected = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
+                                      top_k=1, **s)[0]
+        assert torch.equal(results[r.tag], expected), (r.tag, s)
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_slot_sampling_equals_the_engine_with_the_same_seed_whatever_else_runs(kind):
+    """Sampled images (top-k, top-p, temperature, guidance) with a request's own generator are the
+    same alone, with other requests in other slots at other steps, and as Engine.generate with
+    row_generators (what `argen sample` and the static server run)."""
+    model = tiny_gpt(kind, seed=5, head_std=0.1)
+    settings = [dict(cfg_scale=2.0, top_p=0.9), dict(temperature=1.3), dict(cfg_scale=4.0, cfg_interval=3),
+                dict(cfg_scale=3.0, cfg_schedule="linear", top_p=0.8)]
+    crowd = run_staggered(SlotDecoder(model, 3), slot_requests(kind, settings, top_k=50), joins=[0, 1, 4, 6])
+    for i in range(len(settings)):
+        alone = SlotDecoder(model, 1).run([slot_requests(kind, settings, top_k=50)[i]])[0]
+        r = slot_requests(kind, settings, top_k=50)[i]
+        engine = Engine(model).generate(r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
+                                        [r.params], row_generators=[r.generator])[0]
+        assert torch.equal(crowd[i], alone) and torch.equal(alone, engine), i
+    assert len({tuple(t.tolist()) for t in crowd.values()}) == len(settings)  # really sampled
+
+
+def test_slot_cancel_frees_the_slot_for_the_next_request():
+    model = tiny_gpt("c2i", seed=4)
+    requests = slot_requests("c2i", SLOT_SETTINGS[:4])
+    decoder = SlotDecoder(model, 3)
+    decoder.admit(requests[:3])
+    for _ in range(4):
+        assert decoder.step() == []
+    assert decoder.free == 0
+    assert decoder.cancel(lambda r: r.tag == 0) == 1  # the first slot goes; the last one moves into it
+    assert decoder.free == 1 and [s.request.tag for s in decoder.slots] == [2, 1]
+    decoder.admit([requests[3]])
+    results = {}
+    while decoder.slots:
+        results.update((r.tag, t) for r, t in decoder.step())
+    assert sorted(results) == [1, 2, 3]
+    for r, s in zip(requests[1:], SLOT_SETTINGS[1:4]):
+        assert torch.equal(results[r.tag], reference_generate(model, r.cond[None], top_k=1, **s)[0])
+    with pytest.raises(ArgenError, match="free slots"):
+        decoder.admit(slot_requests("c2i", SLOT_SETTINGS[:4]))
+
+
+def test_slot_max_new_tokens_and_bad_requests():
+    model = tiny_gpt("t2i", seed=3)
+    r = slot_requests("t2i", [dict(cfg_scale=2.5)])[0]
+    r.max_new_tokens = 5
+    got = SlotDecoder(model, 2).run([r])[0]
+    assert torch.equal(got, reference_generate(model, r.cond[None], r.cond_mask[None], cfg_scale=2.5, top_k=1,
+                                               max_new_tokens=5)[0])
+    with pytest.raises(ArgenError, match="caption features"):
+        SlotDecoder(model, 1).admit([SlotRequest(torch.zeros(8, 5))])
+    with pytest.raises(ArgenError, match="slots"):
+        SlotDecoder(model, 0)
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_captured_slot_graphs_replay_to_the_reference_tokens(kind, simulated_cuda_graphs):
+    """The all-slots step captured (simulated CUDA graphs) per kv bucket and static facts, mid-run,
+    while other slots are active: replays give every request its reference greedy tokens."""
+    model = tiny_gpt(kind, seed=4, image_size=128)  # 64 tokens: several kv buckets of 16
+    requests = slot_requests(kind, SLOT_SETTINGS[:5])
+    decoder = SlotDecoder(model, 4, cuda_graphs=True, kv_bucket=16)
+    decoder._capture_on_device = True  # what a CUDA device does
+    results = run_staggered(decoder, requests, joins=[0, 3, 20, 21, 40])
+    assert _SimGraph.created == len(decoder.graphs) >= 3
+    assert {c["capture_error_mode"] for c in _SimCapture.calls} == {"thread_local"}
+    for r, s in zip(requests, SLOT_SETTINGS):
+        expected = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
+                                      top_k=1, **s)[0]
+        assert torch.equal(results[r.tag], expected), (r.tag, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_slot_graphs_on_gpu_pick_the_argmax_whenever_requests_join(kind):
+    """Real CUDA graphs of the all-slots step, captured mid-run: every greedy token of every request
+    is the float32 model's guided argmax (teacher forcing), whatever joined when."""
+    model = tiny_gpt(kind, head_std=2.0, image_size=128).cuda()
+    settings = [dict(cfg_scale=3.0), dict(cfg_scale=1.0), dict(cfg_scale=2.0, temperature=0.7), dict(cfg_scale=3.0)]
+    requests = slot_requests(kind, settings, device="cuda")
+    decoder = SlotDecoder(model, 3)
+    assert decoder.use_graphs and decoder._capture_on_device
+    results = run_staggered(decoder, requests, joins=[0, 2, 30, 31])
+    assert decoder.graphs
+    for r, s in zip(requests, settings):
+        cond = r.cond[None].cuda()
+        mask = None if r.cond_mask is None else r.cond_mask[None].cuda()
+        gaps, spread = guided_gaps(model, cond, mask, results[r.tag][None], s["cfg_scale"])
+        assert float(gaps.max()) <= 1e-3 * spread, (r.tag, float(gaps.max()), spread)

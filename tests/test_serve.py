@@ -653,3 +653,104 @@ def test_real_argen_serve_process_on_loopback(checkpoints):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------- schedulers
+def test_serve_config_scheduler_is_checked_and_continuous_by_default():
+    from argen.utils.errors import ArgenError
+
+    assert ServeConfig().scheduler == "continuous"
+    with pytest.raises(ArgenError, match="--scheduler"):
+        ServeConfig(scheduler="fifo")
+
+
+def test_continuous_requests_that_join_later_get_the_images_they_get_alone(checkpoints):
+    """Two slots, five requests submitted while others run: each request's codes equal the static
+    scheduler's, `argen.generate` with the image_seed rule (what `argen sample` runs), and for
+    greedy requests the reference sampler's."""
+    from argen.engine import generate
+    from argen.sampling import image_seed
+
+    specs = [JobSpec([1, 2], SamplingParams(top_k=1, cfg_scale=3.0), seed=1),
+             JobSpec([3], SamplingParams(top_k=20, temperature=1.2, cfg_scale=2.0, cfg_interval=4), seed=2),
+             JobSpec([4], SamplingParams(top_k=1, cfg_scale=4.0, cfg_schedule="linear"), seed=3),
+             JobSpec([5, 6], SamplingParams(top_p=0.8), seed=4),
+             JobSpec([7], SamplingParams(top_k=1), seed=5)]
+    results = {}
+    for scheduler in ("continuous", "static"):
+        service = make_service(checkpoints, max_batch_size=2, max_wait_ms=1, scheduler=scheduler)
+        service.start()
+        try:
+            jobs = []
+            for spec in specs:
+                jobs.append(service.submit(spec))
+                time.sleep(0.005)  # arrivals spread over the first steps
+            results[scheduler] = [job.future.result(timeout=120) for job in jobs]
+            metrics = service.metrics()
+        finally:
+            service.close()
+        assert metrics["scheduler"] == scheduler
+    gpt = load_gpt(checkpoints / "c2i")
+    for spec, cont, static in zip(specs, results["continuous"], results["static"]):
+        assert cont["codes"] == static["codes"], spec
+        gens = [torch.Generator().manual_seed(image_seed(spec.seed, i)) for i in range(len(spec.conditions))]
+        alone = generate(gpt, torch.tensor(spec.conditions), params=spec.params, row_generators=gens)
+        assert cont["codes"] == alone.tolist(), spec
+        if spec.params.top_k == 1:
+            p = spec.params
+            greedy = reference_generate(gpt, torch.tensor(spec.conditions), cfg_scale=p.cfg_scale,
+                                        cfg_schedule=p.cfg_schedule, top_k=1)
+            assert cont["codes"] == greedy.tolist(), spec
+        assert cont["timings"]["queue_ms"] >= 0 and cont["timings"]["generate_ms"] > 0
+
+
+def test_continuous_t2i_prompts_and_features_with_different_lengths_match_static(checkpoints):
+    specs = [JobSpec(["a red bird on a branch"], SamplingParams(top_k=1, cfg_scale=2.0), seed=1),
+             JobSpec(["x", "a much longer prompt about a boat at sea"], SamplingParams(top_k=30), seed=2)]
+    results = {}
+    for scheduler in ("continuous", "static"):
+        service = make_service(checkpoints, kind="t2i", max_batch_size=2, max_wait_ms=1, scheduler=scheduler)
+        service.start()
+        try:
+            jobs = [service.submit(spec) for spec in specs]
+            results[scheduler] = [job.future.result(timeout=120)["codes"] for job in jobs]
+        finally:
+            service.close()
+    assert results["continuous"] == results["static"]
+
+
+def test_continuous_cancel_frees_the_slots_and_metrics_report_them(checkpoints):
+    service = make_service(checkpoints, max_batch_size=2, max_wait_ms=1)
+    decoder = service.decoder
+    original = decoder.step
+    admitted, go = threading.Event(), threading.Event()
+
+    def gated():  # hold the first step after the first admission until the test says go
+        if not go.is_set():
+            admitted.set()
+            assert go.wait(30)
+        return original()
+
+    decoder.step = gated
+    service.start()
+    try:
+        job = service.submit(JobSpec([1, 2], SamplingParams(top_k=5), seed=0))
+        assert admitted.wait(30)
+        metrics = service.metrics()
+        assert metrics["slots"] == 2 and metrics["slots_active"] == 2 and metrics["in_flight_images"] == 2
+        service.cancel(job)
+        later = service.submit(JobSpec([3], SamplingParams(top_k=1), seed=1))
+        go.set()
+        assert len(later.future.result(timeout=60)["codes"]) == 1
+        assert job.future.cancelled()
+        for _ in range(500):  # the worker may still be retiring the last slot
+            metrics = service.metrics()
+            if metrics["slots_active"] == 0:
+                break
+            time.sleep(0.01)
+    finally:
+        service.close()
+    assert metrics["slots_active"] == 0 and metrics["in_flight_images"] == 0 and decoder.free == 2
+    assert metrics["cancelled_total"] == 1 and metrics["completed_total"] == 1
+    assert metrics["prefills_total"] == 3 and metrics["decode_steps_total"] >= 15
+    assert 0 < metrics["slot_occupancy"] <= 1 and metrics["prefills_per_s"] > 0 and metrics["decode_steps_per_s"] > 0

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     group.add_argument("--port", type=int_range(1, 65535), default=8000, help="port (default 8000)")
     group.add_argument("--max-batch-size", type=positive_int, default=16, help="images per engine batch (default 16)")
+    group.add_argument("--scheduler", choices=["continuous", "static"], default="continuous",
+                       help="continuous (default): --max-batch-size slots, new requests join at the next token "
+                            "step; static: batches run to the end")
     group.add_argument("--max-wait-ms", type=nonneg_float, default=10.0,
                        help="how long the oldest request waits for others to join its batch (default 10)")
     group.add_argument("--max-queue", type=positive_int, default=256, help="queued images before 503 (default 256)")
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_images_per_request=args.max_images_per_request, decode_chunk=args.decode_chunk,
                          overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
-                         max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)), scheduler=args.scheduler)
     tokenizer, gpt, device, _ = load_models(args)
     encode, conditions = None, "classes"
     if gpt.config.kind == "t2i":

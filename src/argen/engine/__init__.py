@@ -3,11 +3,13 @@
 - `generate(gpt, cond, ...)`: drop-in for the reference sampler, through a cached `Engine`.
 - `Engine`: static KV cache, lean decode loop, on-device sampling, CUDA graphs on GPUs; per-row
   sampling parameters and generators for the server.
+- `SlotDecoder`, `SlotRequest`: continuous batching over a fixed number of cache slots (the server).
 - `decode_codes`: tokens -> uint8 images in bounded-memory chunks.
 """
 
 from argen.engine.decode import decode_codes
 from argen.engine.engine import Engine
 from argen.engine.generate import engine_for, generate
+from argen.engine.slots import SlotDecoder, SlotRequest
 
-__all__ = ["Engine", "decode_codes", "engine_for", "generate"]
+__all__ = ["Engine", "SlotDecoder", "SlotRequest", "decode_codes", "engine_for", "generate"]

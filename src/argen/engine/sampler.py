@@ -97,7 +97,8 @@ def combine_guidance_pairs(logits: torch.Tensor, rp: RowParams, scale: torch.Ten
     `argen.engine.slots`) -> (B, V) guided logits; unguided rows keep their conditional logits."""
     pairs = logits.view(-1, 2, logits.shape[-1])  # (B, 2, V)
     cond, uncond = pairs[:, 0], pairs[:, 1]
-    return torch.where(rp.guided_rows, uncond + scale * (cond - uncond), cond)
+    mixed = uncond + scale * (cond - uncond)
+    return mixed if rp.all_guided else torch.where(rp.guided_rows, mixed, cond)
 
 
 def combine_guidance(logits: torch.Tensor, rp: RowParams, scale: torch.Tensor | float) -> torch.Tensor:

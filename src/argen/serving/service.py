@@ -1,22 +1,30 @@
-"""`GenerationService`: a bounded queue and one worker thread that batches requests dynamically.
+"""`GenerationService`: a bounded queue and one worker thread that schedules images onto the engine.
 
 Contract:
 - `submit(spec)` validates nothing itself (`argen.serving.request` does) and queues one row per
   image; a condition is a class id (c2i), a prompt or a `Caption` of precomputed features (t2i;
   prompts and captions may share a batch). It raises `Overloaded` when the queued images would
   exceed `max_queue`, `ShuttingDown` after `close()` began.
-- The generator thread takes the oldest rows, waits up to `max_wait_ms` for more (never past
-  `max_batch_size` images), and runs them as one `Engine.generate` call with per-row
-  `SamplingParams` and per-row generators seeded from the request's seed and the image index, so
-  a request's images do not depend on what else shares the batch. With `overlap_decode` (default
-  on CUDA) a decoder thread turns the codes into PNGs while the next batch generates (at most two
-  batches wait for it); otherwise the same thread decodes (better on a small CPU).
-- `cancel(job)` drops the job's rows that have not started; a job already running finishes and
-  its result is discarded.
+- Every image has its own generator seeded with `image_seed(request seed, image index)` and its
+  own `SamplingParams`, so a request's images do not depend on what else runs with them.
+- `scheduler="continuous"` (default): a `SlotDecoder` with `max_batch_size` slots. At every step
+  boundary the worker frees the slots of cancelled requests, admits the oldest queued images into
+  the free slots (prefill), runs one decode step of all active slots, and hands the images that
+  finished to decoding. A request waits only for a free slot, never for a whole batch.
+- `scheduler="static"`: the worker takes the oldest rows, waits up to `max_wait_ms` for more (never
+  past `max_batch_size` images), and runs them as one `Engine.generate` call to the end.
+- With `overlap_decode` (default on CUDA) a decoder thread turns codes into PNGs while generation
+  goes on (at most two hand-overs wait for it); otherwise the same thread decodes (better on a
+  small CPU).
+- `cancel(job)` drops the job's queued rows; continuous: its slots are freed at the next step
+  boundary; static: a job already running finishes and its result is discarded.
 - `close()` refuses new work, finishes everything queued and in flight, then stops both threads.
-- `metrics()` reports counters, queue depth, images/s and latency percentiles.
+- `metrics()` reports counters, queue depth, images/s, latency percentiles and, continuous, slot
+  occupancy and prefills and decode steps per second.
 - Result of a job's future: {"codes": [[N ints] per image], "png": [bytes per image], "timings":
-  {queue_ms, generate_ms, decode_ms, encode_ms (PNG), total_ms, batch_images}}.
+  {queue_ms (arrival to admission: first slot or batch), generate_ms, decode_ms, encode_ms (PNG),
+  total_ms, batch_images (static: the size of each engine batch; continuous: the occupied slots
+  when the request was admitted)}}.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 from PIL import Image
 
 from argen.engine import Engine, decode_codes
+from argen.engine.slots import SlotDecoder, SlotRequest
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
 from argen.sampling.logits import SamplingParams
@@ -51,6 +60,9 @@ class ShuttingDown(ArgenError):
     """The server is shutting down and takes no new work."""
 
 
+SCHEDULERS = ("continuous", "static")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     max_batch_size: int = 16
@@ -60,8 +72,11 @@ class ServeConfig:
     decode_chunk: int = 16
     overlap_decode: bool | None = None  # decode on a second thread while the next batch generates (None: on CUDA)
     max_body_bytes: int = 32 << 20  # larger request bodies get 413 (16 captions of 120 x 2048 float32 as base64 fit)
+    scheduler: str = "continuous"  # or "static" (batches run to the end); continuous: max_batch_size slots
 
     def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise ArgenError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "decode_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ArgenError(f"--{name.replace('_', '-')} must be >= 1")
@@ -133,8 +148,13 @@ class GenerationService:
         self.config = config
         self.encode_prompts = encode_prompts
         self.device = gpt.tok_embeddings.weight.device
-        # many sessions: every power-of-two batch size, guided or not, keeps its CUDA graphs
-        self.engine = engine or Engine(gpt, max_batch=config.max_batch_size, max_sessions=16)
+        self.continuous = config.scheduler == "continuous"
+        if self.continuous:
+            self.engine = None
+            self.decoder = SlotDecoder(gpt, config.max_batch_size)
+        else:  # many sessions: every power-of-two batch size, guided or not, keeps its CUDA graphs
+            self.engine = engine or Engine(gpt, max_batch=config.max_batch_size, max_sessions=16)
+            self.decoder = None
         self._queue: deque[_Row] = deque()
         self._lock = threading.Condition()
         self._closing = False
@@ -156,7 +176,8 @@ class GenerationService:
             if self._thread is not None:
                 return
             self._closing = False
-            self._thread = threading.Thread(target=self._worker, name="argen-serve-generate", daemon=True)
+            worker = self._continuous_worker if self.continuous else self._worker
+            self._thread = threading.Thread(target=worker, name="argen-serve-generate", daemon=True)
             self._finisher = threading.Thread(target=self._finish_worker, name="argen-serve-decode", daemon=True)
             self._thread.start()
             self._finisher.start()
@@ -204,7 +225,8 @@ class GenerationService:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Drop the job's queued rows; rows already running finish and are discarded."""
+        """Drop the job's queued rows; its slots are freed at the next step boundary (continuous),
+        or its running batch finishes and is discarded (static)."""
         with self._lock:
             if job.cancelled or (job.future.done() and not job.future.cancelled()):
                 return
@@ -265,6 +287,78 @@ class GenerationService:
             else:
                 self._finish_stage(stage)
 
+    # ----------------------------------------------------------------- continuous worker
+    def _take_rows(self, free: int, idle: bool) -> list[_Row] | None:
+        """At a step boundary: up to `free` queued rows ([] when none and slots are busy); waits while
+        paused, or while idle with an empty queue; None once closing with nothing left."""
+        with self._lock:
+            while True:
+                if not self._paused:
+                    if self._queue and free > 0:
+                        rows = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+                        self._in_flight += len(rows)
+                        return rows
+                    if not idle:
+                        return []
+                    if self._closing and not self._queue:
+                        return None
+                self._lock.wait(0.1)
+
+    def _continuous_worker(self) -> None:
+        """Step after step: free cancelled slots, admit queued images into free slots, decode one step."""
+        decoder = self.decoder
+        while True:
+            cancelled = [slot.request.tag for slot in decoder.slots if slot.request.tag.job.cancelled]
+            if cancelled:
+                decoder.cancel(lambda r: r.tag.job.cancelled)
+                self._release(cancelled)
+            rows = self._take_rows(decoder.free, idle=not decoder.slots)
+            if rows is None:
+                self._finish_queue.put(None)
+                return
+            if rows:
+                try:
+                    self._admit(rows)
+                except Exception as exc:  # a bad batch of conditions fails its own requests only
+                    self._fail(rows, exc)
+                    self._release(rows)
+            if not decoder.slots:
+                continue
+            try:
+                done = decoder.step()
+            except Exception as exc:  # the step failed for every active slot
+                active = [slot.request.tag for slot in decoder.slots]
+                decoder.cancel(lambda r: True)
+                self._fail(active, exc)
+                self._release(active)
+                continue
+            if done:
+                finished = [request.tag for request, _ in done]
+                codes = torch.stack([tokens for _, tokens in done]).cpu()  # (F, N); waits for the device
+                stage = (finished, codes, None, time.perf_counter())
+                if self.overlap_decode:
+                    self._finish_queue.put(stage)
+                else:
+                    self._finish_stage(stage)
+
+    def _admit(self, rows: list[_Row]) -> None:
+        """Prefill `rows` into free slots (prompts are encoded here)."""
+        now = time.perf_counter()
+        occupied = self.decoder.active + len(rows)
+        jobs = {id(row.job): row.job for row in rows}
+        with self._lock:
+            self.counters["batches"] += 1
+            self.counters["batched_images"] += len(rows)
+            for job in jobs.values():
+                if job.started is None:
+                    job.started = now
+                job.timings["batch_images"].append(occupied)
+        cond, mask = self._conditions(rows)
+        self.decoder.admit([
+            SlotRequest(cond[i], None if mask is None else mask[i], row.job.spec.params,
+                        torch.Generator(device=self.device).manual_seed(row.job.spec.row_seed(row.index)), tag=row)
+            for i, row in enumerate(rows)])
+
     def _finish_worker(self) -> None:
         while True:
             stage = self._finish_queue.get()
@@ -283,6 +377,8 @@ class GenerationService:
             self._release(batch)
 
     def _release(self, batch: list[_Row]) -> None:
+        if not batch:
+            return
         with self._lock:
             self._in_flight -= len(batch)
 
@@ -314,14 +410,16 @@ class GenerationService:
         codes = self.engine.generate(cond, mask, params, row_generators=gens).cpu()  # (B, N); waits for the device
         return batch, codes, start, time.perf_counter()
 
-    def _complete_batch(self, batch: list[_Row], codes: torch.Tensor, start: float, generated: float) -> None:
+    def _complete_batch(self, batch: list[_Row], codes: torch.Tensor, start: float | None, generated: float) -> None:
+        """Decode and attach finished rows; start None (continuous): generate_ms runs from admission."""
         grid = self.gpt.config.grid_size
         images = decode_codes(self.tokenizer, codes.view(-1, grid, grid), chunk=self.config.decode_chunk)
         decoded = time.perf_counter()
         finished = []
         with self._lock:
-            self.counters["batches"] += 1
-            self.counters["batched_images"] += len(batch)
+            if start is not None:
+                self.counters["batches"] += 1
+                self.counters["batched_images"] += len(batch)
             for i, row in enumerate(batch):
                 job = row.job
                 job.codes.append((row.index, codes[i].tolist()))
@@ -330,9 +428,12 @@ class GenerationService:
                 if job.remaining == 0:
                     finished.append(job)
             for job in {id(row.job): row.job for row in batch}.values():
-                job.timings["generate_ms"] += (generated - start) * 1e3
+                if start is None:
+                    job.timings["generate_ms"] = (generated - job.started) * 1e3
+                else:
+                    job.timings["generate_ms"] += (generated - start) * 1e3
+                    job.timings["batch_images"].append(len(batch))
                 job.timings["decode_ms"] += (decoded - generated) * 1e3
-                job.timings["batch_images"].append(len(batch))
         for job in finished:
             self._finish(job, decoded)
 
@@ -378,6 +479,17 @@ class GenerationService:
             counters = dict(self.counters)
             depth, in_flight = len(self._queue), self._in_flight
         uptime = now - self._started
+        slots = {}
+        if self.continuous:
+            dec = self.decoder.counters
+            steps = dec["decode_steps"]
+            slots = {"scheduler": "continuous", "slots": self.decoder.num_slots, "slots_active": self.decoder.active,
+                     "slot_occupancy": dec["slot_steps"] / (steps * self.decoder.num_slots) if steps else None,
+                     "prefills_total": dec["prefills"], "decode_steps_total": steps,
+                     "prefills_per_s": dec["prefills"] / uptime if uptime > 0 else 0.0,
+                     "decode_steps_per_s": steps / uptime if uptime > 0 else 0.0}
+        else:
+            slots = {"scheduler": "static"}
         percentiles = ({"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
                         "mean": float(latencies.mean())} if latencies.size else {"p50": None, "p99": None,
                                                                                  "mean": None})
@@ -390,4 +502,5 @@ class GenerationService:
             "images_per_s_last_60s": recent / min(60.0, uptime) if uptime > 0 else 0.0,
             "latency_ms": {**percentiles, "count": int(latencies.size)},
             "uptime_s": uptime,
+            **slots,
         }
