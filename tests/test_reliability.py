@@ -701,3 +701,15 @@ def test_atomic_writes_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
     os.umask(umask)
     path = atomic_write_bytes(tmp_path / "x.bin", b"x")
     assert (path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_demo_follows_the_progress_rule(tmp_path, monkeypatch):
+    import argen.training.demo as demo
+    from argen.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda options: seen.append(options.progress))
+    monkeypatch.setattr(sys, "stderr", _Stream(False))
+    for flags in ([], ["--progress"], ["--no-progress"]):
+        assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 0
+    assert seen == [False, True, False]

@@ -9,7 +9,7 @@ with a GPU it trains larger models for longer. Every stage reuses what an earlie
 
 from __future__ import annotations
 
-from argen.cli.common import nonneg_int, positive_int
+from argen.cli.common import add_progress_argument, nonneg_int, positive_int, show_progress
 
 
 def add_arguments(parser):
@@ -26,6 +26,7 @@ def add_arguments(parser):
     parser.add_argument("--samples-per-class", type=positive_int, default=None, help="samples per class and per prompt")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="use only the first N training images for the generators (smoke tests)")
+    add_progress_argument(parser)
 
 
 def run(args):
@@ -36,5 +37,6 @@ def run(args):
         run_demo(DemoOptions(out=args.out, device=args.device, seed=args.seed, tokenizer=args.tokenizer,
                              c2i_steps=args.c2i_steps, t2i_steps=args.t2i_steps,
                              tokenizer_steps=args.tokenizer_steps, batch_size=args.batch_size,
-                             samples_per_class=args.samples_per_class, limit=args.limit))
+                             samples_per_class=args.samples_per_class, limit=args.limit,
+                             progress=show_progress(args)))
     return 0

@@ -86,7 +86,7 @@ def _stage(title: str) -> None:
 
 
 # ---------------------------------------------------------------------- stages
-def stage_tokenizer(out: Path, plan: Plan, seed: int, given: str | None) -> Path:
+def stage_tokenizer(out: Path, plan: Plan, seed: int, given: str | None, progress: bool = True) -> Path:
     if given:
         return Path(given)
     tok_dir = out / "tokenizer"
@@ -95,11 +95,12 @@ def stage_tokenizer(out: Path, plan: Plan, seed: int, given: str | None) -> Path
         return tok_dir
     train_tokenizer(TokenizerTrainConfig(
         out=str(tok_dir), data="demo", config=plan.tokenizer_config, max_steps=plan.tokenizer_steps, seed=seed,
-        batch_size=plan.tokenizer_batch, lr=plan.tokenizer_lr, use_disc=False, restart_dead_codes=50, resume=True))
+        batch_size=plan.tokenizer_batch, lr=plan.tokenizer_lr, use_disc=False, restart_dead_codes=50, resume=True,
+        progress=progress))
     return tok_dir
 
 
-def stage_codes(out: Path, tokenizer, data: DemoDataset, device: torch.device) -> Path:
+def stage_codes(out: Path, tokenizer, data: DemoDataset, device: torch.device, progress: bool = True) -> Path:
     """Encode the training images, as is and mirrored, into c2i code shards (`argen extract-codes --flip`)."""
     from argen.data.extract import extract_codes
 
@@ -108,11 +109,11 @@ def stage_codes(out: Path, tokenizer, data: DemoDataset, device: torch.device) -
         print(f"reusing {codes_dir}")
         return codes_dir
     extract_codes(tokenizer, data, codes_dir, image_size=64, flip=True, shard_size=1024, batch_size=128,
-                  device=device)
+                  device=device, progress=progress)
     return codes_dir
 
 
-def stage_text(out: Path, data: DemoDataset, c2i_codes: Path) -> tuple[Path, Path]:
+def stage_text(out: Path, data: DemoDataset, c2i_codes: Path, progress: bool = True) -> tuple[Path, Path]:
     """MiniLM features of each training image's caption, and t2i shards whose labels index them."""
     from argen.data.text_encoders import load_text_encoder
 
@@ -125,7 +126,8 @@ def stage_text(out: Path, data: DemoDataset, c2i_codes: Path) -> tuple[Path, Pat
     if not (text_dir / "meta.json").is_file():
         encoder = load_text_encoder("minilm")
         feats = []
-        for start in tqdm(range(0, len(captions), 256), desc="caption features", unit="batch"):
+        for start in tqdm(range(0, len(captions), 256), desc="caption features", unit="batch",
+                          disable=not progress):
             feats.extend(encoder.encode_unpadded(captions[start:start + 256]))
         save_text_features(text_dir, feats, encoder="minilm", max_length=encoder.max_length, texts=captions)
     source = CodeDataset(c2i_codes)
@@ -146,7 +148,7 @@ def stage_text(out: Path, data: DemoDataset, c2i_codes: Path) -> tuple[Path, Pat
 
 
 def stage_generator(out: Path, kind: str, codes: Path, plan: Plan, steps: int, seed: int, device: str,
-                    tokenizer_dir: Path) -> Path:
+                    tokenizer_dir: Path, progress: bool = True) -> Path:
     run_dir = out / f"gpt-{kind}"
     info_file = run_dir / "gpt.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("training", {}).get("steps") == steps:
@@ -160,7 +162,7 @@ def stage_generator(out: Path, kind: str, codes: Path, plan: Plan, steps: int, s
                       seed=seed, batch_size=plan.batch_size, lr=plan.lr, warmup=plan.warmup, schedule="cosine",
                       min_lr_ratio=0.1, dropout=plan.dropout, ema=False, device=device,
                       ckpt_every=max(50, steps // 4), log_every=10, sample_every=0, tokenizer=str(tokenizer_dir),
-                      desc=f"train {kind}")
+                      desc=f"train {kind}", progress=progress)
     train(cfg)
     return run_dir
 
@@ -245,6 +247,7 @@ class DemoOptions:
     batch_size: int | None = None
     samples_per_class: int | None = None
     limit: int | None = None
+    progress: bool = True  # progress bars of the stages (the CLI applies argen's one progress rule)
 
 
 def run_demo(options: DemoOptions) -> dict:
@@ -264,7 +267,7 @@ def run_demo(options: DemoOptions) -> dict:
 
     def timed(name, fn, *a):
         t0 = time.perf_counter()
-        result = fn(*a)
+        result = fn(*a, progress=options.progress)
         timings[name] = time.perf_counter() - t0
         return result
 
