@@ -584,6 +584,7 @@ def test_every_numeric_flag_of_every_command_is_validated(capsys):
 @pytest.mark.parametrize("argv", [
     ["extract-codes", "--tokenizer", "T", "--data", "demo", "--image-size", "16", "--out", "{out}"],
     ["demo", "--out", "{out}"],
+    ["extract-text-features", "--data", "demo", "--out", "{out}"],
 ])
 def test_commands_refuse_a_run_directory_in_use(tmp_path, capsys, argv):
     from argen.cli.main import main

@@ -32,17 +32,19 @@ def add_arguments(parser):
 
 def run(args):
     from argen.data.datasets import open_dataset
-    from argen.data.extract import extract_text_features
+    from argen.data.extract import dist_env, extract_text_features
     from argen.data.text_encoders import DEFAULT_MAX_LENGTH, load_text_encoder
+    from argen.utils.io import run_lock
     from argen.utils.torch_utils import parse_device
 
     device = parse_device(args.device)
-    dataset = open_dataset(args.data, args.split)
-    max_length = args.max_length or DEFAULT_MAX_LENGTH
-    encoder = load_text_encoder(args.encoder, device=device, max_length=max_length)
-    encoder.batch_size = args.batch_size
-    summary = extract_text_features(encoder, dataset, args.out, batch_size=args.batch_size,
-                                    progress=show_progress(args), max_bad_fraction=args.max_bad_fraction)
+    with run_lock(args.out, "argen extract-text-features", dist_env()[0]):  # it resumes: one writer per rank
+        dataset = open_dataset(args.data, args.split)
+        max_length = args.max_length or DEFAULT_MAX_LENGTH
+        encoder = load_text_encoder(args.encoder, device=device, max_length=max_length)
+        encoder.batch_size = args.batch_size
+        summary = extract_text_features(encoder, dataset, args.out, batch_size=args.batch_size,
+                                        progress=show_progress(args), max_bad_fraction=args.max_bad_fraction)
     if summary is not None:
         print(json.dumps({"out": args.out, **summary}, indent=2))
     return 0
