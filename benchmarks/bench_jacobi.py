@@ -84,6 +84,33 @@ def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: i
     return rows
 
 
+def batch_one(name: str, gpt: GPT, windows: list[int], images: int) -> list[dict]:
+    """Latency: `images` demo conditions sampled one at a time, plain and Jacobi, total wall time."""
+    cond, mask = demo_conditions(gpt, 1)
+    params = SamplingParams(**DEMO_SETTINGS)
+    picks = [(cond[i:i + 1], None if mask is None else mask[i:i + 1]) for i in range(min(images, len(cond)))]
+
+    def total(fn) -> tuple[float, int]:
+        seconds, calls = 0.0, 0
+        for i, (c, m) in enumerate(picks):
+            t0 = time.perf_counter()
+            calls += fn(c, m, torch.Generator().manual_seed(i))
+            seconds += time.perf_counter() - t0
+        return seconds, calls
+
+    n = gpt.config.num_image_tokens
+    ar_s, _ = total(lambda c, m, g: generate(gpt, c, m, params=params, generator=g).shape[1])
+    rows = [dict(model=name, batch=1, images=len(picks), window="ar", wall_s=round(ar_s, 3))]
+    print(f"{name}, batch 1 x {len(picks)} images: plain decoding {ar_s:.2f} s", flush=True)
+    for w in windows:
+        t, calls = total(lambda c, m, g, w=w: jacobi_decode(gpt, c, m, params, window=w, generator=g).model_calls)
+        rows.append(dict(model=name, batch=1, images=len(picks), window=w, wall_s=round(t, 3),
+                         forwards_per_image=round(calls / len(picks), 2), speedup_wall=round(ar_s / t, 2)))
+        print(f"  W={w:3d}: {calls / len(picks):6.2f} forwards/image ({n * len(picks) / calls:4.2f}x fewer), "
+              f"{t:.2f} s ({ar_s / t:4.2f}x plain)", flush=True)
+    return rows
+
+
 def quality(demo: Path, models: dict[str, GPT], window: int, seeds: list[int], per_item: int) -> list[dict]:
     """The demo report's class/prompt match for plain and Jacobi sampling, per seed."""
     from argen.data.datasets import DemoDataset
@@ -152,6 +179,7 @@ def main() -> None:
     ap.add_argument("--windows", type=_ints, default=[2, 4, 8, 12, 16])
     ap.add_argument("--per-item", type=int, default=2, help="images per class/prompt in the window sweep")
     ap.add_argument("--sweep-seed", type=int, default=0)
+    ap.add_argument("--batch-one", type=int, default=0, help="also time this many images one at a time")
     ap.add_argument("--quality-seeds", type=_ints, default=[], help="seeds for the class/prompt match check")
     ap.add_argument("--quality-window", type=int, default=None, help="default: argen's DEFAULT_WINDOW")
     ap.add_argument("--gpt-b", action="store_true")
@@ -172,6 +200,9 @@ def main() -> None:
         results["sweep"] = [row for kind, gpt in models.items()
                             for row in window_sweep(f"demo {kind}", gpt, args.windows, args.per_item, args.sweep_seed,
                                                     args.repeats)]
+        if args.batch_one:
+            results["batch_one"] = [row for kind, gpt in models.items()
+                                    for row in batch_one(f"demo {kind}", gpt, args.windows, args.batch_one)]
         if args.quality_seeds:
             from argen.engine.jacobi import DEFAULT_WINDOW
 
