@@ -249,3 +249,31 @@ def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
         assert not np.array_equal(a["arr_0"], b["arr_0"])  # another random stream for the same seeds
     with pytest.raises(ArgenError, match="another config"):
         sample_batch(tokenizer, gpt, SampleBatchConfig(**base), run, progress=False)
+
+
+def test_server_wide_jacobi_decoding_on_the_static_scheduler():
+    from argen.models.tokenizer import VQModel, vq_config
+    from argen.sampling import image_seed
+    from argen.serving import GenerationService, JobSpec, ServeConfig
+
+    with pytest.raises(ArgenError, match="--scheduler static"):
+        ServeConfig(decode="jacobi")  # the continuous scheduler advances one token per step
+    with pytest.raises(ArgenError, match="window"):
+        ServeConfig(scheduler="static", window=4)
+    model = tiny_gpt("c2i")
+    torch.manual_seed(0)
+    tokenizer = VQModel(vq_config("VQ-tiny-16")).eval()
+    service = GenerationService(tokenizer, model, ServeConfig(scheduler="static", decode="jacobi", window=4,
+                                                              max_wait_ms=50))
+    service.start()
+    try:
+        jobs = [service.submit(JobSpec([3, 3, 5], SamplingParams(cfg_scale=2.0, top_k=30), seed=9)),
+                service.submit(JobSpec([1], SamplingParams(top_k=1), seed=2))]
+        served = [job.future.result(timeout=120)["codes"] for job in jobs]
+    finally:
+        service.close()
+    gens = [torch.Generator().manual_seed(image_seed(9, i)) for i in range(3)]
+    want = jacobi_decode(model, torch.tensor([3, 3, 5]), None, SamplingParams(cfg_scale=2.0, top_k=30), window=4,
+                         row_generators=gens).tokens
+    assert np.array_equal(np.array(served[0]), want.numpy())
+    assert np.array_equal(np.array(served[1]), reference_generate(model, torch.tensor([1]), top_k=1).numpy())

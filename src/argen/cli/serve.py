@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scheduler", choices=["continuous", "static"], default="continuous",
                        help="continuous (default): --max-batch-size slots, new requests join at the next token "
                             "step; static: batches run to the end")
+    group.add_argument("--decode", choices=["ar", "jacobi"], default="ar",
+                       help="ar (default): one token per forward pass; jacobi: speculative Jacobi decoding for every "
+                            "request (same distribution, fewer forward passes, other images per seed; needs "
+                            "--scheduler static)")
+    group.add_argument("--window", type=positive_int, default=None,
+                       help="with --decode jacobi: positions per forward pass (default 8)")
     group.add_argument("--max-wait-ms", type=nonneg_float, default=10.0,
                        help="how long the oldest request waits for others to join its batch (default 10)")
     group.add_argument("--max-queue", type=positive_int, default=256, help="queued images before 503 (default 256)")
@@ -85,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_images_per_request=args.max_images_per_request, decode_chunk=args.decode_chunk,
                          overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
-                         max_body_bytes=int(args.max_body_mb * (1 << 20)), scheduler=args.scheduler)
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)), scheduler=args.scheduler,
+                         decode=args.decode, window=args.window)
     tokenizer, gpt, device, _ = load_models(args)
     encode, conditions = None, "classes"
     if gpt.config.kind == "t2i":

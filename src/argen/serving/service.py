@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from argen.engine import Engine, decode_codes
+from argen.engine.jacobi import check_decode, jacobi_generate
 from argen.engine.slots import SlotDecoder, SlotRequest
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
@@ -73,10 +74,16 @@ class ServeConfig:
     overlap_decode: bool | None = None  # decode on a second thread while the next batch generates (None: on CUDA)
     max_body_bytes: int = 32 << 20  # larger request bodies get 413 (16 captions of 120 x 2048 float32 as base64 fit)
     scheduler: str = "continuous"  # or "static" (batches run to the end); continuous: max_batch_size slots
+    decode: str = "ar"  # "jacobi": Jacobi decoding for every request (static scheduler only), `window` positions
+    window: int | None = None
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise ArgenError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        object.__setattr__(self, "window", check_decode(self.decode, self.window))
+        if self.decode == "jacobi" and self.scheduler != "static":
+            raise ArgenError("--decode jacobi needs --scheduler static (a Jacobi iteration advances each image by "
+                             "its own number of tokens, which the one-token-per-step slot scheduler does not do)")
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "decode_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ArgenError(f"--{name.replace('_', '-')} must be >= 1")
@@ -407,7 +414,14 @@ class GenerationService:
         cond, mask = self._conditions(batch)
         params = [row.job.spec.params for row in batch]
         gens = [torch.Generator(device=self.device).manual_seed(row.job.spec.row_seed(row.index)) for row in batch]
-        codes = self.engine.generate(cond, mask, params, row_generators=gens).cpu()  # (B, N); waits for the device
+        if self.config.decode == "jacobi":  # one call per distinct SamplingParams; row generators keep rows apart
+            codes = torch.empty(len(batch), self.gpt.config.num_image_tokens, dtype=torch.long)
+            for setting in dict.fromkeys(params):
+                rows = [i for i, p in enumerate(params) if p == setting]
+                codes[rows] = jacobi_generate(self.gpt, cond[rows], None if mask is None else mask[rows], setting,
+                                              self.config.window, row_generators=[gens[i] for i in rows]).cpu()
+        else:
+            codes = self.engine.generate(cond, mask, params, row_generators=gens).cpu()  # (B, N); waits for the device
         return batch, codes, start, time.perf_counter()
 
     def _complete_batch(self, batch: list[_Row], codes: torch.Tensor, start: float | None, generated: float) -> None:
