@@ -7,7 +7,7 @@ settings of a released tokenizer (vq_ds16_c2i, vq_ds8_c2i, vq_ds16_t2i); explici
 --dry-run prints the resolved configuration, steps and parameter counts, and exits.
 
 Example: argen train-tokenizer --data demo --config VQ-demo --out runs/vq-demo --max-steps 2000 --batch-size 32
-Writes OUT/tokenizer.safetensors (+ .json, loadable with argen.load_tokenizer(OUT)), OUT/train_state.pt
+Writes OUT/tokenizer.safetensors (+ .json, loadable with argen.load_tokenizer(OUT)), OUT/checkpoints/
 (exact-resume state), OUT/train_config.json and OUT/log.jsonl. Rerun with --resume to continue a run.
 """
 

@@ -85,7 +85,7 @@ class TrainConfig:
     strategy: str = _flag("auto", "under torchrun: ddp, fsdp (sharded), or auto (fsdp above 1B parameters)",
                           choices=["auto", "none", "ddp", "fsdp"])
     device: str = _flag("auto", "cpu, cuda or auto")
-    deterministic: bool = _flag(False, "torch.use_deterministic_algorithms(True)")
+    deterministic: bool = _flag(False, "deterministic CUDA kernels (slower); CPU runs always use them")
     ckpt_every: int = _flag(1000, "training-state checkpoint interval (steps)", type="positive_int")
     keep: int = _flag(2, "training-state checkpoints to keep", type="positive_int")
     log_every: int = _flag(10, "log interval (steps)", type="positive_int")
@@ -162,7 +162,7 @@ class TokenizerTrainConfig:
     ckpt_every: int = _flag(1000, "training-state checkpoint interval (steps)", type="positive_int")
     log_every: int = _flag(10, "log interval (steps)", type="positive_int")
     num_workers: int = _flag(0, "data-loading worker processes", type="nonneg_int")
-    deterministic: bool = _flag(False, "torch deterministic algorithms")
+    deterministic: bool = _flag(False, "deterministic CUDA kernels (slower); CPU runs always use them")
     resume: bool = _flag(False, "continue the run in --out")
     progress: bool = _flag(True, "show a progress bar")
     extra: dict = field(default_factory=dict)

@@ -12,7 +12,8 @@
   first drops the lines past `start_step` (those steps are redone) and any line cut short by a crash.
 - `training_scope(deterministic, device)`: the caller's torch RNG and deterministic-algorithms
   setting are restored after the run. On the CPU deterministic algorithms are always on (they cost
-  nothing measurable there; see docs/training.md); `deterministic` turns them on for CUDA too.
+  nothing measurable there; see docs/training.md); `deterministic` turns them on for CUDA too (and
+  sets `CUBLAS_WORKSPACE_CONFIG=:4096:8` when it is unset, which cuBLAS needs for that).
 - `ModelState`, `OptimizerState`, `RngState`, `Settings`, `Attributes`: checkpoint parts (objects
   with `state_dict()` / `load_state_dict()`), saved together by `checkpointing.TrainingCheckpoint`.
   LR schedulers and grad scalers are parts as they are.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,6 +200,8 @@ def training_scope(deterministic: bool, device: torch.device):
     RNG states and deterministic setting are restored afterwards."""
     was = torch.are_deterministic_algorithms_enabled()
     devices = [device] if device.type == "cuda" else []
+    if deterministic and device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         with torch.random.fork_rng(devices=devices):
             torch.use_deterministic_algorithms(deterministic or device.type == "cpu")
