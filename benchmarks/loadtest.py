@@ -14,11 +14,11 @@ Each request asks for `--images` images of random classes with a random seed (c2
 server's /health). Reports latency p50/p99, requests/s, images/s, errors by status, and the
 server's own /metrics (mean batch size). Only loopback URLs are accepted.
 
-`--compare` (with `--spawn`): one server per scheduler (`--schedulers`, default static then
-continuous). On the static server a closed loop (`--calibrate-requests` at concurrency 2 x
-`--max-batch-size`) measures its capacity in images/s; then, on each server, open-loop Poisson
-arrivals (seeded: the same arrival times and payloads for both) at each `--fractions` x that
-capacity (or at `--rates` images/s). Each open-loop run sends `--requests` requests (bounded by
+`--compare` (with `--spawn`): one server per scheduler (`--schedulers`, default static and
+continuous), all started at once. On the static server a closed loop (`--calibrate-requests` at
+concurrency 2 x `--max-batch-size`) measures its capacity in images/s; then at each `--fractions` x
+that capacity (or at `--rates` images/s) the servers take turns with open-loop Poisson arrivals
+(seeded: the same arrival times and payloads for each). Each open-loop run sends `--requests` requests (bounded by
 `--duration`) and reports throughput, latency p50/p99 (send to answer) and queue wait p50/p99
 (the server's `timings.queue_ms`: arrival to admission), then the continuous/static ratios.
 """
@@ -216,30 +216,37 @@ TARGETS = {"queue_ms_p50": ("<=", 0.1), "latency_ms_p50": ("<=", 0.85), "images_
 
 
 def compare(args, folder: Path) -> dict:
-    """One spawned server per scheduler; capacity calibration on the static one; open-loop runs."""
-    runs: dict[str, list[dict]] = {}
+    """One spawned server per scheduler, all up at once; capacity calibration on the static one (or
+    the first); then for each rate the schedulers take turns, so that a change in the machine's
+    load during the run falls on both alike."""
+    schedulers = args.schedulers.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in schedulers}
     capacity = None
-    for scheduler in args.schedulers.split(","):
-        port = free_port()
-        proc = spawn_server(folder, port, args, scheduler)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            if args.rates is None and capacity is None:
-                closed = argparse.Namespace(**{**vars(args), "requests": args.calibrate_requests,
-                                               "concurrency": 2 * args.max_batch_size})
-                capacity = asyncio.run(run_load(url, closed))["images_per_s"]
-                print(f"# {scheduler} capacity (closed loop, concurrency {closed.concurrency}): "
-                      f"{capacity:.2f} img/s", file=sys.stderr, flush=True)
-            rates = ([float(r) for r in args.rates.split(",")] if args.rates is not None
-                     else [float(f) * capacity for f in args.fractions.split(",")])
-            runs[scheduler] = []
-            for rate in rates:
-                row = asyncio.run(open_loop(url, args, rate))
+    procs, urls = [], {}
+    try:
+        for scheduler in schedulers:
+            port = free_port()
+            procs.append(spawn_server(folder, port, args, scheduler))
+            urls[scheduler] = f"http://127.0.0.1:{port}"
+        if args.rates is None:
+            calibrate = "static" if "static" in urls else schedulers[0]
+            closed = argparse.Namespace(**{**vars(args), "requests": args.calibrate_requests,
+                                           "concurrency": 2 * args.max_batch_size})
+            capacity = asyncio.run(run_load(urls[calibrate], closed))["images_per_s"]
+            print(f"# {calibrate} capacity (closed loop, concurrency {closed.concurrency}): {capacity:.2f} img/s",
+                  file=sys.stderr, flush=True)
+        rates = ([float(r) for r in args.rates.split(",")] if args.rates is not None
+                 else [float(f) * capacity for f in args.fractions.split(",")])
+        for rate in rates:
+            for scheduler in schedulers:
+                row = asyncio.run(open_loop(urls[scheduler], args, rate))
                 row["scheduler"] = scheduler
                 runs[scheduler].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-        finally:
+    finally:
+        for proc in procs:
             proc.send_signal(signal.SIGINT)
+        for proc in procs:
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
