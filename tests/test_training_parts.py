@@ -252,3 +252,74 @@ def test_a_second_writer_of_a_run_directory_is_refused(tmp_path, trainer):
         holder.kill()
         holder.wait()
     run(tmp_path, max_steps=3, resume=True)  # the lock went with its process
+
+
+def test_generator_checkpoint_of_the_old_format_is_refused(tmp_path):
+    from argen.training.generator import train
+
+    codes = make_codes(tmp_path)
+    out = tmp_path / "run"
+    train(quick(codes, out, max_steps=2, ckpt_every=1, keep=1))
+    path = out / "checkpoints" / "step-00000002.pt"
+    torch.save({"step": 2, "model": {}, "sampler": {"epoch": 0, "pos": 0}, "data_gen": torch.zeros(3)}, path)
+    with pytest.raises(ArgenError, match="another version of argen"):
+        train(quick(codes, out, max_steps=3, resume=True, keep=1))
+
+
+def test_ema_with_and_without_warmup_and_its_state():
+    from argen.training.parts import EMA
+
+    model = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    model.register_parameter("frozen", frozen)
+    start = {k: v.clone() for k, v in model.named_parameters()}
+    plain, warm = EMA(model, 0.9), EMA(model, 0.9, warmup=True)
+    assert plain.names == ["weight", "bias"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    plain.update(model, step=0)
+    warm.update(model, step=0)  # decay min(0.9, 1/10) = 0.1
+    torch.testing.assert_close(plain.state_dict()["weight"], start["weight"] + 0.1)
+    torch.testing.assert_close(warm.state_dict()["weight"], start["weight"] + 0.9)
+    again = EMA(torch.nn.Linear(3, 2), 0.9)
+    again.load_state_dict(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.shadow, plain.shadow))
+    with pytest.raises(ArgenError, match="lacks 1 parameters"):
+        again.load_state_dict({"weight": plain.state_dict()["weight"]})
+
+
+def test_resolve_precision():
+    from argen.training.parts import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision(None, cpu, True) == resolve_precision("auto", cpu, False) == torch.float32
+    assert resolve_precision("auto", cuda, False) == torch.bfloat16 and resolve_precision("bf16", cpu, False)
+    assert resolve_precision("fp16", cuda, True) == torch.float16
+    with pytest.raises(ArgenError, match="needs CUDA"):
+        resolve_precision("fp16", cpu, True)
+    with pytest.raises(ArgenError, match="not supported by this trainer"):
+        resolve_precision("fp16", cuda, False)
+    with pytest.raises(ArgenError, match="unknown dtype"):
+        resolve_precision("fp8", cpu, True)
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+def test_a_run_leaves_the_callers_torch_state_alone(tmp_path, trainer):
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    was = torch.are_deterministic_algorithms_enabled()
+    TRAINERS[trainer](tmp_path, max_steps=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.are_deterministic_algorithms_enabled() == was
+
+
+def test_truncate_log_drops_later_and_cut_lines(tmp_path):
+    from argen.training.parts import JsonlLog
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    log = JsonlLog(path, start_step=2)
+    log.write({"step": 3, "loss": 0.5})
+    log.close()
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 0.5}\n'
