@@ -13,9 +13,11 @@ Contract:
   finished to decoding. A request waits only for a free slot, never for a whole batch.
 - `scheduler="static"`: the worker takes the oldest rows, waits up to `max_wait_ms` for more (never
   past `max_batch_size` images), and runs them as one `Engine.generate` call to the end.
-- With `overlap_decode` (default on CUDA) a decoder thread turns codes into PNGs while generation
-  goes on (at most two hand-overs wait for it); otherwise the same thread decodes (better on a
-  small CPU).
+- With `overlap_decode` a decoder thread turns codes into PNGs while generation goes on; otherwise
+  the generator thread decodes. Default: on for the continuous scheduler (decoding on the step
+  thread would stall every slot; images that finish while a decode runs are decoded together
+  next), and for the static one on CUDA only (at most two batches wait for it; on a small CPU the
+  two threads would only compete for cores).
 - `cancel(job)` drops the job's queued rows; continuous: its slots are freed at the next step
   boundary; static: a job already running finishes and its result is discarded.
 - `close()` refuses new work, finishes everything queued and in flight, then stops both threads.
@@ -71,7 +73,7 @@ class ServeConfig:
     max_queue: int = 256
     max_images_per_request: int = 16
     decode_chunk: int = 16
-    overlap_decode: bool | None = None  # decode on a second thread while the next batch generates (None: on CUDA)
+    overlap_decode: bool | None = None  # decode on a second thread meanwhile (None: continuous, or on CUDA)
     max_body_bytes: int = 32 << 20  # larger request bodies get 413 (16 captions of 120 x 2048 float32 as base64 fit)
     scheduler: str = "continuous"  # or "static" (batches run to the end); continuous: max_batch_size slots
     decode: str = "ar"  # "jacobi": Jacobi decoding for every request (static scheduler only), `window` positions
@@ -168,8 +170,10 @@ class GenerationService:
         self._paused = False
         self._thread: threading.Thread | None = None
         self._finisher: threading.Thread | None = None
-        self._finish_queue: queue.Queue = queue.Queue(maxsize=2)  # generated batches awaiting decode
-        self.overlap_decode = self.device.type == "cuda" if config.overlap_decode is None else config.overlap_decode
+        # generated batches awaiting decode; continuous hand-overs are small and merged when they wait
+        self._finish_queue: queue.Queue = queue.Queue(maxsize=0 if self.continuous else 2)
+        default_overlap = self.continuous or self.device.type == "cuda"  # continuous: decoding would stall every slot
+        self.overlap_decode = default_overlap if config.overlap_decode is None else config.overlap_decode
         self._in_flight = 0
         self._started = time.perf_counter()
         self._latencies: deque[float] = deque(maxlen=2000)
@@ -371,7 +375,23 @@ class GenerationService:
             stage = self._finish_queue.get()
             if stage is None:
                 return
+            stop = False
+            if self.continuous:  # images that finished while the last decode ran: decode them together
+                stages = [stage]
+                while True:
+                    try:
+                        more = self._finish_queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    stages.append(more)
+                stage = ([row for st in stages for row in st[0]], torch.cat([st[1] for st in stages]), None,
+                         max(st[3] for st in stages))
             self._finish_stage(stage)
+            if stop:
+                return
 
     def _finish_stage(self, stage: tuple) -> None:
         """Decode and answer one generated batch; any failure goes to its waiting requests."""
