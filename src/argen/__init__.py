@@ -5,6 +5,8 @@ Public API (imported lazily so that `import argen` stays cheap):
     load_gpt(path, config=None, kind=None, image_size=None, downsample=None) -> GPT
     generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
              top_k=0, top_p=1.0, generator=None) -> (B, N) LongTensor
+             (or params=SamplingParams(...); decode="jacobi", window=W)
+    SamplingParams: the one carrier of sampling settings (SamplingParams.for_kind for the defaults)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ _EXPORTS = {
     "save_gpt": "argen.checkpoint",
     "generate": "argen.engine",
     "reference_generate": "argen.sampling",
+    "SamplingParams": "argen.sampling",
     "ArgenError": "argen.utils.errors",
 }
 
