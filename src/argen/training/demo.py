@@ -157,10 +157,10 @@ def stage_generator(out: Path, kind: str, codes: Path, plan: Plan, steps: int, s
     from argen.models.gpt import gpt_config
 
     cfg = TrainConfig(codes=str(codes), out=str(run_dir), config=plan.gpt_config, max_steps=steps, resume=True,
-                      # the demo's short captions: its generators keep their 16 caption slots, not the features' 120
-                      caption_len=gpt_config(plan.gpt_config).caption_len if kind == "t2i" else None,
                       seed=seed, batch_size=plan.batch_size, lr=plan.lr, warmup=plan.warmup, schedule="cosine",
                       min_lr_ratio=0.1, dropout=plan.dropout, ema=False, device=device,
+                      # the demo's short captions: its generators keep their 16 caption slots, not the features' 120
+                      caption_len=gpt_config(plan.gpt_config).caption_len if kind == "t2i" else None,
                       ckpt_every=max(50, steps // 4), log_every=10, sample_every=0, tokenizer=str(tokenizer_dir),
                       desc=f"train {kind}", progress=progress)
     train(cfg)
