@@ -442,6 +442,18 @@ def test_missing_checkpoint_path_says_it_does_not_exist(tmp_path, capsys):
     assert code == 2 and err.strip() == f"argen serve: error: generator checkpoint {tmp_path / 'nope'} does not exist"
 
 
+def test_missing_generator_is_named_before_the_tokenizer_question(tmp_path, capsys):
+    from argen.cli.main import main
+
+    # without --tokenizer the old message asked for one, as if /nope were a released file
+    code = main(["sample", "--gpt", str(tmp_path / "nope"), "--classes", "1", "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"argen sample: error: generator checkpoint {tmp_path / 'nope'} does not exist")
+    code = main(["sample", "--gpt", "c2i_B_25", "--classes", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "c2i_B_25 does not exist" in err and "c2i_B_256" in err and "\n" not in err
+
+
 # ---------------------------------------------------------------- a busy port
 
 

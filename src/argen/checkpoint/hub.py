@@ -60,6 +60,11 @@ def _hub_source(ref: str) -> tuple[str, str, str | None] | None:
     return None
 
 
+def is_hub_reference(ref: str | Path) -> bool:
+    """Whether `ref` names a file on the Hub (hf://... or a released name) rather than a local path."""
+    return _hub_source(str(ref)) is not None
+
+
 def _name(text: str) -> ReleasedName | None:
     source = _hub_source(text)
     return released_name(source[1] if source else text)

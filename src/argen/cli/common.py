@@ -157,8 +157,17 @@ def load_models(args: argparse.Namespace):
     dtype = parse_dtype(args.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise ArgenError("fp16 is not supported on the CPU; use fp32 or bf16")
-    from argen.checkpoint.hub import default_tokenizer, released_gpt_flags
+    import difflib
+    from pathlib import Path
 
+    from argen.checkpoint.hub import default_tokenizer, is_hub_reference, released_gpt_flags
+    from argen.checkpoint.released import RELEASED_REPOS
+
+    for what, ref in (("generator", args.gpt), ("tokenizer", args.tokenizer)):
+        if ref is not None and not is_hub_reference(ref) and not Path(ref).exists():
+            close = difflib.get_close_matches(Path(ref).name.removesuffix(".pt"), RELEASED_REPOS, n=3)
+            hint = f" (released names close to it: {', '.join(close)})" if close else ""
+            raise ArgenError(f"{what} checkpoint {ref} does not exist{hint}")
     released_gpt_flags(args.gpt, args.gpt_config, args.kind, args.image_size, args.downsample)  # before downloads
     tokenizer_ref = args.tokenizer or default_tokenizer(args.gpt)
     if tokenizer_ref is None:
