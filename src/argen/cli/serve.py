@@ -1,4 +1,4 @@
-"""Serve the generation engine over HTTP (FastAPI + uvicorn) with dynamic batching.
+"""Serve the generation engine over HTTP (FastAPI + uvicorn): continuous batching, OpenAI images API, web page.
 
     argen serve --tokenizer vq_ds16_c2i.pt --tokenizer-config VQ-16 --gpt c2i_B_256.pt --gpt-config GPT-B \\
                 --kind c2i --image-size 256 --device cuda --dtype bf16 --port 8000
