@@ -1,6 +1,7 @@
 """HTTP serving over the generation engine (`argen serve`).
 
-- `GenerationService`, `ServeConfig`: bounded queue + slot scheduler (continuous batching; static on request) (`argen.serving.service`).
+- `GenerationService`, `ServeConfig`: bounded queue + slot scheduler, continuous batching by default
+  (`argen.serving.service`).
 - `create_app(service)`: the FastAPI app (`argen.serving.app`); requests are parsed and checked in
   `argen.serving.request`, precomputed caption features in `argen.serving.features`.
 - `prompt_encoder(gpt, name, device)`: the t2i prompt encoder, width-checked (`argen.serving.text`).
