@@ -1,63 +1,165 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a short device lease (one call, at most ~9 minutes of command time):
-#   1. the `gpu`-marked tests (engine CUDA graphs in fp32/bf16/fp16, graph sampling distribution,
-#      capture next to a busy thread, session eviction, training steps in bf16/fp16 with resume,
-#      sample-batch on CUDA, Inception features on CUDA), at most PYTEST_LIMIT_S seconds;
-#   2. benchmarks/bench_engine.py at the issue's workloads (GPT-B/L/XL, 256 and 384 px, batch 8
-#      and 64, cfg 4.0, top-k 2000, bf16), at most BENCH_LIMIT_S seconds, each workload stopped
-#      after WORKLOAD_BUDGET_S seconds and no workload started after BENCH_BUDGET_S seconds.
-# Results go to $OUT (the device tool's output folder) or runs/gpu-check: env.txt, pytest.log,
-# pytest.xml, bench.log, bench.json. The last lines printed are the test summary, the benchmark
-# table and the targets, so the tail of the output is the report.
+# One-shot GPU check for a short device lease (issue 15): one call, about 9 minutes of command time.
+# Stages, in this order, each under its own `timeout` and all inside one total budget (GPU_CHECK_TOTAL_S,
+# default 510 s: a stage gets min(its own limit, the time left) and is skipped when under 20 s are
+# left); a failing or stopped stage does not stop the others:
+#   engine     benchmarks/bench_engine.py: GPT-B and GPT-XL, 384 px, bf16, top-k 2000, cfg 4.0, batch 8
+#              (latency) and 64 (throughput), first call with graph capture, eager reference ratio
+#   reference  benchmarks/bench_reference.py: argen.sampling.reference_generate eager and with its
+#              per-token forward under torch.compile(mode="reduce-overhead"), GPT-B 384 px batch 8
+#              (cfg 4.0: 16 sequences, top-k 2000); GPT-XL is the last stage, reference_xl
+#   pytest     the `gpu`-marked tests (modules that hold them only; per-test timeout when available)
+#   train      benchmarks/gpu_stages.py train: 12 bf16 steps of GPT-B at 256 px, batch 64, random codes
+#   sample     benchmarks/gpu_stages.py sample-eval: `argen sample-batch` (GPT-B 256 px + VQ-16, random
+#              weights, 64 images, bf16) then `argen evaluate --inception random` against the demo images
+#   slots      benchmarks/gpu_stages.py slots: SlotDecoder (continuous batching) vs static batches of 16,
+#              GPT-B 256 px, closed loop then 48 Poisson arrivals at 0.8 x the static capacity
+#   jacobi     benchmarks/gpu_stages.py jacobi: Jacobi decoding W=4,8 vs plain, GPT-B 256 px random
+#              weights, 8 images x 64 tokens
+#   reference_xl  as reference, GPT-XL, on the time that is left (compilation is the longest item)
 #
-#   bash benchmarks/gpu_check.sh                      # from the repository root
+#   bash benchmarks/gpu_check.sh                                   # on the device, from anywhere
+#   GPU_CHECK_STAGES=slots,jacobi bash benchmarks/gpu_check.sh     # a rerun of some stages only
+#   GPU_CHECK_DRY=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # CPU smoke run, tiny settings
 #
-# It uses whatever `python3` has torch (a device machine's image has no argen dependencies beyond
-# numpy/scipy/safetensors/pillow/tqdm/pytest; argen is imported from src/, nothing is installed).
+# Output (at most 4 files, the device tool brings back 8): $OUT or runs/gpu-check: all.log (every
+# stage's output, appended as it runs), results.json (every stage's JSON, merged after each stage),
+# pytest.xml, summary.txt (also printed last: environment, one status line per stage, the tables,
+# the targets). It uses whatever `python3` has torch; argen is imported from src/, nothing is
+# installed. When argen's distribution metadata is missing (the device image), a stub dist-info is
+# put on PYTHONPATH so that `python -m argen.cli.main` can answer `--version` and run.
 set -u
 cd "$(dirname "$0")/.."
+DRY="${GPU_CHECK_DRY:-0}"
 OUT_DIR="${OUT:-runs/gpu-check}"
 mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+if [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
-PYTEST_LIMIT_S="${PYTEST_LIMIT_S:-200}"
-BENCH_LIMIT_S="${BENCH_LIMIT_S:-300}"
-BENCH_BUDGET_S="${BENCH_BUDGET_S:-250}"
-WORKLOAD_BUDGET_S="${WORKLOAD_BUDGET_S:-45}"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-510}"
+STAGES=",${GPU_CHECK_STAGES:-engine,reference,pytest,train,sample,slots,jacobi,reference_xl},"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+LOG="$OUT_DIR/all.log"
+: >"$LOG"
+rm -f "$OUT_DIR/results.json" "$OUT_DIR/summary.txt" "$OUT_DIR/pytest.xml"
 start=$(date +%s)
+
+if ! "$PY" -c "import importlib.metadata as m; m.version('argen')" 2>/dev/null; then
+  version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
+  mkdir -p "$WORK/meta/argen-${version}.dist-info"
+  printf 'Metadata-Version: 2.1\nName: argen\nVersion: %s\n' "$version" \
+    >"$WORK/meta/argen-${version}.dist-info/METADATA"
+  export PYTHONPATH="$PYTHONPATH:$WORK/meta"
+  echo "(argen metadata missing: stub dist-info $version on PYTHONPATH)" | tee -a "$LOG"
+fi
 
 {
   date -u
+  echo "mode: $([ "$DRY" = 1 ] && echo 'DRY (CPU, tiny settings)' || echo GPU); stages ${STAGES//,/ }; budget ${TOTAL_S} s"
   nvidia-smi -L 2>&1 || true
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA',
 torch.version.cuda, '| available', torch.cuda.is_available(),
 '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')" 2>&1
-} | tee "$OUT_DIR/env.txt"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+} | tee "$WORK/env.txt" | tee -a "$LOG"
 
-# 1. tests: only the modules that hold gpu tests (others may need packages the device image lacks)
+merge_json() {  # results.json = {stage: that stage's JSON} for every JSON written so far
+  "$PY" - "$WORK" "$OUT_DIR/results.json" <<'EOF'
+import json, pathlib, sys
+work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+merged = {}
+for p in sorted(work.glob("*.json")):
+    try:
+        merged[p.stem] = json.loads(p.read_text())
+    except ValueError as exc:
+        merged[p.stem] = {"unreadable": str(exc)}
+tmp = out.with_suffix(".tmp")
+tmp.write_text(json.dumps(merged, indent=2, default=str))
+tmp.replace(out)
+EOF
+}
+
+STATUS=()
+# run_stage NAME LIMIT_S COMMAND...: output to $WORK/NAME.log and all.log; its status line in STATUS
+run_stage() {
+  local name=$1 limit=$2 rc t0 left
+  shift 2
+  if [[ "$STAGES" != *",$name,"* ]]; then return; fi
+  left=$(( start + TOTAL_S - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then
+    STATUS+=("$name: SKIPPED (total budget: ${left} s left)")
+    echo "== $name skipped: ${left} s left of ${TOTAL_S}" | tee -a "$LOG"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit} s, $(( $(date +%s) - start )) s in): $*" | tee -a "$LOG"
+  t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  local what="ok"
+  [ "$rc" -ne 0 ] && what="FAILED (exit $rc)"
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && what="STOPPED at its ${limit} s limit (exit $rc)"
+  STATUS+=("$name: $what in $(( $(date +%s) - t0 )) s")
+  echo "== $name: $what" | tee -a "$LOG"
+  merge_json
+}
+
+S="benchmarks/gpu_stages.py"
+if [ "$DRY" = 1 ]; then
+  run_stage engine 60 "$PY" benchmarks/bench_engine.py --cpu --models GPT-tiny --batches 2 --repeats 1 \
+    --json "$WORK/engine.json"
+  run_stage reference 60 "$PY" benchmarks/bench_reference.py --cpu --models GPT-tiny --sizes - --batches 2 \
+    --tokens 8 --repeats 1 --no-compile --json "$WORK/reference.json"
+else
+  run_stage engine 150 "$PY" benchmarks/bench_engine.py --models GPT-B,GPT-XL --sizes 384 --batches 8,64 \
+    --cfg-scale 4.0 --top-k 2000 --repeats 3 --reference-repeats 1 --workload-budget-s 35 --total-budget-s 110 \
+    --json "$WORK/engine.json"
+  run_stage reference 130 "$PY" benchmarks/bench_reference.py --models GPT-B --sizes 384 --batches 8 \
+    --cfg-scale 4.0 --top-k 2000 --repeats 2 --eager-repeats 1 --json "$WORK/reference.json"
+fi
+
 mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
 extra=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
-echo "== pytest -m gpu ${files[*]}"
-timeout -k 10 "$PYTEST_LIMIT_S" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider "${extra[@]}" \
-  --junitxml "$OUT_DIR/pytest.xml" "${files[@]}" 2>&1 | tee "$OUT_DIR/pytest.log"
-pytest_rc=${PIPESTATUS[0]}
-echo "== pytest exit status $pytest_rc after $(( $(date +%s) - start )) s"
+"$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=90)
+run_stage pytest 120 "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider "${extra[@]}" \
+  --junitxml "$OUT_DIR/pytest.xml" "${files[@]}"
 
-# 2. the engine benchmark at the issue's workloads
-echo "== bench_engine.py (GPU mode)"
-timeout -k 10 "$BENCH_LIMIT_S" "$PY" benchmarks/bench_engine.py --models GPT-B,GPT-L,GPT-XL --sizes 256,384 \
-  --batches 8,64 --cfg-scale 4.0 --top-k 2000 --repeats 3 --reference-repeats 1 \
-  --workload-budget-s "$WORKLOAD_BUDGET_S" --total-budget-s "$BENCH_BUDGET_S" \
-  --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.log"
-bench_rc=${PIPESTATUS[0]}
+D=()
+[ "$DRY" = 1 ] && D=(--dry)
+run_stage train 60 "$PY" "$S" train "${D[@]}" --steps 12 --json "$WORK/train.json"
+run_stage sample "$([ "$DRY" = 1 ] && echo 150 || echo 70)" "$PY" "$S" sample-eval "${D[@]}" --work "$WORK/sample" --num-samples 64 --batch-size 32 \
+  --json "$WORK/sample.json"
+run_stage slots "$([ "$DRY" = 1 ] && echo 90 || echo 45)" "$PY" "$S" slots "${D[@]}" --slots 16 --requests 48 --duration 20 --json "$WORK/slots.json"
+if [ "$DRY" = 1 ]; then
+  run_stage jacobi 40 "$PY" "$S" jacobi --dry --images 2 --tokens 8 --windows 4 --json "$WORK/jacobi.json"
+else
+  run_stage jacobi 40 "$PY" "$S" jacobi --images 8 --tokens 64 --windows 4,8 --json "$WORK/jacobi.json"
+fi
+# last: the GPT-XL baseline, on whatever time is left (its compilation is the longest single item)
+if [ "$DRY" = 1 ]; then
+  run_stage reference_xl 60 "$PY" benchmarks/bench_reference.py --cpu --models GPT-mini --sizes - --batches 2 \
+    --tokens 8 --repeats 1 --no-compile --json "$WORK/reference_xl.json"
+else
+  run_stage reference_xl 220 "$PY" benchmarks/bench_reference.py --models GPT-XL --sizes 384 --batches 8 \
+    --cfg-scale 4.0 --top-k 2000 --repeats 2 --eager-repeats 1 --json "$WORK/reference_xl.json"
+fi
 
-echo
-echo "== summary ($(( $(date +%s) - start )) s in all; files in $OUT_DIR)"
-cat "$OUT_DIR/env.txt"
-grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|error" "$OUT_DIR/pytest.log" | tail -n 25
-echo "pytest exit status $pytest_rc (124: stopped at ${PYTEST_LIMIT_S} s)"
-grep -E "^(#|\|)|^- " "$OUT_DIR/bench.log"
-echo "bench exit status $bench_rc (124: stopped at ${BENCH_LIMIT_S} s; 1: a workload failed)"
-[ "$pytest_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+{
+  echo
+  echo "== summary ($(( $(date +%s) - start )) s in all; files in $OUT_DIR: all.log results.json pytest.xml summary.txt)"
+  cat "$WORK/env.txt"
+  printf '%s\n' "${STATUS[@]}"
+  for name in engine reference reference_xl pytest train sample slots jacobi; do
+    [ -f "$WORK/$name.log" ] || continue
+    echo "-- $name"
+    if [ "$name" = pytest ]; then
+      grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|error" "$WORK/$name.log" | tail -n 25
+    else
+      grep -E "^(#|\|)|^- " "$WORK/$name.log" | tail -n 40
+    fi
+  done
+} | tee "$OUT_DIR/summary.txt"
+! printf '%s\n' "${STATUS[@]}" | grep -qvE ": ok in "
