@@ -65,7 +65,8 @@ def run_loop(model: GPT, batch: int, args, device, tokens: int | None = None) ->
                            max_new_tokens=tokens or args.tokens)
 
 
-def workload(model: GPT, batch: int, args, device, deadline: float) -> dict:
+def workload(model: GPT, batch: int, args, device, deadline: float, partial=lambda row: None) -> dict:
+    """One (model, batch) row; `partial(row)` is called with the eager half before compiling starts."""
     tokens = args.tokens or model.config.num_image_tokens
     row = {"model": model.config.name, "image_size": model.config.image_size, "batch": batch, "tokens": tokens}
     run_loop(model, batch, args, device, tokens=min(8, tokens))  # warm-up (kernel selection, allocator)
@@ -73,6 +74,7 @@ def workload(model: GPT, batch: int, args, device, deadline: float) -> dict:
                          for _ in range(args.eager_repeats or args.repeats))
     if args.no_compile:
         return row
+    partial({**row, "note": "compiled loop not finished"})
     if time.perf_counter() > deadline:
         row["note"] = "compiled loop skipped (time budget)"
         return row
@@ -130,6 +132,13 @@ def main(argv=None) -> int:
     print("| model | px | batch | tokens | eager s | compiled first call s | compiled s | compiled/eager x |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     deadline = time.perf_counter() + args.budget_s
+
+    def save(rows_so_far: list[dict]) -> None:  # rewritten after every workload (and before compiling)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"header": header, "args": vars(args), "rows": rows_so_far}, handle, indent=2,
+                          default=str)
+
     rows: list[dict] = []
     failed = False
     sizes = [None if s == "-" else int(s) for s in args.sizes.split(",")]
@@ -143,7 +152,8 @@ def main(argv=None) -> int:
                     try:
                         if model is None:
                             model = build(name, size, device, dtype)
-                        row = workload(model, batch, args, device, deadline)
+                        row = workload(model, batch, args, device, deadline,
+                                       partial=lambda r: save(rows + [r]))
                     except Exception as exc:  # noqa: BLE001 - report it and go on with the next workload
                         traceback.print_exc()
                         failed = True
@@ -157,9 +167,7 @@ def main(argv=None) -> int:
                     print(f"| {row['model']} | {row['image_size']} | {batch} | {row['tokens']} | {f('eager_s')} | "
                           f"{f('compiled_first_s', '.1f')} | {f('compiled_s')} | {f('compiled_speedup', '.2f')} |"
                           + (f" {row['note']}" if row.get("note") else ""), flush=True)
-                if args.json:
-                    with open(args.json, "w") as handle:
-                        json.dump({"header": header, "args": vars(args), "rows": rows}, handle, indent=2)
+                save(rows)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a short device lease (issue 15): one call, about 9 minutes of command time.
 # Stages, in this order, each under its own `timeout` and all inside one total budget (GPU_CHECK_TOTAL_S,
-# default 510 s: a stage gets min(its own limit, the time left) and is skipped when under 20 s are
+# default 480 s: a stage gets min(its own limit, the time left) and is skipped when under 20 s are
 # left); a failing or stopped stage does not stop the others:
 #   engine     benchmarks/bench_engine.py: GPT-B and GPT-XL, 384 px, bf16, top-k 2000, cfg 4.0, batch 8
 #              (latency) and 64 (throughput), first call with graph capture, eager reference ratio
@@ -36,7 +36,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 if [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
-TOTAL_S="${GPU_CHECK_TOTAL_S:-510}"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-480}"
 STAGES=",${GPU_CHECK_STAGES:-engine,reference,pytest,train,sample,slots,jacobi,reference_xl},"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
