@@ -18,6 +18,20 @@ def test_version_is_the_installed_package_version(capsys):
     assert version("argen") == argen.__version__
 
 
+def test_commands_work_from_a_source_tree_without_package_metadata(capsys, monkeypatch):
+    from importlib.metadata import PackageNotFoundError
+
+    import argen.cli.main as cli_main
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(cli_main, "version", not_installed)  # e.g. PYTHONPATH=src on a machine without the install
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"argen {argen.__version__}"
+
+
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -14,7 +14,7 @@ import ast
 import importlib
 import importlib.util
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from argen.utils.errors import ArgenError
@@ -33,6 +33,15 @@ SUBCOMMANDS = {
     "evaluate": "evaluate",
 }
 
+
+def _argen_version() -> str:
+    """The installed distribution's version; the package's own when argen runs from a source tree."""
+    try:
+        return version("argen")
+    except PackageNotFoundError:
+        from argen import __version__
+
+        return __version__
 
 def _summary(module_name: str) -> str:
     """First line of a subcommand module's docstring, read from its source without importing it."""
@@ -56,7 +65,7 @@ def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
     """The `argen` parser. Only the subcommands in `commands` (default: all) get their flags, which
     imports their modules; the others are listed with their summaries."""
     parser = argparse.ArgumentParser(prog="argen", description="Autoregressive image generation (LlamaGen-style).")
-    parser.add_argument("--version", action="version", version=f"argen {version('argen')}")
+    parser.add_argument("--version", action="version", version=f"argen {_argen_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in SUBCOMMANDS.items():
         if commands is None or name in commands:
