@@ -277,3 +277,115 @@ def test_server_wide_jacobi_decoding_on_the_static_scheduler():
                          row_generators=gens).tokens
     assert np.array_equal(np.array(served[0]), want.numpy())
     assert np.array_equal(np.array(served[1]), reference_generate(model, torch.tensor([1]), top_k=1).numpy())
+
+
+# ---------------------------------------------------------------- the verify step captured (CUDA graphs)
+import test_engine  # noqa: E402
+from argen.engine.jacobi import JacobiGraphs  # noqa: E402
+from test_engine import _SimCapture, _SimGraph, guided_gaps  # noqa: E402
+
+simulated_cuda_graphs = test_engine.simulated_cuda_graphs  # the fixture that patches torch.cuda's graph API
+
+
+def captured_decoder(model: GPT, **kwargs) -> JacobiGraphs:
+    """A decoder that captures its step as a CUDA device does (under the simulator, on the CPU)."""
+    decoder = JacobiGraphs(model, cuda_graphs=True, kv_bucket=16, **kwargs)
+    decoder._capture_on_device = True
+    return decoder
+
+
+def verify_buckets(decoder: JacobiGraphs, model: GPT, width: int) -> int:
+    cfg = model.config
+    return len({decoder._bucket(cfg.cond_len + s + width - 1) for s in range(1, cfg.num_image_tokens - width + 1)})
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_captured_verify_step_replays_to_the_reference_tokens(kind, simulated_cuda_graphs):
+    """The Jacobi iteration captured (simulated CUDA graphs: host reads, random draws and freed
+    inputs refused, the recorded ops replayed) per kv bucket: greedy tokens are the reference's, call
+    after call; the batch of 3 is padded to 4, one graph set serves settings with the same static facts."""
+    model = tiny_gpt(kind, seed=4, image_size=128)  # 64 tokens: several kv buckets of 16
+    cond, mask = condition(kind, batch=3)
+    decoder = captured_decoder(model)
+    settings = [dict(cfg_scale=4.0, cfg_schedule="linear"), dict(cfg_scale=2.0, cfg_interval=20)]
+    for s in settings:
+        expected = reference_generate(model, cond, mask, top_k=1, **s)
+        result = decoder.decode(cond, mask, SamplingParams(top_k=1, **s), window=4)
+        assert torch.equal(result.tokens, expected), s
+        assert int(result.forwards.max()) < 64  # drafts were accepted inside the graph
+    buckets = verify_buckets(decoder, model, 4)
+    assert _SimGraph.created == buckets >= 3
+    assert {c["capture_error_mode"] for c in _SimCapture.calls} == {"thread_local"}
+    short = decoder.decode(cond, mask, SamplingParams(top_k=1), window=4, max_new_tokens=9)  # unguided: new graphs
+    assert torch.equal(short.tokens, reference_generate(model, cond, mask, top_k=1, max_new_tokens=9))
+    assert _SimGraph.created > buckets
+
+
+def test_captured_verify_step_samples_like_the_eager_jacobi_loop(simulated_cuda_graphs):
+    """Sampled tokens through the replayed graphs equal `jacobi_decode`'s CPU loop with the same
+    generators (row generators and one shared generator), with the same counts."""
+    model = tiny_gpt("t2i", seed=2, image_size=80)  # 25 tokens: kv buckets of 16 and 32
+    cond, mask = condition("t2i", batch=5)  # padded to 8
+    decoder = captured_decoder(model)
+    for params, window in ((SamplingParams(cfg_scale=3.0, top_k=40, temperature=1.3), 4),
+                           (SamplingParams(cfg_scale=2.0, top_p=0.8, cfg_schedule="linear"), 6),
+                           (SamplingParams(top_k=100, temperature=0.9), 3)):
+        for kwargs in (lambda: dict(row_generators=[torch.Generator().manual_seed(s) for s in range(21, 26)]),
+                       lambda: dict(generator=torch.Generator().manual_seed(8))):
+            got = decoder.decode(cond, mask, params, window=window, **kwargs())
+            want = jacobi_decode(model, cond, mask, params, window=window, **kwargs())
+            assert torch.equal(got.tokens, want.tokens), (params, window)
+            assert torch.equal(got.forwards, want.forwards)
+            assert (got.model_calls, got.drafted, got.accepted) == (want.model_calls, want.drafted, want.accepted)
+            assert 0 < got.accepted < got.drafted
+
+
+def test_simulator_refuses_a_host_read_in_the_verify_step(simulated_cuda_graphs, monkeypatch):
+    model = tiny_gpt("c2i", seed=4)
+    original = jacobi.verify
+
+    def with_host_read(p, length, drafts, q, uniforms):
+        if float(uniforms[0, 0]) < 2.0:  # a Python branch on a device value
+            pass
+        return original(p, length, drafts, q, uniforms)
+
+    monkeypatch.setattr(jacobi, "verify", with_host_read)
+    with pytest.raises(AssertionError, match="host sync"):
+        captured_decoder(model).decode(torch.tensor([1, 2]), None, SamplingParams(top_k=1), window=4)
+
+
+def test_jacobi_decode_uses_the_cached_graph_decoder_when_asked():
+    model = tiny_gpt("c2i", seed=4)
+    cond = torch.tensor([1, 2, 3])
+    expected = reference_generate(model, cond, cfg_scale=2.0, top_k=1)
+    got = jacobi_decode(model, cond, None, SamplingParams(cfg_scale=2.0, top_k=1), window=4, cuda_graphs=True)
+    assert torch.equal(got.tokens, expected)
+    assert jacobi.graphs_for(model)._sessions  # the fixed-shape step ran (uncaptured on a CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_captured_verify_step_on_gpu(kind):
+    """Real CUDA graphs of the Jacobi iteration: greedy tokens are the float32 model's guided argmax
+    (teacher forcing), replays repeat them, and sampling equals the uncaptured CUDA loop's tokens for
+    the same generators on all but near ties."""
+    model = tiny_gpt(kind, head_std=2.0, image_size=128).cuda()
+    cond, mask = condition(kind, batch=6) if kind == "t2i" else (torch.arange(6) % 10, None)
+    cond, mask = cond.cuda(), None if mask is None else mask.cuda()
+    decoder = JacobiGraphs(model)
+    assert decoder.use_graphs and decoder._capture_on_device
+    params = SamplingParams(cfg_scale=3.0, top_k=1)
+    got = decoder.decode(cond, mask, params, window=8)
+    assert any(s["graphs"] for s in decoder._sessions.values())
+    assert torch.equal(decoder.decode(cond, mask, params, window=8).tokens, got.tokens)
+    gaps, spread = guided_gaps(model, cond, mask, got.tokens, 3.0)
+    assert float(gaps.max()) <= 1e-3 * spread, (float(gaps.max()), spread)
+    sampled = SamplingParams(cfg_scale=2.0, top_k=50, temperature=1.2)
+
+    def gens():
+        return [torch.Generator("cuda").manual_seed(s) for s in range(6)]
+
+    a = decoder.decode(cond, mask, sampled, window=4, row_generators=gens())
+    b = jacobi_decode(model, cond, mask, sampled, window=4, row_generators=gens(), cuda_graphs=False)
+    assert (a.tokens == b.tokens).float().mean() >= 0.5

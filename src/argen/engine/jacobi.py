@@ -38,15 +38,22 @@ Randomness: each image draws W + (W-1) V uniforms per iteration (W-1 verificatio
 residual or bonus draw by inverse CDF as in `argen.engine.sampler`, and the Gumbel noise of the
 tokens entering the window), from its own generator (row_generators) or as one row of a draw from
 `generator`. With row generators an image's tokens do not depend on its batch.
+
+On CUDA (`cuda_graphs`) an iteration is a replayed CUDA graph with static buffers (`JacobiGraphs`:
+what is inside the graph and what the host does between replays); the tokens are the same.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from argen.engine.engine import KV_BUCKET, capture_graphs, weights_signature
 from argen.engine.sampler import _inverse_cdf
 from argen.models.gpt import GPT
 from argen.sampling.logits import SamplingParams, guidance_scale_at, guided_logits, process_logits
@@ -55,6 +62,7 @@ from argen.utils.errors import ArgenError
 
 DEFAULT_WINDOW = 8
 DECODE_MODES = ("ar", "jacobi")
+MAX_GRAPH_SETS = 4  # captured settings (temperature, top-k, top-p) kept per batch shape
 
 
 @dataclass
@@ -176,16 +184,23 @@ def jacobi_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None =
                   generator: torch.Generator | None = None,
                   row_generators: Sequence[torch.Generator] | None = None,
                   max_new_tokens: int | None = None,
-                  progress: Callable[[int], None] | None = None, max_batch: int | None = None) -> JacobiResult:
+                  progress: Callable[[int], None] | None = None, max_batch: int | None = None,
+                  cuda_graphs: bool | None = None, _graphs: JacobiGraphs | None = None) -> JacobiResult:
     """Sample (B, max_new_tokens) tokens with Jacobi iterations of `window` positions per forward.
 
     Images are decoded in chunks of up to `max_batch` (default 64 on a CPU, 256 on a GPU).
     progress: called, per chunk, with the number of tokens by which the slowest image advanced (so
-    the calls of a chunk add up to max_new_tokens).
+    the calls of a chunk add up to max_new_tokens). cuda_graphs: None = on for CUDA devices: the
+    verify step is captured and replayed (`JacobiGraphs`, cached per model); True on a CPU runs that
+    fixed-shape step uncaptured. The tokens are the same either way for the same generators.
     """
     if not isinstance(params, SamplingParams):
         raise ArgenError("Jacobi decoding takes one SamplingParams for the whole batch")
     device = gpt.tok_embeddings.weight.device
+    if _graphs is None and (device.type == "cuda" if cuda_graphs is None else cuda_graphs):
+        _graphs = graphs_for(gpt)
+    if _graphs is not None:
+        _graphs.check_weights()
     max_batch = max_batch or (256 if device.type == "cuda" else 64)
     batch = cond.shape[0] if cond.ndim else 0
     if row_generators is not None and len(row_generators) != batch:
@@ -197,13 +212,13 @@ def jacobi_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None =
             parts.append(_decode(gpt, cond[start:stop], None if cond_mask is None else cond_mask[start:stop],
                                  params, window, generator,
                                  None if row_generators is None else list(row_generators)[start:stop],
-                                 max_new_tokens, progress))
+                                 max_new_tokens, progress, _graphs))
     return JacobiResult(torch.cat([r.tokens for r in parts]).clone(),  # a normal tensor outside inference mode
                         torch.cat([r.forwards for r in parts]), sum(r.model_calls for r in parts),
                         sum(r.drafted for r in parts), sum(r.accepted for r in parts))
 
 
-def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max_new_tokens, progress):
+def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max_new_tokens, progress, graphs=None):
     cfg = gpt.config
     num_tokens = cfg.num_image_tokens
     max_new = num_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -222,6 +237,10 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
         return JacobiResult(empty, torch.zeros(0, dtype=torch.long), 0, 0, 0)
     width = max(1, min(window, num_tokens - 1))  # the moved-back window needs one accepted token before it
     twins = 2 if params.guided else 1
+    progress = progress or (lambda steps: None)
+    if graphs is not None:
+        return _decode_graphs(graphs, gpt, rows, key_mask, params, width, twins, batch, max_new, generator,
+                              row_generators, progress)
     cond_len, vocab = cfg.cond_len, cfg.vocab_size
     cache_len = cond_len + num_tokens
     cache = gpt.new_cache(rows.shape[0], cache_len)
@@ -231,7 +250,6 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
     scales = torch.tensor([guidance_scale_at(params, i, num_tokens) for i in range(num_tokens)],
                           dtype=torch.float32, device=device)
     steps = torch.arange(width, device=device)
-    progress = progress or (lambda steps: None)
 
     # prefill: the condition prefix gives p_0; token 0 and the first drafts are drawn from it
     prefix_pos = torch.arange(cond_len, device=device).expand(rows.shape[0], cond_len)
@@ -305,3 +323,254 @@ def jacobi_generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None
                     params: SamplingParams = SamplingParams(), window: int = DEFAULT_WINDOW, **kwargs) -> torch.Tensor:
     """`jacobi_decode(...).tokens`: (B, max_new_tokens) int64 tokens on the model's device."""
     return jacobi_decode(gpt, cond, cond_mask, params, window, **kwargs).tokens
+
+
+# ---------------------------------------------------------------- captured verify step (CUDA graphs)
+class JacobiGraphs:
+    """Jacobi decoding of one `GPT` with the verify step captured as CUDA graphs (one per kv bucket).
+
+    The graph holds one iteration for a fixed batch (padded to a power of two): the W-position
+    forward (`GPT.forward_cached` on the static KV cache, the visibility mask built inside from the
+    static key mask), the final probabilities (guidance from the static per-token scales,
+    temperature, top-k, top-p), `verify` (acceptance tests, residual or bonus draw), the Gumbel
+    transform of the pre-drawn uniforms, `shift_noise`, the redrafts, the canvas writes and the
+    advance of n. Outside the graph, once per iteration: the host reads n back (the one sync), copies
+    the images that finished to the output, picks the kv bucket of the live images, draws the
+    iteration's uniforms from the caller's generators into the static buffer (the same numbers, in
+    the same order, as the uncaptured loop) and counts forwards, drafts and accepts from n. The
+    prefill is eager. Rows that finished (or pad the batch) stay in the batch with their window
+    parked at token 1; their outputs are ignored.
+
+    cuda_graphs: None = capture on CUDA; True on a CPU runs the same fixed-shape step uncaptured.
+    """
+
+    def __init__(self, gpt: GPT, cuda_graphs: bool | None = None, kv_bucket: int = KV_BUCKET,
+                 max_batch: int | None = None, max_sessions: int = 2):
+        self._gpt = weakref.ref(gpt)
+        self.device = gpt.tok_embeddings.weight.device
+        self.use_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        self._capture_on_device = self.use_graphs and self.device.type == "cuda"
+        self.max_batch = max_batch or (256 if self.device.type == "cuda" else 64)
+        cfg = gpt.config
+        self.kv_bucket = kv_bucket
+        full = cfg.cond_len + cfg.num_image_tokens
+        self.cache_len = kv_bucket * math.ceil(full / kv_bucket)
+        self._sessions: OrderedDict[tuple, dict] = OrderedDict()
+        self.max_sessions = max_sessions
+        self._graph_pool: dict = {}
+        self._signature: tuple | None = None
+
+    @property
+    def gpt(self) -> GPT:
+        gpt = self._gpt()
+        if gpt is None:
+            raise RuntimeError("the model has been garbage-collected")
+        return gpt
+
+    def check_weights(self) -> None:
+        """Drop sessions and graphs (which hold the old weights' addresses) when the model changed."""
+        gpt = self.gpt
+        signature = weights_signature(gpt)
+        if signature != self._signature:
+            if gpt.tok_embeddings.weight.device != self.device:
+                raise ArgenError(f"the model moved to {gpt.tok_embeddings.weight.device}; build a new decoder")
+            self._signature = signature
+            self._sessions.clear()
+
+    def decode(self, cond, cond_mask=None, params: SamplingParams = SamplingParams(), window: int = DEFAULT_WINDOW,
+               **kwargs) -> JacobiResult:
+        """`jacobi_decode` through this decoder's step (same arguments, the same tokens)."""
+        kwargs.setdefault("max_batch", self.max_batch)
+        return jacobi_decode(self.gpt, cond, cond_mask, params, window, _graphs=self, **kwargs)
+
+    def _session(self, batch: int, width: int, twins: int) -> dict:
+        key = (batch, width, twins)
+        session = self._sessions.get(key)
+        if session is None:
+            while len(self._sessions) >= self.max_sessions:
+                self._sessions.popitem(last=False)
+            gpt, device = self.gpt, self.device
+            cfg = gpt.config
+            vocab, rows = cfg.vocab_size, twins * batch
+            session = dict(
+                cache=gpt.new_cache(rows, self.cache_len, device=device),
+                key_valid=torch.ones(rows, self.cache_len, dtype=torch.bool, device=device),
+                scales=torch.ones(cfg.num_image_tokens, device=device),
+                canvas=torch.zeros(batch, cfg.num_image_tokens + width, dtype=torch.long, device=device),
+                q=torch.zeros(batch, width - 1, vocab, device=device),
+                noise=torch.zeros(batch, width - 1, vocab, device=device),
+                n=torch.ones(batch, dtype=torch.long, device=device),
+                live=torch.zeros(batch, dtype=torch.bool, device=device),
+                u=torch.full((batch, width + (width - 1) * vocab), 0.5, device=device),
+                keys=torch.arange(self.cache_len, device=device),
+                steps=torch.arange(width, device=device),
+                graphs={})
+            self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        return session
+
+    def _bucket(self, kv_len: int) -> int:
+        return min(self.cache_len, self.kv_bucket * math.ceil(kv_len / self.kv_bucket))
+
+    def _graph(self, session: dict, params: SamplingParams, kv: int):
+        facts = (params.guided, params.temperature, params.top_k, params.top_p)  # constants in the graph
+        sets = session["graphs"]
+        if facts not in sets and len(sets) >= MAX_GRAPH_SETS:
+            sets.pop(next(iter(sets)))  # the oldest settings' graphs
+        graphs = sets.setdefault(facts, {})
+        if kv not in graphs:
+            def step():
+                self._step(session, params, kv)
+
+            if not self._capture_on_device:
+                graphs[kv] = _Uncaptured(step)
+            else:
+                names = ("canvas", "q", "noise", "n", "live", "u")
+                saved = [session[name].clone() for name in names]
+
+                def reset():
+                    session["canvas"].zero_()
+                    session["n"].fill_(1)
+                    session["live"].fill_(True)
+
+                graphs[kv] = capture_graphs(self.device, self._graph_pool, {kv: step}, reset)[kv]
+                for name, copy in zip(names, saved):
+                    session[name].copy_(copy)
+        return graphs[kv]
+
+    def _step(self, session: dict, params: SamplingParams, kv: int) -> None:
+        """One fixed-shape iteration on the session's buffers (graph-safe: no host reads, no draws)."""
+        gpt = self.gpt
+        cfg = gpt.config
+        num_tokens, vocab, cond_len = cfg.num_image_tokens, cfg.vocab_size, cfg.cond_len
+        canvas, q, noise, n, live, u, steps = (session[k] for k in ("canvas", "q", "noise", "n", "live", "u", "steps"))
+        count, width = canvas.shape[0], steps.shape[0]
+        twins = session["key_valid"].shape[0] // count
+        cur = torch.where(live, n, torch.ones_like(n))  # parked rows re-run the window at token 1
+        start = cur.clamp(max=num_tokens - width)
+        offset = cur - start
+        length = width - offset
+        inputs = start[:, None] - 1 + steps  # (A, W)
+        positions = (cond_len + inputs).repeat(twins, 1)  # (R A, W)
+        visible = (session["keys"][:kv] <= positions[..., None]) & session["key_valid"][:, None, :kv]
+        visible |= session["keys"][:kv] == positions[..., None]
+        h = gpt.embed_tokens(canvas.gather(1, inputs)).repeat(twins, 1, 1)  # (R A, W, C)
+        logits = gpt.forward_cached(h, positions, session["cache"], kv, visible[:, None])
+        p = _final_probs(logits, params, session["scales"], start[:, None] + steps, count)  # (A, W, V)
+        align = (offset[:, None] + steps).clamp(max=width - 1)
+        p = p.gather(1, align[..., None].expand(count, width, vocab))
+        drafts = canvas.gather(1, cur[:, None] + steps[:width - 1])
+        uniforms = u[:, :width]
+        fresh = -torch.log(-torch.log(u[:, width:].clamp(min=1e-30))).view(count, width - 1, vocab)
+        accepted, token, q_next = verify(p, length, drafts, q, uniforms)
+        new = cur + accepted
+        noise.copy_(shift_noise(noise, fresh, accepted + 1))
+        q.copy_(q_next)
+        canvas.scatter_(1, new[:, None], token[:, None])
+        canvas.scatter_(1, new[:, None] + 1 + steps[:width - 1], draft(q, noise))
+        n.copy_(torch.where(live, new + 1, n))
+
+
+class _Uncaptured:
+    """Stands in for a graph on a CPU: `replay()` runs the fixed-shape step eagerly."""
+
+    def __init__(self, step: Callable[[], None]):
+        self.replay = step
+
+
+def _decode_graphs(decoder: JacobiGraphs, gpt, rows, key_mask, params, width, twins, batch, max_new, generator,
+                   row_generators, progress) -> JacobiResult:
+    """The iteration loop around the captured step (see `JacobiGraphs`)."""
+    cfg = gpt.config
+    device, num_tokens, vocab, cond_len = decoder.device, cfg.num_image_tokens, cfg.vocab_size, cfg.cond_len
+    padded = max(batch, min(decoder.max_batch, 1 << (batch - 1).bit_length()))
+    if padded > batch:  # extra rows repeat the last condition; they are never live
+        extra = padded - batch
+        pad = rows.view(twins, batch, *rows.shape[1:])
+        rows = torch.cat([pad, pad[:, -1:].expand(twins, extra, *rows.shape[1:])], dim=1).flatten(0, 1)
+        if key_mask is not None:
+            km = key_mask.view(twins, batch, -1)
+            key_mask = torch.cat([km, km[:, -1:].expand(twins, extra, km.shape[-1])], dim=1).flatten(0, 1)
+    session = decoder._session(padded, width, twins)
+    scales = torch.tensor([guidance_scale_at(params, i, num_tokens) for i in range(num_tokens)],
+                          dtype=torch.float32, device=device)
+    session["scales"].copy_(scales)
+    key_valid = session["key_valid"]
+    key_valid.fill_(True)
+    if key_mask is not None:
+        key_valid[:, :cond_len] = key_mask
+    for kv in sorted({decoder._bucket(cond_len + s + width - 1) for s in range(1, num_tokens - width + 1)}):
+        decoder._graph(session, params, kv)  # capture before the prefill fills the buffers
+
+    prefix_pos = torch.arange(cond_len, device=device).expand(rows.shape[0], cond_len)
+    logits = gpt.forward_cached(gpt.embed_condition(rows), prefix_pos[0], session["cache"], cond_len,
+                                _visible(key_valid, prefix_pos, cond_len))[:, -1:]
+    p = _final_probs(logits, params, scales, torch.zeros(padded, 1, dtype=torch.long, device=device), padded)
+    real = torch.arange(batch, device=device)
+    uniforms, noise = _random(batch, width, vocab, device, generator, row_generators, real)
+    ones = torch.ones(batch, dtype=torch.long, device=device)
+    q = p.new_zeros(batch, width - 1, vocab)
+    _, token, q = verify(p[:batch].expand(batch, width, vocab), ones, torch.zeros_like(q[..., 0], dtype=torch.long),
+                         q, uniforms)
+    canvas = session["canvas"]
+    canvas.zero_()
+    canvas[:batch, 0] = token
+    canvas[:batch, 1:width] = draft(q, noise)
+    session["q"][:batch] = q
+    session["noise"][:batch] = noise
+    session["n"].fill_(1)
+    out = torch.empty(batch, max_new, dtype=torch.long, device=device)
+    forwards = torch.ones(batch, dtype=torch.long)
+    model_calls, drafted, accepted_total = 1, 0, 0
+    done_before = 1
+    progress(1)
+    active = torch.zeros(padded, dtype=torch.bool)
+    active[:batch] = True
+    n_before = None
+    while True:
+        n_host = session["n"].to("cpu", copy=True)  # the one host sync of an iteration
+        if n_before is not None:  # the last iteration's bookkeeping
+            moved = n_host[active]
+            accepted_total += int((moved - n_before[active] - 1).sum())
+            done_now = min(int(moved.min()), max_new)
+            if done_now > done_before:
+                progress(done_now - done_before)
+                done_before = done_now
+        finished = active & (n_host >= max_new)
+        if bool(finished.any()):
+            index = finished.nonzero()[:, 0].to(device)
+            out[index] = canvas[index, :max_new]
+            active &= ~finished
+            if not bool(active.any()):
+                break
+        live = active.nonzero()[:, 0]
+        start = n_host[live].clamp(max=num_tokens - width)
+        drafted += int((width - (n_host[live] - start) - 1).sum())
+        kv = decoder._bucket(cond_len + int(start.max()) + width - 1)
+        session["live"].copy_(active.to(device))
+        if row_generators is None:
+            draws = torch.rand(live.shape[0], session["u"].shape[1], generator=generator, device=device)
+        else:
+            draws = torch.stack([torch.rand(session["u"].shape[1], generator=row_generators[i], device=device)
+                                 for i in live.tolist()])
+        session["u"].index_copy_(0, live.to(device), draws)
+        decoder._graph(session, params, kv).replay()
+        forwards[live] += 1
+        model_calls += 1
+        n_before = n_host
+    if done_before < max_new:
+        progress(max_new - done_before)
+    return JacobiResult(out, forwards, model_calls, drafted, accepted_total)
+
+
+_DECODERS: weakref.WeakKeyDictionary[GPT, JacobiGraphs] = weakref.WeakKeyDictionary()
+
+
+def graphs_for(gpt: GPT) -> JacobiGraphs:
+    """The cached captured-step decoder of `gpt` (CUDA), created on first use."""
+    weight = gpt.tok_embeddings.weight
+    decoder = _DECODERS.get(gpt)
+    if decoder is None or decoder.device != weight.device:
+        decoder = JacobiGraphs(gpt, cuda_graphs=True)
+        _DECODERS[gpt] = decoder
+    return decoder
