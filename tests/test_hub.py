@@ -311,6 +311,7 @@ def test_sample_batch_by_released_name_records_the_hub_files(hub, tmp_path):
 
 
 def test_tokenizer_may_be_left_out_only_for_a_released_generator(tmp_path, capsys):
+    (tmp_path / "my-run").mkdir()  # an argen run folder, not a released name
     code = main(["sample", "--gpt", str(tmp_path / "my-run"), "--classes", "1", "--device", "cpu",
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
