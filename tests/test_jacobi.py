@@ -18,26 +18,7 @@ from argen.engine.jacobi import jacobi_decode
 from argen.models.gpt import GPT, gpt_config
 from argen.sampling import SamplingParams, guidance_scale_at, guided_logits, process_logits, reference_generate
 from argen.utils.errors import ArgenError
-
-
-def tiny_gpt(kind: str, seed: int = 0, head_std: float = 0.5, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(gpt_config("GPT-tiny", kind=kind, **overrides)).eval()
-    torch.nn.init.normal_(model.output.weight, std=head_std)  # the zero-initialised head gives flat logits
-    return model
-
-
-def condition(kind: str, batch: int = 4, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "c2i":
-        return torch.randint(0, 10, (batch,), generator=g), None
-    features = torch.randn(batch, 8, 32, generator=g)
-    mask = torch.ones(batch, 8)
-    mask[0, :3] = 0  # real left padding
-    mask[min(1, batch - 1), :6] = 0
-    features[mask == 0] = 0
-    return features, mask
-
+from test_engine import condition, tiny_gpt  # the same tiny models and conditions as the engine tests
 
 GREEDY_SETTINGS = [
     dict(),
