@@ -726,3 +726,17 @@ def test_demo_follows_the_progress_rule(tmp_path, monkeypatch):
     for flags in ([], ["--progress"], ["--no-progress"]):
         assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 0
     assert seen == [False, True, False]
+
+
+def test_random_bytes_as_a_torch_file_are_always_one_argen_error(tmp_path, recwarn):
+    import numpy as np
+
+    from argen.utils.torch_utils import load_torch_file
+
+    rng = np.random.default_rng(0)  # 300 seeded files hit IndexError, UnicodeDecodeError, ... inside torch's unpickler
+    path = tmp_path / "state.pt"
+    for _ in range(300):
+        path.write_bytes(rng.bytes(4096))
+        with pytest.raises(ArgenError, match="truncated or corrupt"):
+            load_torch_file(path, what="training checkpoint")
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]

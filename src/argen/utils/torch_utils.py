@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,7 +77,8 @@ def load_torch_file(path: str | Path, allowed: Sequence[type] = (), what: str = 
     if not path.is_file():
         raise ArgenError(f"{what} {path} does not exist")
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # random bytes: one line only
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if re.search(r"unsupported global", str(exc), flags=re.IGNORECASE):
@@ -88,3 +90,6 @@ def load_torch_file(path: str | Path, allowed: Sequence[type] = (), what: str = 
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
         raise ArgenError(f"cannot read {what} {path}: the file is truncated or corrupt "
                          f"({_detail(exc)}){suffix}") from exc
+    except Exception as exc:  # arbitrary bytes can stop the weights-only unpickler anywhere (IndexError, ...)
+        raise ArgenError(f"cannot read {what} {path}: it is not a torch file, or it is truncated or corrupt "
+                         f"({type(exc).__name__}: {_detail(exc)}){suffix}") from exc
