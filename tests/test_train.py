@@ -159,3 +159,21 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     result = train(quick(codes, out, max_steps=6, resume=True))  # the finished work is still there
     assert result["steps"] == 6
+
+
+def test_logged_throughput_counts_each_interval_once(tmp_path, monkeypatch):
+    """tokens_per_s covers the steps since the previous record; with progress bars off it used to divide one
+    interval's time into every step since the start, so the logged rate grew with the step."""
+    import types
+
+    from argen.training import generator
+
+    clock = iter(range(10 ** 6))  # every reading of the trainer's clock is one second after the last
+    monkeypatch.setattr(generator, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    codes = make_codes(tmp_path)
+    train(quick(codes, tmp_path / "run", max_steps=12, log_every=3, ckpt_every=100))
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == [1, 3, 6, 9, 12]
+    tokens_per_step = 8 * 16
+    assert [r["tokens_per_s"] for r in records] == [tokens_per_step * (b - a) for a, b in zip([0] + steps, steps)]

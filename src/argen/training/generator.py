@@ -261,7 +261,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
                 else contextlib.nullcontext())
     last_loss = float("nan")
     first_loss = None
-    tick = time.perf_counter()
+    tick, logged_step = time.perf_counter(), step
     while step < cfg.max_steps:
         step_gen = order.generator(step)
         _, indices = order.next()  # (B,) global batch, identical on every rank
@@ -298,9 +298,9 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
             loss_value = float(D.all_reduce_mean(loss_sum / accum, info))
             grad_norm = float(P.full_tensor(grad_norm))
             now = time.perf_counter()
-            done = step - bar.n
+            done = step - logged_step  # not bar.n: a disabled tqdm bar does not count
             tok_s = tokens_per_step * done / max(now - tick, 1e-9)
-            tick = now
+            tick, logged_step = now, step
             record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens_per_s": tok_s, "epoch": order.epoch}
             postfix = {"loss": f"{loss_value:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{tok_s:.0f}"}
