@@ -9,9 +9,9 @@ Sections (each optional):
   settings (cfg 3.0, temperature 0.8, top-k 50): per window W, forward passes per image (prefill
   included; plain decoding needs one per token), the acceptance rate of verified drafts, and the
   wall time of one batch against `argen.generate` (decode="ar") on the same batch;
-- quality: the demo report's two scores (c2i class match and t2i prompt match: the share of
-  samples whose nearest class/prompt centroid in colour-histogram space is their own) for plain and
-  Jacobi sampling over several seeds, with the demo report's image counts (8 per class/prompt);
+- quality: the demo report's scores (the bundled classifier's c2i accuracy and t2i prompt match, and
+  the colour-centroid matches) for plain and Jacobi sampling over several seeds, with the demo
+  report's image counts (8 per class/prompt);
 - GPT-B (random weights, 256 tokens, cfg 4.0, top-k 2000, float32): wall time and forward passes.
   With random weights the acceptance rate says nothing about trained models; the wall time of a
   W-token verify forward against a one-token step is the point.
@@ -115,37 +115,37 @@ def batch_one(name: str, gpt: GPT, windows: list[int], images: int) -> list[dict
 
 
 def quality(demo: Path, models: dict[str, GPT], window: int, seeds: list[int], per_item: int) -> list[dict]:
-    """The demo report's class/prompt match for plain and Jacobi sampling, per seed."""
+    """The demo report's scores for plain and Jacobi sampling, per seed: the bundled classifier's accuracy
+    (c2i) and prompt match (t2i), and the colour-centroid match beside them (`training.demo.DemoScorer`)."""
     from argen.data.datasets import DemoDataset
     from argen.engine import decode_codes
-    from argen.training.demo import PROMPTS, class_match, color_features
+    from argen.training.demo import DemoScorer
 
     tokenizer = load_tokenizer(demo / "tokenizer")
-    train = DemoDataset("train")
-    names = train.class_names
-    centroids = np.stack([color_features(train.images[train.labels == c]).mean(0) if (train.labels == c).any()
-                          else np.full(64, 1e3) for c in range(len(names))])
-    captions = [train.captions(i)[0] for i in range(len(train))]
-    refs = [[i for i, c in enumerate(captions) if c == prompt] for prompt in PROMPTS]
-    prompt_centroids = np.stack([color_features(train.images[r]).mean(0) if r else np.full(64, 1e3) for r in refs])
+    scorer = DemoScorer(DemoDataset("train"))
     rows = []
     for kind, gpt in models.items():
-        cents = centroids if kind == "c2i" else prompt_centroids
         cond, mask = demo_conditions(gpt, per_item)
-        labels = np.repeat(np.arange(len(cents)), per_item)
+        groups = scorer.num_classes if kind == "c2i" else len(scorer.prompt_refs)
+        labels = np.repeat(np.arange(groups), per_item)
         for seed in seeds:
             for decode in ("ar", "jacobi"):
                 extra = dict(decode="jacobi", window=window) if decode == "jacobi" else {}
                 codes = generate(gpt, cond, mask, generator=torch.Generator().manual_seed(seed), **DEMO_SETTINGS,
                                  **extra)
-                score = class_match(color_features(decode_codes(tokenizer, codes)), labels, cents)
-                rows.append(dict(model=kind, seed=seed, decode=decode, match=round(score, 3)))
-                print(f"  {kind} seed {seed} {decode:6s}: match {score:.1%}", flush=True)
+                images = decode_codes(tokenizer, codes)
+                score = scorer.c2i(images, labels) if kind == "c2i" else scorer.t2i(images, labels)
+                main_score = score["accuracy"] if kind == "c2i" else score["match"]
+                rows.append(dict(model=kind, seed=seed, decode=decode, score=round(main_score, 3),
+                                 colour=round(score["colour"], 3)))
+                print(f"  {kind} seed {seed} {decode:6s}: classifier {main_score:.1%}, colour {score['colour']:.1%}",
+                      flush=True)
     for kind in models:
         for decode in ("ar", "jacobi"):
-            scores = [r["match"] for r in rows if r["model"] == kind and r["decode"] == decode]
-            spread = np.std(scores, ddof=1) if len(scores) > 1 else 0.0
-            print(f"{kind} {decode:6s}: mean {np.mean(scores):.1%} (sd {spread:.1%}) over seeds {seeds}")
+            for key in ("score", "colour"):
+                scores = [r[key] for r in rows if r["model"] == kind and r["decode"] == decode]
+                spread = np.std(scores, ddof=1) if len(scores) > 1 else 0.0
+                print(f"{kind} {decode:6s} {key:6s}: mean {np.mean(scores):.1%} (sd {spread:.1%}) over seeds {seeds}")
     return rows
 
 

@@ -11,13 +11,14 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from argen.checkpoint.hub import gpt_arguments, tokenizer_arguments
 from argen.checkpoint.released import extract_state_dict, read_torch_file
+from argen.models.classifier import ClassifierConfig, ImageClassifier
 from argen.models.gpt import GPT, GPTConfig, gpt_config
 from argen.models.tokenizer import VQConfig, VQModel, vq_config
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import atomic_write, atomic_write_json
 
 FORMAT = "argen"
-FILE_STEMS = {"vq": "tokenizer", "gpt": "gpt"}
+FILE_STEMS = {"vq": "tokenizer", "gpt": "gpt", "classifier": "classifier"}
 
 
 # ------------------------------------------------------------------ strict loading
@@ -42,7 +43,7 @@ def load_strict(model: torch.nn.Module, state: dict, source: str, config_desc: s
 def _resolve_argen_file(path: Path, family: str) -> Path | None:
     """The argen safetensors file at `path`, or None for a released (torch) file; a missing path is an error."""
     if not path.exists():
-        what = {"vq": "tokenizer", "gpt": "generator"}[family]
+        what = {"vq": "tokenizer", "gpt": "generator", "classifier": "classifier"}[family]
         raise CheckpointError(f"{what} checkpoint {path} does not exist")
     if path.is_dir():
         candidate = path / f"{FILE_STEMS[family]}.safetensors"
@@ -128,6 +129,25 @@ def load_tokenizer(path: str | Path, config: str | VQConfig | None = None, devic
     model = VQModel(cfg)
     load_strict(model, state, str(path), f"tokenizer config {cfg.name!r}")
     return _place_for_inference(model, device, dtype)
+
+
+# ------------------------------------------------------------------ classifier
+def save_classifier(model: ImageClassifier, path: str | Path, extra: dict | None = None) -> Path:
+    """Write `<path>/classifier.safetensors` (+ .json); `extra` holds the class names and provenance."""
+    cfg = model.config
+    return _save_argen(model, {**cfg.__dict__, "widths": list(cfg.widths)}, "classifier", path, extra)
+
+
+def load_classifier(path: str | Path, device=None) -> tuple[ImageClassifier, dict]:
+    """(classifier in eval mode, its metadata: class names, provenance) from an argen classifier file."""
+    file = _resolve_argen_file(Path(path), "classifier")
+    if file is None:
+        raise CheckpointError(f"{path} is not an argen classifier (.safetensors)")
+    info = _read_argen_meta(file, "classifier")
+    cfg = ClassifierConfig(**{**info["config"], "widths": tuple(info["config"]["widths"])})
+    model = ImageClassifier(cfg)
+    load_strict(model, _load_argen_weights(file), str(file), "its classifier config")
+    return _place_for_inference(model, device, None), info
 
 
 # ------------------------------------------------------------------ generator

@@ -61,7 +61,7 @@ class DemoDataset:
         _check_split(split)
         if label not in ("category", "subcategory"):
             raise ArgenError(f"demo labels are 'category' or 'subcategory', not {label!r}")
-        file = Path(path) if path else Path(str(resources.files("argen.data") / "demo" / DEMO_NPZ))
+        file = Path(path) if path else self.default_path()
         if not file.is_file():
             raise ArgenError(f"the demo dataset {file} is missing; rebuild it with scripts/build_demo_dataset.py")
         with np.load(file, allow_pickle=False) as data:
@@ -76,6 +76,11 @@ class DemoDataset:
         self.vendor_names = [str(s) for s in arrays["vendor_names"]]
         self.names = [str(s) for s in arrays["names"][keep]]
         self.short_names = [str(s).split("|") for s in arrays["short_names"][keep]]
+
+    @staticmethod
+    def default_path() -> Path:
+        """The bundled `emoji64.npz`."""
+        return Path(str(resources.files("argen.data") / "demo" / DEMO_NPZ))
 
     def __len__(self) -> int:
         return len(self.images)

@@ -72,8 +72,12 @@ class Attention(nn.Module):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         dropout = self.attn_dropout if self.training else 0.0
+        dtype = q.dtype
+        if dtype == torch.bfloat16 and not q.is_cuda:
+            # the CPU's bf16 flash-attention backward is about 5x slower than its float32 one (torch 2.14)
+            q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                             is_causal=is_causal and mask is None)
+                                             is_causal=is_causal and mask is None).to(dtype)
         batch, _, seq, _ = out.shape
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(batch, seq, self.dim)))
 
