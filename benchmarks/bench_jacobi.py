@@ -12,6 +12,8 @@ Sections (each optional):
 - quality: the demo report's scores (the bundled classifier's c2i accuracy and t2i prompt match, and
   the colour-centroid matches) for plain and Jacobi sampling over several seeds, with the demo
   report's image counts (8 per class/prompt);
+- token check (`--token-check N`): N plain and N Jacobi samples of one c2i class, compared token by
+  token (chi-square per position) and by per-image statistics;
 - GPT-B (random weights, 256 tokens, cfg 4.0, top-k 2000, float32): wall time and forward passes.
   With random weights the acceptance rate says nothing about trained models; the wall time of a
   W-token verify forward against a one-token step is the point.
@@ -149,6 +151,40 @@ def quality(demo: Path, models: dict[str, GPT], window: int, seeds: list[int], p
     return rows
 
 
+def token_check(gpt: GPT, label: int, images: int, window: int) -> dict:
+    """Plain against Jacobi on `images` samples of one class: chi-square p of each position's token
+    marginal, and Mann-Whitney p of per-image statistics (background tokens, distinct tokens, repeats)."""
+    from scipy.stats import chi2_contingency, mannwhitneyu
+
+    cond = torch.full((images,), label)
+    out = {}
+    for seed, decode in ((1, "ar"), (2, "jacobi")):
+        extra = dict(decode="jacobi", window=window) if decode == "jacobi" else {}
+        out[decode] = generate(gpt, cond, None, generator=torch.Generator().manual_seed(seed), **DEMO_SETTINGS,
+                               **extra).numpy()  # (images, N)
+    pvalues = []
+    for pos in range(out["ar"].shape[1]):
+        a, j = out["ar"][:, pos], out["jacobi"][:, pos]
+        vals = np.unique(np.concatenate([a, j]))
+        ca, cj = np.array([(a == v).sum() for v in vals]), np.array([(j == v).sum() for v in vals])
+        keep = (ca + cj) >= 10  # rare tokens pooled into one cell
+        table = np.stack([np.append(ca[keep], ca[~keep].sum()), np.append(cj[keep], cj[~keep].sum())])
+        pvalues.append(float(chi2_contingency(table[:, table.sum(0) > 0])[1]))
+    background = np.bincount(out["ar"].ravel()).argmax()
+    stats = {"background tokens": lambda t: (t == background).sum(1),
+             "distinct tokens": lambda t: np.array([len(set(r)) for r in t]),
+             "repeats of the previous token": lambda t: (t[:, 1:] == t[:, :-1]).sum(1)}
+    result = {"images": images, "label": label, "min_position_p": min(pvalues),
+              "positions_below_0.05": int(sum(p < 0.05 for p in pvalues))}
+    print(f"token check, class {label}, {images} images each: smallest per-position p {min(pvalues):.4f}, "
+          f"{result['positions_below_0.05']} of {len(pvalues)} positions below 0.05")
+    for name, fn in stats.items():
+        a, j = fn(out["ar"]), fn(out["jacobi"])
+        result[name] = {"ar": float(a.mean()), "jacobi": float(j.mean()), "p": float(mannwhitneyu(a, j).pvalue)}
+        print(f"  {name}: plain {a.mean():.2f}, Jacobi {j.mean():.2f}, Mann-Whitney p {result[name]['p']:.3f}")
+    return result
+
+
 def gpt_b(windows: list[int], images: int, repeats: int, tokens: int | None) -> list[dict]:
     torch.manual_seed(0)
     gpt = GPT(gpt_config("GPT-B")).eval()
@@ -185,6 +221,9 @@ def main() -> None:
     ap.add_argument("--batch-one", type=int, default=0, help="also time this many images one at a time")
     ap.add_argument("--quality-seeds", type=_ints, default=[], help="seeds for the class/prompt match check")
     ap.add_argument("--quality-window", type=int, default=None, help="default: argen's DEFAULT_WINDOW")
+    ap.add_argument("--token-check", type=int, default=0, help="images per decoder for the token-level check "
+                    "of one c2i class (0: none)")
+    ap.add_argument("--token-check-class", type=int, default=7)
     ap.add_argument("--gpt-b", action="store_true")
     ap.add_argument("--gpt-b-windows", type=_ints, default=[4, 8])
     ap.add_argument("--gpt-b-images", type=int, default=2)
@@ -212,6 +251,11 @@ def main() -> None:
 
             results["quality"] = quality(args.demo, models, args.quality_window or DEFAULT_WINDOW,
                                          args.quality_seeds, per_item=8)
+        if args.token_check and "c2i" in models:
+            from argen.engine.jacobi import DEFAULT_WINDOW
+
+            results["token_check"] = token_check(models["c2i"], args.token_check_class, args.token_check,
+                                                 args.quality_window or DEFAULT_WINDOW)
     if args.gpt_b:
         results["gpt_b"] = gpt_b(args.gpt_b_windows, args.gpt_b_images, args.repeats, args.gpt_b_tokens)
     if args.json:
