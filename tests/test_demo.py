@@ -113,3 +113,17 @@ def test_demo_refuses_to_mix_tokenizers_and_bad_flag_pairs(tmp_path, capsys):
     assert "needs --train-tokenizer" in capsys.readouterr().err
     assert main(base + ["--tokenizer", str(tmp_path / "tok-a"), "--train-tokenizer"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_fastest_threads_picks_the_faster_count_and_sets_it(monkeypatch):
+    from argen.training import demo
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(demo, "_probe_seconds", lambda n: {4: 0.30, 1: 0.12}[n])  # busy: waiting threads
+        assert demo.fastest_threads(4) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(demo, "_probe_seconds", lambda n: {4: 0.05, 1: 0.12}[n])  # idle: more is faster
+        assert demo.fastest_threads(4) == 4 and torch.get_num_threads() == 4
+        assert demo.fastest_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from argen.checkpoint import load_gpt, load_tokenizer
@@ -125,6 +126,33 @@ def stage_tokenizer(out: Path, plan: Plan, seed: int, given: str | None, progres
         batch_size=plan.tokenizer_batch, lr=plan.tokenizer_lr, use_disc=False, restart_dead_codes=50, resume=True,
         progress=progress))
     return tok_dir
+
+
+def _probe_seconds(threads: int) -> float:
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(shape, generator=gen) for shape in ((2048, 128), (128, 384), (2048, 384)))
+    rounds = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            (F.silu(a @ b) * c).sum()
+        rounds.append(time.perf_counter() - t0)
+    return float(np.median(rounds[1:]))  # the first round warms up; the median, as a busy core comes and goes
+
+
+def fastest_threads(most: int) -> int:
+    """1 or `most` torch threads, whichever runs a small probe (the generators' matmul and SwiGLU shapes)
+    faster right now; leaves torch set to it. On a CPU shared with other jobs, OpenMP threads waiting
+    for a busy core make every op several times slower: with one other busy process on the 2 cores a
+    demo generator step took 446 ms at 2 threads and 221 ms at 1 (162 against 249 ms when idle)."""
+    if most < 2:
+        torch.set_num_threads(max(1, most))
+        return max(1, most)
+    timings = {n: _probe_seconds(n) for n in (most, 1)}
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
 
 
 def _tokenizer_source(tok_dir: Path, given: str | None) -> str:
@@ -390,7 +418,14 @@ def run_demo(options: DemoOptions) -> dict:
     timings: dict[str, float] = {}
     print(f"argen demo: {plan.name} plan on {device}; output in {out}")
 
+    most = torch.get_num_threads()
+    threads: dict[str, int] = {}
+
     def timed(name, fn, *a):
+        if device.type == "cpu":  # a busy CPU is faster with fewer threads; probed before each stage
+            threads[name] = fastest_threads(most)
+            if threads[name] < most:
+                print(f"(the CPU is busy: {name} runs on {threads[name]} thread instead of {most})")
         t0 = time.perf_counter()
         result = fn(*a, progress=options.progress)
         timings[name] = time.perf_counter() - t0
@@ -418,11 +453,15 @@ def run_demo(options: DemoOptions) -> dict:
     t2i_dir = timed("t2i", stage_generator, out, "t2i", t2i_codes, plan, plan.t2i_steps, options.seed, options.device,
                     tok_dir)
     _stage("6/6 samples, scores and report")
+    if device.type == "cpu":
+        threads["samples+report"] = fastest_threads(most)
     t0 = time.perf_counter()
     metrics = write_report(out, plan, tokenizer, tokenizer_source, train_set, val_set, c2i_dir, t2i_dir, device,
                            options.seed, timings)
     timings["samples+report"] = time.perf_counter() - t0
+    torch.set_num_threads(most)
     metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    metrics["threads"] = threads
     metrics["total_s"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / "metrics.json", metrics)
     print(f"\ndone in {metrics['total_s']:.0f} s: {out / 'report.md'}")
