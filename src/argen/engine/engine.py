@@ -62,6 +62,17 @@ def weights_signature(gpt: GPT) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in gpt.parameters())
 
 
+def changed_weights(gpt: GPT, device: torch.device, signature: tuple | None, owner: str) -> tuple | None:
+    """The model's new `weights_signature` if it differs from `signature` (the caller then drops what
+    holds the old weights' addresses), else None. A model moved off `device` is an error naming `owner`."""
+    new = weights_signature(gpt)
+    if new == signature:
+        return None
+    if gpt.tok_embeddings.weight.device != device:
+        raise ArgenError(f"the model moved to {gpt.tok_embeddings.weight.device}; build a new {owner}")
+    return new
+
+
 def check_compute_dtype(gpt: GPT, dtype: torch.dtype | None) -> None:
     weight = gpt.tok_embeddings.weight
     if dtype is not None and dtype != weight.dtype:
@@ -223,10 +234,8 @@ class Engine:
     # ------------------------------------------------------------ internals
     def _check_weights(self) -> None:
         """Drop caches and graphs (which hold the old weights' addresses) when the model changed."""
-        signature = weights_signature(self.gpt)
-        if signature != self._signature:
-            if self.gpt.tok_embeddings.weight.device != self.device:
-                raise ArgenError(f"the model moved to {self.gpt.tok_embeddings.weight.device}; build a new Engine")
+        signature = changed_weights(self.gpt, self.device, self._signature, "Engine")
+        if signature is not None:
             self._signature = signature
             self._sessions.clear()
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from argen.engine.engine import KV_BUCKET, capture_graphs, weights_signature
+from argen.engine.engine import KV_BUCKET, capture_graphs, changed_weights
 from argen.engine.sampler import _inverse_cdf
 from argen.models.gpt import GPT
 from argen.sampling.logits import SamplingParams, guidance_scale_at, guided_logits, process_logits
@@ -369,11 +369,8 @@ class JacobiGraphs:
 
     def check_weights(self) -> None:
         """Drop sessions and graphs (which hold the old weights' addresses) when the model changed."""
-        gpt = self.gpt
-        signature = weights_signature(gpt)
-        if signature != self._signature:
-            if gpt.tok_embeddings.weight.device != self.device:
-                raise ArgenError(f"the model moved to {gpt.tok_embeddings.weight.device}; build a new decoder")
+        signature = changed_weights(self.gpt, self.device, self._signature, "decoder")
+        if signature is not None:
             self._signature = signature
             self._sessions.clear()
 

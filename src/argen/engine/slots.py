@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from argen.engine.engine import KV_BUCKET, additive_mask, capture_graphs, check_compute_dtype, weights_signature
+from argen.engine.engine import KV_BUCKET, additive_mask, capture_graphs, changed_weights, check_compute_dtype
 from argen.engine.sampler import RowParams, build_row_params, combine_guidance_pairs, sample_filtered, static_facts
 from argen.models.gpt import GPT, prefix_attention_mask
 from argen.sampling.logits import SamplingParams
@@ -176,10 +176,8 @@ class SlotDecoder:
 
     # ------------------------------------------------------------------ internals
     def _check_weights(self) -> None:
-        signature = weights_signature(self.gpt)
-        if signature != self._signature:
-            if self.gpt.tok_embeddings.weight.device != self.device:
-                raise ArgenError(f"the model moved to {self.gpt.tok_embeddings.weight.device}; build a new decoder")
+        signature = changed_weights(self.gpt, self.device, self._signature, "decoder")
+        if signature is not None:
             self._signature = signature
             self.graphs.clear()
 

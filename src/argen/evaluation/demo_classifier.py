@@ -3,7 +3,7 @@
 Contract:
 - `DEMO_CLASSIFIER` is the package file `evaluation/data/demo_classifier.safetensors` (+ .json with the
   class names, its validation accuracy and how it was made). `python scripts/train_demo_classifier.py`
-  remakes it by calling `train_demo_classifier`; the result depends only on the seed and the dataset.
+  remakes it by calling `train_demo_classifier`; its only inputs are the seed and the dataset.
 - `train_demo_classifier(epochs, seed)` trains `models.classifier.ImageClassifier` on the demo's training
   split (category labels) with flips, shifts on white and Gaussian blur (generated images pass through
   the tokenizer's decoder, which blurs), and reports its accuracy on the validation split.

@@ -146,33 +146,21 @@ def fastest_threads(most: int) -> int:
     faster right now; leaves torch set to it. On a CPU shared with other jobs, OpenMP threads waiting
     for a busy core make every op several times slower: with one other busy process on the 2 cores a
     demo generator step took 446 ms at 2 threads and 221 ms at 1 (162 against 249 ms when idle)."""
-    if most < 2:
-        torch.set_num_threads(max(1, most))
-        return max(1, most)
+    if most <= 1:
+        torch.set_num_threads(1)
+        return 1
     timings = {n: _probe_seconds(n) for n in (most, 1)}
     best = min(timings, key=timings.get)
     torch.set_num_threads(best)
     return best
 
 
-def _tokenizer_source(tok_dir: Path, given: str | None) -> str:
-    """How the report names the tokenizer: given, the bundled one, or trained in OUT/tokenizer."""
+def record_tokenizer(out: Path, tok_dir: Path, given: str | None) -> str:
+    """Check that OUT's codes and generators belong to this tokenizer (refuse another one's), record it
+    in OUT/tokenizer-used.json, and return how the report names it: given, bundled, or trained here."""
     from argen.utils.io import sha256_file
 
-    if given:
-        return f"given ({given})"
-    if sha256_file(tok_dir / "tokenizer.safetensors") == sha256_file(DEMO_TOKENIZER):
-        return "bundled with argen (made by scripts/train_demo_tokenizer.py)"
-    info = tok_dir / "tokenizer.json"
-    steps = json.loads(info.read_text()).get("training", {}).get("steps", "?") if info.is_file() else "?"
-    return f"trained in this run ({steps} steps)"
-
-
-def _check_tokenizer_of_run(out: Path, tokenizer: Path) -> None:
-    """OUT's codes and generators belong to one tokenizer: refuse to mix them with another one's."""
-    from argen.utils.io import sha256_file
-
-    file = tokenizer / "tokenizer.safetensors" if tokenizer.is_dir() else tokenizer
+    file = tok_dir / "tokenizer.safetensors" if tok_dir.is_dir() else tok_dir
     record = out / "tokenizer-used.json"
     digest = sha256_file(file)
     if record.is_file():
@@ -184,6 +172,13 @@ def _check_tokenizer_of_run(out: Path, tokenizer: Path) -> None:
         raise ArgenError(f"{out} holds codes from an earlier argen version whose tokenizer is not recorded; use "
                          f"another --out or delete {out}")
     atomic_write_json(record, {"path": str(file), "sha256": digest})
+    if given:
+        return f"given ({given})"
+    if digest == sha256_file(DEMO_TOKENIZER):
+        return "bundled with argen (made by scripts/train_demo_tokenizer.py)"
+    info = file.with_suffix(".json")
+    steps = json.loads(info.read_text()).get("training", {}).get("steps", "?") if info.is_file() else "?"
+    return f"trained in this run ({steps} steps)"
 
 
 def stage_codes(out: Path, tokenizer, data: DemoDataset, device: torch.device, progress: bool = True) -> Path:
@@ -303,11 +298,10 @@ class DemoScorer:
                                    for c in range(self.num_classes)])
         captions = [train_set.captions(i)[0] for i in range(len(train_set))]
         self.prompt_refs = [[i for i, c in enumerate(captions) if c == prompt] for prompt in PROMPTS]
-        ref_rows = [i for refs in self.prompt_refs for i in refs]
-        self.ref_ids = np.array([k for k, refs in enumerate(self.prompt_refs) for _ in refs], dtype=np.int64)
-        ref_images = train_set.images[ref_rows]
+        ref_images = train_set.images[[i for refs in self.prompt_refs for i in refs]]
+        ref_ids = np.array([k for k, refs in enumerate(self.prompt_refs) for _ in refs], dtype=np.int64)
         self.ref_feats = np.concatenate([embed(self.model, ref_images), embed(self.model, ref_images[:, :, ::-1])])
-        self.ref_ids = np.concatenate([self.ref_ids, self.ref_ids])
+        self.ref_ids = np.concatenate([ref_ids, ref_ids])  # the drawings and their mirror images
         self.prompt_centroids = np.stack([color_features(train_set.images[r]).mean(0) if r else np.full(64, 1e3)
                                           for r in self.prompt_refs])
 
@@ -421,13 +415,13 @@ def run_demo(options: DemoOptions) -> dict:
     most = torch.get_num_threads()
     threads: dict[str, int] = {}
 
-    def timed(name, fn, *a):
-        if device.type == "cpu":  # a busy CPU is faster with fewer threads; probed before each stage
+    def timed(name, fn, *a, probe=True, **kw):
+        if probe and device.type == "cpu":  # a busy CPU is faster with fewer threads; probed before each stage
             threads[name] = fastest_threads(most)
             if threads[name] < most:
                 print(f"(the CPU is busy: {name} runs on {threads[name]} thread instead of {most})")
         t0 = time.perf_counter()
-        result = fn(*a, progress=options.progress)
+        result = fn(*a, progress=options.progress, **kw)
         timings[name] = time.perf_counter() - t0
         return result
 
@@ -436,11 +430,9 @@ def run_demo(options: DemoOptions) -> dict:
         train_set = train_set.subset(options.limit)
     trains = options.train_tokenizer and not options.tokenizer
     _stage(f"1/6 tokenizer ({plan.tokenizer_config}" + (f", {plan.tokenizer_steps} steps)" if trains else ")"))
-    t0 = time.perf_counter()
-    tok_dir = stage_tokenizer(out, plan, options.seed, options.tokenizer, progress=options.progress, train=trains)
-    timings["tokenizer"] = time.perf_counter() - t0
-    _check_tokenizer_of_run(out, tok_dir)
-    tokenizer_source = _tokenizer_source(tok_dir, options.tokenizer)
+    tok_dir = timed("tokenizer", stage_tokenizer, out, plan, options.seed, options.tokenizer, train=trains,
+                    probe=False)
+    tokenizer_source = record_tokenizer(out, tok_dir, options.tokenizer)
     tokenizer = load_tokenizer(tok_dir, device=device)
     _stage("2/6 codes")
     c2i_codes = timed("codes", stage_codes, out, tokenizer, train_set, device)
