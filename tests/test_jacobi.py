@@ -112,20 +112,20 @@ def test_row_generators_make_an_image_independent_of_its_batch():
 VOCAB, GRID = 5, 2  # 4 tokens of 5 codes: 625 sequences
 
 
-def toy_gpt(kind: str) -> GPT:
+def toy_gpt(kind: str, vocab: int = VOCAB, grid: int = GRID, embedding_gain: float = 5.0) -> GPT:
     torch.manual_seed(5)
-    model = GPT(gpt_config("GPT-tiny", kind=kind, vocab_size=VOCAB, image_size=GRID * 16, downsample=16)).eval()
+    model = GPT(gpt_config("GPT-tiny", kind=kind, vocab_size=vocab, image_size=grid * 16, downsample=16)).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.output.weight, std=0.2)
-        model.tok_embeddings.weight.mul_(5.0)  # a strong dependence on the previous tokens
+        model.tok_embeddings.weight.mul_(embedding_gain)  # a strong dependence on the previous tokens
     return model
 
 
 def exact_joint(model: GPT, cond, mask, params: SamplingParams) -> torch.Tensor:
     """(V**N,) probabilities of every token sequence under AR sampling with `params`, from the
     model's teacher-forced conditionals (guided at each token's index, then filtered)."""
-    n = GRID * GRID
-    seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=n)))  # (S, N), lexicographic
+    n, vocab = model.config.num_image_tokens, model.config.vocab_size
+    seqs = torch.tensor(list(itertools.product(range(vocab), repeat=n)))  # (S, N), lexicographic
     rows = seqs.shape[0]
     cond = cond.expand(rows, *cond.shape[1:])
     mask = None if mask is None else mask.expand(rows, -1)
@@ -139,10 +139,10 @@ def exact_joint(model: GPT, cond, mask, params: SamplingParams) -> torch.Tensor:
     return probs.gather(-1, seqs[..., None])[..., 0].double().prod(dim=1)
 
 
-def chi_square_pvalue(tokens: torch.Tensor, joint: torch.Tensor) -> float:
+def chi_square_pvalue(tokens: torch.Tensor, joint: torch.Tensor, vocab: int = VOCAB) -> float:
     """Chi-square goodness of fit of sampled sequences to `joint`; cells with expected count < 5
     are pooled; a sample in a zero-probability cell gives p = 0."""
-    weights = VOCAB ** torch.arange(tokens.shape[1] - 1, -1, -1)
+    weights = vocab ** torch.arange(tokens.shape[1] - 1, -1, -1)
     counts = torch.bincount((tokens * weights).sum(1), minlength=joint.numel()).double()
     if counts[joint == 0].sum() > 0:
         return 0.0
@@ -192,6 +192,23 @@ def test_jacobi_samples_the_exact_ar_distribution_and_a_wrong_rule_is_caught(kin
     assert wrong.accepted == wrong.drafted
     assert chi_square_pvalue(wrong.tokens, joint) < 1e-6
 
+
+
+@pytest.mark.parametrize("window", [8, 12])
+def test_drafts_that_stay_in_the_window_for_many_iterations_keep_the_exact_distribution(window):
+    """9 binary tokens (512 sequences): a draft is redrafted with its kept noise over several
+    iterations, and the window is moved back at the end of the grid, yet the joint is exact."""
+    model = toy_gpt("c2i", vocab=2, grid=3, embedding_gain=10.0)
+    cond, params = torch.tensor([3]), SamplingParams(cfg_scale=2.5)
+    joint = exact_joint(model, cond, None, params)
+    samples = 20000
+    result = jacobi_decode(model, cond.expand(samples), None, params, window=window,
+                           generator=torch.Generator().manual_seed(window), max_batch=samples)
+    assert result.forwards.double().mean() < 0.4 * 9  # several tokens per forward: drafts do stay
+    assert chi_square_pvalue(result.tokens, joint, vocab=2) > 1e-3
+    shifted = jacobi_decode(model, torch.tensor([4]).expand(samples), None, params, window=window,
+                            generator=torch.Generator().manual_seed(window), max_batch=samples)
+    assert chi_square_pvalue(shifted.tokens, joint, vocab=2) < 1e-6  # the test can tell classes apart
 
 # ---------------------------------------------------------------- command line
 def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
