@@ -46,3 +46,13 @@ def test_library_errors_become_one_line_and_exit_status_2(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("argen sample: error: ") and "\n" not in err and "nope.pt" in err
+
+
+@pytest.mark.parametrize("argv", [["sample", "--gpt", "g", "--classes", "1", "--n", "0"], ["no-such-command"], [],
+                                  ["evaluate", "--no-such-flag"]])
+def test_argument_errors_are_one_line_and_exit_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and "usage:" not in err, err

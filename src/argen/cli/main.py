@@ -53,6 +53,13 @@ def _summary(module_name: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _add_command(sub, name: str, module_name: str) -> None:
     module = importlib.import_module(f"argen.cli.{module_name}")
     sp = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], description=module.__doc__,
@@ -64,7 +71,7 @@ def _add_command(sub, name: str, module_name: str) -> None:
 def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
     """The `argen` parser. Only the subcommands in `commands` (default: all) get their flags, which
     imports their modules; the others are listed with their summaries."""
-    parser = argparse.ArgumentParser(prog="argen", description="Autoregressive image generation (LlamaGen-style).")
+    parser = _Parser(prog="argen", description="Autoregressive image generation (LlamaGen-style).")
     parser.add_argument("--version", action="version", version=f"argen {_argen_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in SUBCOMMANDS.items():
@@ -86,7 +93,11 @@ def _command_in(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)
-    args = build_parser([command] if command else []).parse_args(argv)
+    parser = build_parser([command] if command else [])
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named after the subcommand, whose --help lists its flags
+        parser.exit(2, f"argen {command}: error: unrecognized arguments: {' '.join(unknown)} "
+                       f"(see argen {command} --help)\n")
     try:
         result = args._run(args)
     except ArgenError as exc:

@@ -102,7 +102,12 @@ def run(args):
     from argen.training.generator import train
 
     result = train(cfg)
-    if result["is_main"] and result["first_loss"] is not None:
-        print(f"trained {result['steps']} steps; loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; "
+    if result["is_main"] and result["first_loss"] is None:
+        print(f"nothing to train: {result['out']} is already at step {result['steps']} "
+              f"(--max-steps {cfg.max_steps}); weights in {result['out']}/gpt.safetensors")
+    elif result["is_main"]:
+        done = (f"trained {result['steps']} steps" if not result["start_step"] else
+                f"trained steps {result['start_step'] + 1}-{result['steps']} (resumed at step {result['start_step']})")
+        print(f"{done}; loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; "
               f"weights in {result['out']}/gpt.safetensors")
     return 0

@@ -110,7 +110,7 @@ class CheckpointManager:
                 state = self.load(path)
             except ArgenError as exc:
                 failures.append(f"{path.name}: {exc}")
-                log.warning("skipping unreadable %s", exc)
+                log.warning("skipping an unreadable checkpoint: %s", exc)
                 continue
             if failures:
                 log.warning("resuming from %s: the newer checkpoint(s) could not be read (%s)", path,

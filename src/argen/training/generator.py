@@ -229,7 +229,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     if not cfg.resume and ckpt.exists():
         raise ArgenError(f"{out} already holds training checkpoints; pass --resume to continue that run or "
                          f"choose another --out")
-    step = ckpt.restore() if cfg.resume else 0
+    step = start_step = ckpt.restore() if cfg.resume else 0
     if info.is_main:
         atomic_write_json(out / "train_config.json", {"train": cfg.to_dict(), "model": gpt_cfg.to_dict(),
                                                       "world_size": world, "strategy": strategy,
@@ -325,7 +325,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     ckpt.save(step)
     full = model_part.state_dict()
     ema_state = ema.state_dict() if ema is not None else None
-    result = {"out": str(out), "steps": step, "final_loss": last_loss, "first_loss": first_loss,
+    result = {"out": str(out), "steps": step, "start_step": start_step, "final_loss": last_loss, "first_loss": first_loss,
               "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main}
     if info.is_main:
         extra = {"training": {"steps": step, "codes": str(cfg.codes), "ema": ema is not None},
