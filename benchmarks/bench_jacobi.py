@@ -12,6 +12,9 @@ Sections (each optional):
 - quality: the demo report's scores (the bundled classifier's c2i accuracy and t2i prompt match, and
   the colour-centroid matches) for plain and Jacobi sampling over several seeds, with the demo
   report's image counts (8 per class/prompt);
+- slots (`--slots S`): the server's continuous scheduler in process: the demo conditions x
+  --slots-per-item as requests through `SlotDecoder` (plain) and `JacobiSlotDecoder` (each --windows W)
+  with S slots, admitted as slots free up; wall time, slot steps (forwards) and acceptance;
 - token check (`--token-check N`): N plain and N Jacobi samples of one c2i class, compared token by
   token (chi-square per position) and by per-image statistics;
 - GPT-B (random weights, 256 tokens, cfg 4.0, top-k 2000, float32): wall time and forward passes.
@@ -113,6 +116,39 @@ def batch_one(name: str, gpt: GPT, windows: list[int], images: int) -> list[dict
                          forwards_per_image=round(calls / len(picks), 2), speedup_wall=round(ar_s / t, 2)))
         print(f"  W={w:3d}: {calls / len(picks):6.2f} forwards/image ({n * len(picks) / calls:4.2f}x fewer), "
               f"{t:.2f} s ({ar_s / t:4.2f}x plain)", flush=True)
+    return rows
+
+
+def slots(name: str, gpt: GPT, windows: list[int], per_item: int, num_slots: int, repeats: int) -> list[dict]:
+    """The continuous scheduler: plain slots against Jacobi slots on the same requests."""
+    from argen.engine.jacobi_slots import JacobiSlotDecoder
+    from argen.engine.slots import SlotDecoder, SlotRequest
+
+    cond, mask = demo_conditions(gpt, per_item)
+    params = SamplingParams(**DEMO_SETTINGS)
+
+    def requests():
+        return [SlotRequest(cond[i], None if mask is None else mask[i], params, torch.Generator().manual_seed(i))
+                for i in range(len(cond))]
+
+    rows = []
+    for w in ["ar"] + windows:
+        def run(w=w):
+            decoder = SlotDecoder(gpt, num_slots) if w == "ar" else JacobiSlotDecoder(gpt, num_slots, window=w)
+            decoder.run(requests())
+            return decoder.counters
+
+        t, counters = best_time(run, repeats)
+        row = dict(model=name, slots=num_slots, images=len(cond), window=w, wall_s=round(t, 3),
+                   decode_steps=counters["decode_steps"], slot_steps=counters["slot_steps"],
+                   acceptance=round(counters["accepted"] / max(counters["drafted"], 1), 3) if w != "ar" else None)
+        if rows:
+            row["speedup_wall"] = round(rows[0]["wall_s"] / t, 2)
+            row["fewer_steps"] = round(rows[0]["decode_steps"] / counters["decode_steps"], 2)
+        rows.append(row)
+        print(f"{name}, {num_slots} slots, {len(cond)} requests, W={w}: {t:.2f} s, {counters['decode_steps']} steps"
+              + (f" ({row['fewer_steps']}x fewer, {row['speedup_wall']}x the speed of plain slots), acceptance "
+                 f"{row['acceptance']:.1%}" if w != "ar" else ""), flush=True)
     return rows
 
 
@@ -218,6 +254,9 @@ def main() -> None:
     ap.add_argument("--windows", type=_ints, default=[2, 4, 8, 12, 16])
     ap.add_argument("--per-item", type=int, default=2, help="images per class/prompt in the window sweep (0: no sweep)")
     ap.add_argument("--sweep-seed", type=int, default=0)
+    ap.add_argument("--slots", type=int, default=0, help="also compare plain and Jacobi slot decoders (continuous "
+                    "batching) with this many slots on the demo conditions x --slots-per-item")
+    ap.add_argument("--slots-per-item", type=int, default=4, help="requests per class/prompt for --slots")
     ap.add_argument("--batch-one", type=int, default=0, help="also time this many images one at a time")
     ap.add_argument("--quality-seeds", type=_ints, default=[], help="seeds for the class/prompt match check")
     ap.add_argument("--quality-window", type=int, default=None, help="default: argen's DEFAULT_WINDOW")
@@ -243,6 +282,10 @@ def main() -> None:
             results["sweep"] = [row for kind, gpt in models.items()
                                 for row in window_sweep(f"demo {kind}", gpt, args.windows, args.per_item,
                                                         args.sweep_seed, args.repeats)]
+        if args.slots:
+            results["slots"] = [row for kind, gpt in models.items()
+                                for row in slots(f"demo {kind}", gpt, args.windows, args.slots_per_item, args.slots,
+                                                 args.repeats)]
         if args.batch_one:
             results["batch_one"] = [row for kind, gpt in models.items()
                                     for row in batch_one(f"demo {kind}", gpt, args.windows, args.batch_one)]

@@ -18,7 +18,8 @@
   steady), then an open loop of Poisson arrivals at --fraction x the static capacity, served by
   the slot decoder (admitting between steps) and by static batches (whatever waits, up to --slots,
   generated together, padded to --slots rows so that no graph is re-captured while timing); latency
-  p50/p99 from arrival to tokens on the host and images/s, bounded by --requests and --duration.
+  p50/p99 from arrival to tokens on the host and images/s, bounded by --requests and --duration;
+  and the closed-loop batch through `JacobiSlotDecoder` (window --jacobi-window, eager).
 - jacobi: `jacobi_decode` against plain decoding (`argen.generate`) on the device, random weights
   (acceptance says nothing about trained models; the cost of a W-token verify forward is the point),
   --images images x --tokens tokens, cfg 4.0, top-k 2000; first call and best of two.
@@ -162,6 +163,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def stage_slots(args) -> int:
     from argen.engine import Engine
+    from argen.engine.jacobi_slots import JacobiSlotDecoder
     from argen.engine.slots import SlotDecoder, SlotRequest
     from argen.models.gpt import GPT, gpt_config
     from argen.sampling import SamplingParams
@@ -203,6 +205,10 @@ def stage_slots(args) -> int:
     result["static_first_s"] = timed(lambda: static(batch))
     result["slots_batch_s"] = min(timed(lambda: decoder.run([request(s) for s in batch])) for _ in range(2))
     result["static_batch_s"] = min(timed(lambda: static(batch)) for _ in range(2))
+    jacobi = JacobiSlotDecoder(gpt, slots, window=args.jacobi_window)  # eager: random weights, the step's cost
+    result["jacobi_slots_first_s"] = timed(lambda: jacobi.run([request(s) for s in batch]))
+    result["jacobi_slots_batch_s"] = timed(lambda: jacobi.run([request(s) for s in batch]))
+    result["jacobi_slots_counters"] = dict(jacobi.counters)
     capacity = slots / result["static_batch_s"]
     rate = args.fraction * capacity
     rng = random.Random(0)
@@ -327,6 +333,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="sample-eval: folder for checkpoints and outputs")
     parser.add_argument("--slots", type=int, default=16, help="slots: decoder slots = static batch size")
     parser.add_argument("--fraction", type=float, default=0.8, help="slots: arrival rate x static capacity")
+    parser.add_argument("--jacobi-window", type=int, default=8, help="slots: window of the Jacobi slot decoder")
     parser.add_argument("--requests", type=int, default=48, help="slots: open-loop requests")
     parser.add_argument("--duration", type=float, default=20.0, help="slots: seconds of arrivals at most")
     parser.add_argument("--windows", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8],

@@ -15,10 +15,12 @@ from scipy.stats import chisquare
 import argen
 import argen.engine.jacobi as jacobi
 from argen.engine.jacobi import jacobi_decode
+from argen.engine.jacobi_slots import JacobiSlotDecoder
+from argen.engine.slots import SlotRequest
 from argen.models.gpt import GPT, gpt_config
 from argen.sampling import SamplingParams, guidance_scale_at, guided_logits, process_logits, reference_generate
 from argen.utils.errors import ArgenError
-from test_engine import condition, tiny_gpt  # the same tiny models and conditions as the engine tests
+from test_engine import SLOT_SETTINGS, condition, run_staggered, slot_requests, tiny_gpt  # shared with the engine tests
 
 GREEDY_SETTINGS = [
     dict(),
@@ -210,6 +212,87 @@ def test_drafts_that_stay_in_the_window_for_many_iterations_keep_the_exact_distr
                             generator=torch.Generator().manual_seed(window), max_batch=samples)
     assert chi_square_pvalue(shifted.tokens, joint, vocab=2) < 1e-6  # the test can tell classes apart
 
+
+# ---------------------------------------------------------------- continuous batching (JacobiSlotDecoder)
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_jacobi_slots_greedy_equals_reference_whenever_a_request_joins(kind):
+    """Mixed guidance settings per slot, requests joining at different steps, slots retiring at their
+    own pace (a Jacobi step advances each by 1 to W tokens): every request gets the greedy tokens."""
+    model = tiny_gpt(kind, seed=4, image_size=128)  # 64 tokens
+    requests = slot_requests(kind, SLOT_SETTINGS)
+    decoder = JacobiSlotDecoder(model, 3, window=6)
+    results = run_staggered(decoder, requests, joins=[0, 0, 2, 3, 5, 9, 9])
+    assert decoder.active == 0 and decoder.free == 3
+    accepted = decoder.counters["accepted"]
+    assert accepted > 0 and decoder.counters["slot_steps"] == 7 * 63 - accepted  # 1 + accepted tokens a step
+    for r, settings in zip(requests, SLOT_SETTINGS):
+        expected = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
+                                      top_k=1, **settings)[0]
+        assert torch.equal(results[r.tag], expected), (r.tag, settings)
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_jacobi_slots_sample_like_jacobi_decode_with_the_same_seed_whatever_else_runs(kind):
+    """A sampled request's tokens (its own generator) are the same alone, in a crowd that joins at other
+    steps, and from `jacobi_decode` with that generator as its row generator."""
+    model = tiny_gpt(kind, seed=5, head_std=0.1)
+    settings = [dict(cfg_scale=2.0, top_p=0.9), dict(temperature=1.3), dict(cfg_scale=4.0, cfg_interval=3),
+                dict(cfg_scale=3.0, cfg_schedule="linear", top_p=0.8)]
+    crowd = run_staggered(JacobiSlotDecoder(model, 3, window=4), slot_requests(kind, settings, top_k=50),
+                          joins=[0, 1, 4, 6])
+    for i in range(len(settings)):
+        alone = JacobiSlotDecoder(model, 1, window=4).run([slot_requests(kind, settings, top_k=50)[i]])[0]
+        r = slot_requests(kind, settings, top_k=50)[i]
+        batch = jacobi_decode(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None], r.params,
+                              window=4, row_generators=[r.generator]).tokens[0]
+        assert torch.equal(crowd[i], alone) and torch.equal(alone, batch), i
+    assert len({tuple(t.tolist()) for t in crowd.values()}) == len(settings)  # really sampled
+
+
+def test_jacobi_slots_sample_the_exact_ar_distribution():
+    """Requests of two settings share the slots; each setting's 3000 samples fit its exact joint."""
+    model = toy_gpt("c2i")
+    cond = torch.tensor([3])
+    settings = [SamplingParams(cfg_scale=2.5, cfg_schedule="linear", temperature=0.8, top_k=3),
+                SamplingParams(cfg_scale=3.0, temperature=1.4, top_p=0.8)]
+    per_setting = 3000
+    requests = [SlotRequest(cond[0], None, settings[i % 2], torch.Generator().manual_seed(i), tag=i % 2)
+                for i in range(2 * per_setting)]
+    decoder = JacobiSlotDecoder(model, 256, window=3)
+    tokens = decoder.run(requests)
+    assert decoder.counters["accepted"] > 0.2 * decoder.counters["drafted"]
+    for which, params in enumerate(settings):
+        mine = torch.stack([t for t, r in zip(tokens, requests) if r.tag == which])
+        assert chi_square_pvalue(mine, exact_joint(model, cond, None, params)) > 1e-3, params
+    other = torch.stack([t for t, r in zip(tokens, requests) if r.tag == 1])
+    assert chi_square_pvalue(other, exact_joint(model, cond, None, settings[0])) < 1e-6  # the test can fail
+
+
+def test_jacobi_slots_cancel_max_new_tokens_and_windows():
+    model = tiny_gpt("t2i", seed=3)
+    r = slot_requests("t2i", [dict(cfg_scale=2.5)])[0]
+    r.max_new_tokens = 5
+    for window in (1, 2, 16, 100):  # 100: cut to the grid
+        r.generator = None
+        got = JacobiSlotDecoder(model, 2, window=window).run([r])[0]
+        assert torch.equal(got, reference_generate(model, r.cond[None], r.cond_mask[None], cfg_scale=2.5, top_k=1,
+                                                   max_new_tokens=5)[0]), window
+    requests = slot_requests("t2i", SLOT_SETTINGS[:4])
+    decoder = JacobiSlotDecoder(model, 3, window=4)
+    decoder.admit(requests[:3])
+    decoder.step()
+    assert decoder.cancel(lambda r: r.tag == 0) == 1 and decoder.free == 1
+    decoder.admit([requests[3]])
+    results = {}
+    while decoder.slots:
+        results.update((r.tag, t) for r, t in decoder.step())
+    assert sorted(results) == [1, 2, 3]
+    for r, settings in zip(requests[1:], SLOT_SETTINGS[1:4]):
+        assert torch.equal(results[r.tag], reference_generate(model, r.cond[None], r.cond_mask[None], top_k=1,
+                                                              **settings)[0])
+    with pytest.raises(ArgenError, match="window"):
+        JacobiSlotDecoder(model, 2, window=0)
+
 # ---------------------------------------------------------------- command line
 def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
     from argen.cli.main import main
@@ -249,27 +332,31 @@ def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
         sample_batch(tokenizer, gpt, SampleBatchConfig(**base), run, progress=False)
 
 
-def test_server_wide_jacobi_decoding_on_the_static_scheduler():
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_server_wide_jacobi_decoding(scheduler):
+    """Both schedulers serve a request's images as `jacobi_decode` with the images' own generators,
+    whatever else shares the batch or the slots."""
     from argen.models.tokenizer import VQModel, vq_config
     from argen.sampling import image_seed
     from argen.serving import GenerationService, JobSpec, ServeConfig
 
-    with pytest.raises(ArgenError, match="--scheduler static"):
-        ServeConfig(decode="jacobi")  # the continuous scheduler advances one token per step
     with pytest.raises(ArgenError, match="window"):
-        ServeConfig(scheduler="static", window=4)
+        ServeConfig(scheduler=scheduler, window=4)
     model = tiny_gpt("c2i")
     torch.manual_seed(0)
     tokenizer = VQModel(vq_config("VQ-tiny-16")).eval()
-    service = GenerationService(tokenizer, model, ServeConfig(scheduler="static", decode="jacobi", window=4,
-                                                              max_wait_ms=50))
+    service = GenerationService(tokenizer, model, ServeConfig(scheduler=scheduler, decode="jacobi", window=4,
+                                                              max_wait_ms=50, max_batch_size=2))
     service.start()
     try:
         jobs = [service.submit(JobSpec([3, 3, 5], SamplingParams(cfg_scale=2.0, top_k=30), seed=9)),
                 service.submit(JobSpec([1], SamplingParams(top_k=1), seed=2))]
         served = [job.future.result(timeout=120)["codes"] for job in jobs]
+        metrics = service.metrics()
     finally:
         service.close()
+    if scheduler == "continuous":
+        assert metrics["jacobi_drafted_total"] > 0 and metrics["jacobi_acceptance"] is not None
     gens = [torch.Generator().manual_seed(image_seed(9, i)) for i in range(3)]
     want = jacobi_decode(model, torch.tensor([3, 3, 5]), None, SamplingParams(cfg_scale=2.0, top_k=30), window=4,
                          row_generators=gens).tokens

@@ -141,6 +141,7 @@ def test_png_response_for_one_image_and_health_and_metrics(client):
     assert np.array(Image.open(io.BytesIO(r.content))).shape == (64, 64, 3)
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["kind"] == "c2i" and health["tokens"] == 16
+    assert (health["scheduler"], health["decode"], health["window"]) == ("continuous", "ar", None)
     metrics = client.get("/metrics").json()
     assert metrics["completed_total"] >= 1 and metrics["images_total"] >= 1
     assert metrics["latency_ms"]["p50"] > 0 and metrics["latency_ms"]["p99"] >= metrics["latency_ms"]["p50"]

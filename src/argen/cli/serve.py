@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "step; static: batches run to the end")
     group.add_argument("--decode", choices=["ar", "jacobi"], default="ar",
                        help="ar (default): one token per forward pass; jacobi: speculative Jacobi decoding for every "
-                            "request (same distribution, fewer forward passes, other images per seed; needs "
-                            "--scheduler static)")
+                            "request (same distribution, fewer forward passes, other images per seed), with either "
+                            "scheduler")
     group.add_argument("--window", type=positive_int, default=None,
                        help="with --decode jacobi: positions per forward pass (default 8)")
     group.add_argument("--max-wait-ms", type=nonneg_float, default=10.0,

@@ -3,7 +3,8 @@
 - `generate(gpt, cond, ...)`: drop-in for the reference sampler, through a cached `Engine`.
 - `Engine`: static KV cache, lean decode loop, on-device sampling, CUDA graphs on GPUs; per-row
   sampling parameters and generators for the server.
-- `SlotDecoder`, `SlotRequest`: continuous batching over a fixed number of cache slots (the server).
+- `SlotDecoder`, `SlotRequest`: continuous batching over a fixed number of cache slots (the server);
+  `argen.engine.jacobi_slots.JacobiSlotDecoder`: the same with a Jacobi iteration per step.
 - `decode_codes`: tokens -> uint8 images in bounded-memory chunks.
 """
 

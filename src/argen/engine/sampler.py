@@ -126,10 +126,16 @@ def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def sample_filtered(logits: torch.Tensor, rp: RowParams, uniforms: torch.Tensor) -> torch.Tensor:
     """Temperature, top-k, top-p and the draw on float32 logits (B, V) -> (B,) int64 tokens."""
+    return _inverse_cdf(filtered_weights(logits, rp), uniforms)[:, 0]
+
+
+def filtered_weights(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+    """Temperature, top-k and top-p on float32 logits (B, V) -> (B, V) sampling weights in token-id
+    order: the reference's probabilities, except that top-p's cut is not renormalised."""
     uni = rp.uniform
     logits = logits / max(uni.temperature, 1e-5) if uni is not None else logits / rp.temperature
     if rp.k_max == 0:
-        return _inverse_cdf(logits.softmax(dim=-1), uniforms)[:, 0]
+        return logits.softmax(dim=-1)
     values, indices = torch.topk(logits, rp.k_max, dim=-1)  # (B, K) sorted descending
     if uni is not None:
         kth = values[:, uni.top_k - 1:uni.top_k] if 0 < uni.top_k < values.shape[1] else None
@@ -144,8 +150,7 @@ def sample_filtered(logits: torch.Tensor, rp: RowParams, uniforms: torch.Tensor)
         rank = torch.arange(rp.k_max, device=logits.device)
         weights = weights.masked_fill(rank >= n_keep, 0.0)
     # back to token-id order, so that a row's draw does not depend on K (i.e. on the other rows)
-    weights = torch.zeros_like(logits).scatter_(1, indices, weights)
-    return _inverse_cdf(weights, uniforms)[:, 0]
+    return torch.zeros_like(logits).scatter_(1, indices, weights)
 
 
 def sample_tokens(logits: torch.Tensor, rp: RowParams, scale: torch.Tensor | float, uniforms: torch.Tensor):

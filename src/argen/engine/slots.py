@@ -79,10 +79,11 @@ class _State:
         self.guided_rows = torch.zeros(n, 1, dtype=torch.bool, device=device)
         self.key_valid = torch.ones(rows, cache_len, dtype=torch.bool, device=device)
         self.out = torch.zeros(n, tokens, dtype=torch.long, device=device)
+        self.extra: tuple[torch.Tensor, ...] = ()  # a subclass's own per-slot tensors (moved with the slot)
 
     def per_slot(self):
         return (self.pos, self.step, self.live, self.uniforms, self.scales, self.temperature, self.top_k,
-                self.top_p, self.guided_rows, self.out)
+                self.top_p, self.guided_rows, self.out) + self.extra
 
     def per_row(self):
         return self.tokens, self.key_valid
@@ -148,9 +149,7 @@ class SlotDecoder:
         self._check_weights()
         with torch.inference_mode():
             self._decode()
-        for slot in self.slots:
-            slot.steps += 1
-            slot.pos += 1
+        self._advance()
         self.counters["decode_steps"] += 1
         self.counters["slot_steps"] += len(self.slots)
         return done + self._retire_finished()
@@ -175,6 +174,16 @@ class SlotDecoder:
         return [results[id(r)] for r in requests]
 
     # ------------------------------------------------------------------ internals
+    def _advance(self) -> None:
+        """Host-side bookkeeping after a step: every slot sampled one token."""
+        for slot in self.slots:
+            slot.steps += 1
+            slot.pos += 1
+
+    def _tokens(self, i: int, slot: _Slot) -> torch.Tensor:
+        """The finished slot i's (total,) tokens."""
+        return self.state.out[i, :slot.total]
+
     def _check_weights(self) -> None:
         signature = changed_weights(self.gpt, self.device, self._signature, "decoder")
         if signature is not None:
@@ -222,17 +231,23 @@ class SlotDecoder:
         rp = build_row_params(params, k, self.num_tokens, self.vocab_size, self.device)
         for name in ("temperature", "top_k", "top_p", "guided_rows", "scales"):
             getattr(st, name)[s] = getattr(rp, name)
-        for i, (r, total) in enumerate(zip(requests, totals)):
-            st.uniforms[first + i, :total] = torch.rand(total, generator=r.generator, device=self.device)
-        rp = self._row_params(k, first, params)
-        token = sample_filtered(combine_guidance_pairs(logits, rp, st.scales[s, :1]), rp, st.uniforms[s, 0])
-        st.out[s, 0] = token
-        st.tokens[r0:r1] = token.repeat_interleave(2)
+        self._start(requests, totals, first, logits)
         st.pos[s] = length
         st.step[s] = 1
         st.live[s] = 1
         self.slots.extend(_Slot(r, total, 1, length) for r, total in zip(requests, totals))
         self.counters["prefills"] += k
+
+    def _start(self, requests: list[SlotRequest], totals: list[int], first: int, logits: torch.Tensor) -> None:
+        """Sample the first token of the new slots [first, first + k) from their prefill logits (2k, V)."""
+        st, k = self.state, len(requests)
+        s = slice(first, first + k)
+        for i, (r, total) in enumerate(zip(requests, totals)):
+            st.uniforms[first + i, :total] = torch.rand(total, generator=r.generator, device=self.device)
+        rp = self._row_params(k, first, [r.params for r in requests])
+        token = sample_filtered(combine_guidance_pairs(logits, rp, st.scales[s, :1]), rp, st.uniforms[s, 0])
+        st.out[s, 0] = token
+        st.tokens[2 * first:2 * (first + k)] = token.repeat_interleave(2)
 
     def _row_params(self, n: int, first: int, params: Sequence[SamplingParams], k_bucket: int = 1,
                     static: bool = False) -> RowParams:
@@ -304,7 +319,7 @@ class SlotDecoder:
             for i in reversed(range(len(self.slots))):
                 slot = self.slots[i]
                 if slot.steps >= slot.total:
-                    done.append((slot.request, self.state.out[i, :slot.total].clone()))
+                    done.append((slot.request, self._tokens(i, slot).clone()))
                     self._free(i)
         done.reverse()
         return done

@@ -133,7 +133,8 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
                 "image_size": cfg.image_size, "tokens": cfg.num_image_tokens, **model, "accepts": service.accepts(),
                 "device": str(service.device), "queue_depth": service.queue_depth(),
                 "max_batch_size": limits.max_batch_size, "max_images_per_request": limits.max_images_per_request,
-                "max_body_bytes": limits.max_body_bytes}
+                "max_body_bytes": limits.max_body_bytes, "scheduler": limits.scheduler, "decode": limits.decode,
+                "window": limits.window}
 
     @app.get("/metrics")
     async def metrics():

@@ -7,10 +7,12 @@ Contract:
   exceed `max_queue`, `ShuttingDown` after `close()` began.
 - Every image has its own generator seeded with `image_seed(request seed, image index)` and its
   own `SamplingParams`, so a request's images do not depend on what else runs with them.
-- `scheduler="continuous"` (default): a `SlotDecoder` with `max_batch_size` slots. At every step
-  boundary the worker frees the slots of cancelled requests, admits the oldest queued images into
-  the free slots (prefill), runs one decode step of all active slots, and hands the images that
-  finished to decoding. A request waits only for a free slot, never for a whole batch.
+- `scheduler="continuous"` (default): a `SlotDecoder` with `max_batch_size` slots (with
+  `decode="jacobi"` a `JacobiSlotDecoder`, whose step is a Jacobi iteration of `window` positions
+  per slot). At every step boundary the worker frees the slots of cancelled requests, admits the
+  oldest queued images into the free slots (prefill), runs one decode step of all active slots, and
+  hands the images that finished to decoding. A request waits only for a free slot, never for a
+  whole batch.
 - `scheduler="static"`: the worker takes the oldest rows, waits up to `max_wait_ms` for more (never
   past `max_batch_size` images), and runs them as one `Engine.generate` call to the end.
 - With `overlap_decode` a decoder thread turns codes into PNGs while generation goes on; otherwise
@@ -46,6 +48,7 @@ from PIL import Image
 
 from argen.engine import Engine, decode_codes
 from argen.engine.jacobi import check_decode, jacobi_generate
+from argen.engine.jacobi_slots import JacobiSlotDecoder
 from argen.engine.slots import SlotDecoder, SlotRequest
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
@@ -76,16 +79,13 @@ class ServeConfig:
     overlap_decode: bool | None = None  # decode on a second thread meanwhile (None: continuous, or on CUDA)
     max_body_bytes: int = 32 << 20  # larger request bodies get 413 (16 captions of 120 x 2048 float32 as base64 fit)
     scheduler: str = "continuous"  # or "static" (batches run to the end); continuous: max_batch_size slots
-    decode: str = "ar"  # "jacobi": Jacobi decoding for every request (static scheduler only), `window` positions
+    decode: str = "ar"  # "jacobi": Jacobi decoding for every request, `window` positions per forward pass
     window: int | None = None
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise ArgenError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         object.__setattr__(self, "window", check_decode(self.decode, self.window))
-        if self.decode == "jacobi" and self.scheduler != "static":
-            raise ArgenError("--decode jacobi needs --scheduler static (a Jacobi iteration advances each image by "
-                             "its own number of tokens, which the one-token-per-step slot scheduler does not do)")
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "decode_chunk", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ArgenError(f"--{name.replace('_', '-')} must be >= 1")
@@ -160,7 +160,8 @@ class GenerationService:
         self.continuous = config.scheduler == "continuous"
         if self.continuous:
             self.engine = None
-            self.decoder = SlotDecoder(gpt, config.max_batch_size)
+            self.decoder = (SlotDecoder(gpt, config.max_batch_size) if config.decode == "ar" else
+                            JacobiSlotDecoder(gpt, config.max_batch_size, config.window))
         else:  # many sessions: every power-of-two batch size, guided or not, keeps its CUDA graphs
             self.engine = engine or Engine(gpt, max_batch=config.max_batch_size, max_sessions=16)
             self.decoder = None
@@ -522,6 +523,9 @@ class GenerationService:
                      "prefills_total": dec["prefills"], "decode_steps_total": steps,
                      "prefills_per_s": dec["prefills"] / uptime if uptime > 0 else 0.0,
                      "decode_steps_per_s": steps / uptime if uptime > 0 else 0.0}
+            if "drafted" in dec:  # Jacobi slots: a step advances a slot by 1 + its accepted drafts
+                slots.update(jacobi_drafted_total=dec["drafted"], jacobi_accepted_total=dec["accepted"],
+                             jacobi_acceptance=dec["accepted"] / dec["drafted"] if dec["drafted"] else None)
         else:
             slots = {"scheduler": "static"}
         percentiles = ({"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),

@@ -325,8 +325,8 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     ckpt.save(step)
     full = model_part.state_dict()
     ema_state = ema.state_dict() if ema is not None else None
-    result = {"out": str(out), "steps": step, "start_step": start_step, "final_loss": last_loss, "first_loss": first_loss,
-              "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main}
+    result = {"out": str(out), "steps": step, "start_step": start_step, "final_loss": last_loss,
+              "first_loss": first_loss, "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main}
     if info.is_main:
         extra = {"training": {"steps": step, "codes": str(cfg.codes), "ema": ema is not None},
                  "class_names": ds.class_names if gpt_cfg.kind == "c2i" else None}  # served by argen serve

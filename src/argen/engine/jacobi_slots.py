@@ -1,0 +1,123 @@
+"""`JacobiSlotDecoder`: continuous batching with speculative Jacobi decoding in every slot.
+
+Contract: the interface and slot layout of `argen.engine.slots.SlotDecoder` (admit between steps,
+`step()`, `cancel`, `run`; rows 2i / 2i + 1 are slot i's conditional and unconditional twins), but
+a step is one Jacobi iteration (`argen.engine.jacobi`) of every active slot: each slot feeds its
+`window` positions, verifies its drafts and advances by 1 to `window` tokens, so slots finish at
+their own pace and free slots are refilled at the next step boundary.
+
+- A slot's tokens are distributed exactly as autoregressive sampling with its own `SamplingParams`
+  (guidance scale, interval and schedule, temperature, top-k, top-p may differ per slot); with
+  top_k=1 they are the reference sampler's greedy tokens.
+- A slot draws its numbers from its request's generator in the order `jacobi_decode` draws them for
+  a row with `row_generators` (W + (W-1) V per iteration, prefill included), and its rows see only
+  their own cache rows, so its tokens do not depend on the other slots or on when it was admitted.
+- Eager on every device (no CUDA graphs): one host read per step (the accepted counts).
+
+`counters` adds "drafted" and "accepted" (drafts verified and kept) to the SlotDecoder's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from argen.engine.jacobi import DEFAULT_WINDOW, _random, _visible, check_decode, draft, shift_noise, verify
+from argen.engine.sampler import RowParams, combine_guidance_pairs, filtered_weights
+from argen.engine.slots import SlotDecoder, SlotRequest, _Slot
+from argen.models.gpt import GPT
+
+
+class JacobiSlotDecoder(SlotDecoder):
+    """`SlotDecoder` whose step is a Jacobi iteration of `window` positions per slot."""
+
+    def __init__(self, gpt: GPT, num_slots: int, window: int = DEFAULT_WINDOW, dtype: torch.dtype | None = None):
+        super().__init__(gpt, num_slots, cuda_graphs=False, dtype=dtype)
+        self.window = max(1, min(check_decode("jacobi", window), self.num_tokens - 1))
+        width, vocab, device = self.window, self.vocab_size, self.device
+        st = self.state
+        # accepted tokens, then the drafts
+        self.canvas = torch.zeros(num_slots, self.num_tokens + width, dtype=torch.long, device=device)
+        self.q = torch.zeros(num_slots, width - 1, vocab, device=device)  # the drafts' proposals
+        self.noise = torch.zeros(num_slots, width - 1, vocab, device=device)  # their Gumbel noise
+        self.accepted = torch.zeros(num_slots, dtype=torch.long, device=device)  # n: accepted tokens
+        st.extra = (self.canvas, self.q, self.noise, self.accepted)
+        self.steps = torch.arange(width, device=device)
+        self.counters.update(drafted=0, accepted=0)
+        self._verified: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ the SlotDecoder hooks
+    def _start(self, requests: list[SlotRequest], totals: list[int], first: int, logits: torch.Tensor) -> None:
+        """Token 0 and the first drafts of the new slots, from their prefill logits (2k, V)."""
+        k, width, vocab = len(requests), self.window, self.vocab_size
+        s = slice(first, first + k)
+        rp = self._row_params(k, first, [r.params for r in requests])
+        p = self._probs(logits[:, None], rp, self.state.scales[s, :1])  # (k, 1, V)
+        uniforms, noise = _random(k, width, vocab, self.device, None, [r.generator for r in requests],
+                                  torch.arange(k))
+        ones = torch.ones(k, dtype=torch.long, device=self.device)
+        q = p.new_zeros(k, width - 1, vocab)
+        _, token, q = verify(p.expand(k, width, vocab), ones, q[..., 0].long(), q, uniforms)
+        self.canvas[s] = 0
+        self.canvas[s, 0] = token
+        self.canvas[s, 1:width] = draft(q, noise)
+        self.q[s], self.noise[s] = q, noise
+        self.accepted[s] = 1
+
+    def _decode(self) -> None:
+        gpt, st = self.gpt, self.state
+        count, width, vocab, steps = len(self.slots), self.window, self.vocab_size, self.steps
+        rows = 2 * count
+        n = self.accepted[:count]
+        start = n.clamp(max=self.num_tokens - width)  # first token index the window predicts
+        offset = n - start  # > 0 only where the window was moved back at the end of the grid
+        length = width - offset
+        inputs = start[:, None] - 1 + steps  # (A, W) token index of each input
+        positions = (self.cond_len + inputs).repeat_interleave(2, dim=0)  # (2A, W): both twins of a slot
+        kv = self.cond_len + max(min(slot.steps, self.num_tokens - width) for slot in self.slots) + width - 1
+        canvas = self.canvas[:count]
+        h = gpt.embed_tokens(canvas.gather(1, inputs)).repeat_interleave(2, dim=0)  # (2A, W, C)
+        cache = [c[:, :rows] for c in st.cache]
+        logits = gpt.forward_cached(h, positions, cache, kv, _visible(st.key_valid[:rows], positions, kv))
+        rp = self._row_params(count, 0, [slot.request.params for slot in self.slots])
+        p = self._probs(logits, rp, st.scales[:count].gather(1, start[:, None] + steps))  # (A, W, V)
+        align = (offset[:, None] + steps).clamp(max=width - 1)
+        p = p.gather(1, align[..., None].expand(count, width, vocab))
+        drafts = canvas.gather(1, n[:, None] + steps[:width - 1])
+        uniforms, fresh = _random(count, width, vocab, self.device, None,
+                                  [slot.request.generator for slot in self.slots], torch.arange(count))
+        accepted, token, q = verify(p, length, drafts, self.q[:count], uniforms)
+        new = n + accepted
+        self.noise[:count] = shift_noise(self.noise[:count], fresh, accepted + 1)
+        self.q[:count] = q
+        canvas.scatter_(1, new[:, None], token[:, None])
+        canvas.scatter_(1, new[:, None] + 1 + steps[:width - 1], draft(q, self.noise[:count]))
+        self.accepted[:count] = new + 1
+        self._verified = (length - 1, accepted)
+
+    def _advance(self) -> None:
+        for slot, n in zip(self.slots, self.accepted[:len(self.slots)].tolist()):  # the step's one host read
+            slot.steps = n
+            slot.pos = self.cond_len + n - 1  # cache positions of the accepted tokens before the last
+        checked, kept = self._verified
+        self.counters["drafted"] += int(checked.sum())
+        self.counters["accepted"] += int(kept.sum())
+
+    def _tokens(self, i: int, slot: _Slot) -> torch.Tensor:
+        return self.canvas[i, :slot.total]
+
+    # ------------------------------------------------------------------ internals
+    def _probs(self, logits: torch.Tensor, rp: RowParams, scale: torch.Tensor) -> torch.Tensor:
+        """Interleaved twin logits (2A, T, V) and guidance scales (A, T) -> (A, T, V) final sampling
+        probabilities: guidance, temperature, top-k, top-p, each slot with its own settings."""
+        count, length, vocab = scale.shape[0], scale.shape[1], logits.shape[-1]
+        pairs = logits.float().view(count, 2, length, vocab).transpose(1, 2).reshape(2 * count * length, vocab)
+
+        def per_token(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat_interleave(length, dim=0)
+
+        rows = dataclasses.replace(rp, temperature=per_token(rp.temperature), top_k=per_token(rp.top_k),
+                                   top_p=per_token(rp.top_p), guided_rows=per_token(rp.guided_rows))
+        weights = filtered_weights(combine_guidance_pairs(pairs, rows, scale.reshape(-1, 1)), rows)
+        return (weights / weights.sum(dim=-1, keepdim=True)).view(count, length, vocab)
