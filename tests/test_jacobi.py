@@ -293,6 +293,30 @@ def test_jacobi_slots_cancel_max_new_tokens_and_windows():
     with pytest.raises(ArgenError, match="window"):
         JacobiSlotDecoder(model, 2, window=0)
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_jacobi_slots_on_gpu_pick_the_argmax_whenever_requests_join(kind):
+    """The Jacobi slot decoder on CUDA, float32 and bf16: every greedy token of every request is the
+    float32 model's guided argmax (bf16: up to bf16 rounding), whatever joined when."""
+    import copy
+
+    from test_engine import guided_gaps
+
+    model = tiny_gpt(kind, head_std=2.0, image_size=128).cuda()
+    settings = [dict(cfg_scale=3.0), dict(cfg_scale=1.0), dict(cfg_scale=2.0, temperature=0.7), dict(cfg_scale=3.0)]
+    for gpt, tolerance in ((model, 1e-3), (copy.deepcopy(model).to(torch.bfloat16), 0.08)):
+        requests = slot_requests(kind, settings, device="cuda")
+        decoder = JacobiSlotDecoder(gpt, 3, window=8)
+        results = run_staggered(decoder, requests, joins=[0, 2, 30, 31])
+        assert decoder.counters["accepted"] > 0
+        for r, settings_i in zip(requests, settings):
+            cond = r.cond[None].cuda()
+            mask = None if r.cond_mask is None else r.cond_mask[None].cuda()
+            gaps, spread = guided_gaps(model, cond, mask, results[r.tag][None], settings_i["cfg_scale"])
+            assert float(gaps.max()) <= tolerance * spread, (r.tag, float(gaps.max()), spread)
+
 # ---------------------------------------------------------------- command line
 def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
     from argen.cli.main import main
