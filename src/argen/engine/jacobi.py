@@ -45,6 +45,7 @@ what is inside the graph and what the host does between replays); the tokens are
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import OrderedDict
@@ -159,10 +160,58 @@ def draft(q: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (q.log() + noise).argmax(dim=-1)
 
 
-def _final_probs(logits: torch.Tensor, params: SamplingParams, scales: torch.Tensor, index: torch.Tensor,
-                 count: int) -> torch.Tensor:
-    """(R A, T, V) float32 logits of image tokens `index` (A, T) -> (A, T, V) sampling probabilities."""
+def open_window(p0: torch.Tensor, width: int, uniforms: torch.Tensor, noise: torch.Tensor):
+    """After the prefill: token 0 drawn from p0 (A, V), and the first drafts, tokens 1..W-1, drawn from
+    p0 as their proposal. Returns (token (A,), proposals q (A, W-1, V), drafts (A, W-1))."""
+    count, vocab = p0.shape
+    ones = torch.ones(count, dtype=torch.long, device=p0.device)
+    q = p0.new_zeros(count, width - 1, vocab)
+    _, token, q = verify(p0[:, None].expand(count, width, vocab), ones, q[..., 0].long(), q, uniforms)
+    return token, q, draft(q, noise)
+
+
+def iterate(gpt: GPT, canvas: torch.Tensor, n: torch.Tensor, q: torch.Tensor, noise: torch.Tensor,
+            uniforms: torch.Tensor, fresh: torch.Tensor, cache, key_valid: torch.Tensor, kv_len: int,
+            repeat_rows: Callable[[torch.Tensor], torch.Tensor],
+            probs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """One Jacobi iteration of A images (the module docstring's steps 1-4); graph-safe (no host reads).
+
+    canvas (A, N + W): accepted tokens, then the drafts; q, noise (A, W-1, V): the drafts' proposals
+    and Gumbel noise; canvas, q and noise are updated in place. n (A,): accepted tokens per image;
+    uniforms (A, W) and fresh Gumbel noise (A, W-1, V): this iteration's numbers. repeat_rows maps
+    (A, ...) to the cache's rows (the guidance twins); probs(logits (rows, W, V), token index (A, W))
+    gives the final sampling probabilities (A, W, V). Returns (the new n, drafts verified, drafts
+    accepted), each (A,).
+    """
+    cfg = gpt.config
+    width = q.shape[1] + 1
+    steps = torch.arange(width, device=canvas.device)
+    start = n.clamp(max=cfg.num_image_tokens - width)  # first token index the window predicts
+    offset = n - start  # > 0 only where the window was moved back at the end of the grid
+    length = width - offset  # p's from token n on
+    inputs = start[:, None] - 1 + steps  # (A, W) token index of each input
+    positions = repeat_rows(cfg.cond_len + inputs)  # (rows, W)
+    h = repeat_rows(gpt.embed_tokens(canvas.gather(1, inputs)))  # (rows, W, C)
+    logits = gpt.forward_cached(h, positions, cache, kv_len, _visible(key_valid, positions, kv_len))
+    p = probs(logits, start[:, None] + steps)  # (A, W, V)
+    align = (offset[:, None] + steps).clamp(max=width - 1)
+    p = p.gather(1, align[..., None].expand_as(p))
+    drafts = canvas.gather(1, n[:, None] + steps[:width - 1])
+    accepted, token, q_next = verify(p, length, drafts, q, uniforms)
+    new = n + accepted
+    noise.copy_(shift_noise(noise, fresh, accepted + 1))
+    q.copy_(q_next)
+    canvas.scatter_(1, new[:, None], token[:, None])
+    canvas.scatter_(1, new[:, None] + 1 + steps[:width - 1], draft(q, noise))
+    return new + 1, length - 1, accepted
+
+
+def _final_probs(params: SamplingParams, scales: torch.Tensor, logits: torch.Tensor,
+                 index: torch.Tensor) -> torch.Tensor:
+    """(R A, T, V) float32 logits (cond rows, then uncond) of image tokens `index` (A, T) -> (A, T, V)
+    sampling probabilities, guided with `scales` (N,) at each token's index."""
     if params.guided:
+        count = index.shape[0]
         cond, uncond = logits[:count], logits[count:]
         logits = guided_logits(cond, uncond, scales[index][..., None])
     return process_logits(logits, params.temperature, params.top_k, params.top_p).softmax(dim=-1)
@@ -175,8 +224,12 @@ def _random(count: int, width: int, vocab: int, device, generator, row_generator
         u = torch.rand(count, size, generator=generator, device=device)
     else:
         u = torch.stack([torch.rand(size, generator=row_generators[i], device=device) for i in slots.tolist()])
-    gumbel = -torch.log(-torch.log(u[:, width:].clamp(min=1e-30)))
-    return u[:, :width], gumbel.view(count, width - 1, vocab)
+    return u[:, :width], _gumbel(u[:, width:]).view(count, width - 1, vocab)
+
+
+def _gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise from U[0, 1) numbers."""
+    return -torch.log(-torch.log(u.clamp(min=1e-30)))
 
 
 def jacobi_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
@@ -249,29 +302,27 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
         key_valid[:, :cond_len] = key_mask
     scales = torch.tensor([guidance_scale_at(params, i, num_tokens) for i in range(num_tokens)],
                           dtype=torch.float32, device=device)
-    steps = torch.arange(width, device=device)
 
     # prefill: the condition prefix gives p_0; token 0 and the first drafts are drawn from it
     prefix_pos = torch.arange(cond_len, device=device).expand(rows.shape[0], cond_len)
     logits = gpt.forward_cached(gpt.embed_condition(rows), prefix_pos[0], cache, cond_len,
                                 _visible(key_valid, prefix_pos, cond_len))[:, -1:]
-    p = _final_probs(logits, params, scales, torch.zeros(batch, 1, dtype=torch.long, device=device), batch)
+    p = _final_probs(params, scales, logits, torch.zeros(batch, 1, dtype=torch.long, device=device))
     slots = torch.arange(batch, device=device)  # image id of each active slot
     uniforms, noise = _random(batch, width, vocab, device, generator, row_generators, slots)
-    ones = torch.ones(batch, dtype=torch.long, device=device)
-    q = p.new_zeros(batch, width - 1, vocab)
-    _, token, q = verify(p.expand(batch, width, vocab), ones, torch.zeros_like(q[..., 0], dtype=torch.long), q,
-                         uniforms)
-    drafts = draft(q, noise)
+    token, q, drafts = open_window(p[:, 0], width, uniforms, noise)
     canvas = torch.zeros(batch, num_tokens + width, dtype=torch.long, device=device)  # accepted, then drafts
     canvas[:, 0] = token
     canvas[:, 1:width] = drafts
-    n = ones.clone()  # accepted tokens per slot
+    n = torch.ones(batch, dtype=torch.long, device=device)  # accepted tokens per slot
     out = torch.empty(batch, max_new, dtype=torch.long, device=device)
     forwards = torch.ones(batch, dtype=torch.long)
     model_calls, drafted, accepted_total = 1, 0, 0
     done_before = 1
     progress(1)
+
+    def repeat_rows(x: torch.Tensor) -> torch.Tensor:  # cond rows, then their uncond twins
+        return x.repeat(twins, *[1] * (x.ndim - 1))
 
     while True:
         finished = n >= max_new
@@ -285,30 +336,13 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
             key_valid, canvas, q, n, slots = key_valid[row_keep], canvas[keep], q[keep], n[keep], slots[keep]
             noise = noise[keep]
         count = slots.shape[0]
-        start = n.clamp(max=num_tokens - width)  # first token index the window predicts
-        offset = n - start  # > 0 only where the window was moved back
-        length = width - offset  # p's from token n on
-        inputs = start[:, None] - 1 + steps  # (A, W) token index of each input
-        positions = (cond_len + inputs).repeat(twins, 1)  # (R A, W)
-        kv_len = int(positions.max()) + 1
-        h = gpt.embed_tokens(canvas.gather(1, inputs)).repeat(twins, 1, 1)  # (R A, W, C)
-        logits = gpt.forward_cached(h, positions, cache, kv_len, _visible(key_valid, positions, kv_len))
-        p = _final_probs(logits, params, scales, start[:, None] + steps, count)  # (A, W, V)
-        if bool((offset > 0).any()):
-            align = (offset[:, None] + steps).clamp(max=width - 1)
-            p = p.gather(1, align[..., None].expand(count, width, vocab))
-        drafts = canvas.gather(1, n[:, None] + steps[:width - 1])
+        kv_len = cond_len + int(n.clamp(max=num_tokens - width).max()) + width - 1
         uniforms, fresh = _random(count, width, vocab, device, generator, row_generators, slots)
-        accepted, token, q = verify(p, length, drafts, q, uniforms)
-        new = n + accepted
-        noise = shift_noise(noise, fresh, accepted + 1)
-        drafts = draft(q, noise)
-        canvas.scatter_(1, new[:, None], token[:, None])
-        canvas.scatter_(1, new[:, None] + 1 + steps[:width - 1], drafts)
-        n = new + 1
+        n, checked, accepted = iterate(gpt, canvas, n, q, noise, uniforms, fresh, cache, key_valid, kv_len,
+                                       repeat_rows, functools.partial(_final_probs, params, scales))
         forwards[slots.cpu()] += 1
         model_calls += 1
-        drafted += int((length - 1).sum())
+        drafted += int(checked.sum())
         accepted_total += int(accepted.sum())
         done_now = min(int(n.min()), max_new)
         if done_now > done_before:
@@ -399,8 +433,6 @@ class JacobiGraphs:
                 n=torch.ones(batch, dtype=torch.long, device=device),
                 live=torch.zeros(batch, dtype=torch.bool, device=device),
                 u=torch.full((batch, width + (width - 1) * vocab), 0.5, device=device),
-                keys=torch.arange(self.cache_len, device=device),
-                steps=torch.arange(width, device=device),
                 graphs={})
             self._sessions[key] = session
         self._sessions.move_to_end(key)
@@ -437,35 +469,15 @@ class JacobiGraphs:
 
     def _step(self, session: dict, params: SamplingParams, kv: int) -> None:
         """One fixed-shape iteration on the session's buffers (graph-safe: no host reads, no draws)."""
-        gpt = self.gpt
-        cfg = gpt.config
-        num_tokens, vocab, cond_len = cfg.num_image_tokens, cfg.vocab_size, cfg.cond_len
-        canvas, q, noise, n, live, u, steps = (session[k] for k in ("canvas", "q", "noise", "n", "live", "u", "steps"))
-        count, width = canvas.shape[0], steps.shape[0]
+        canvas, q, noise, n, live, u = (session[k] for k in ("canvas", "q", "noise", "n", "live", "u"))
+        count, width = canvas.shape[0], q.shape[1] + 1
         twins = session["key_valid"].shape[0] // count
         cur = torch.where(live, n, torch.ones_like(n))  # parked rows re-run the window at token 1
-        start = cur.clamp(max=num_tokens - width)
-        offset = cur - start
-        length = width - offset
-        inputs = start[:, None] - 1 + steps  # (A, W)
-        positions = (cond_len + inputs).repeat(twins, 1)  # (R A, W)
-        visible = (session["keys"][:kv] <= positions[..., None]) & session["key_valid"][:, None, :kv]
-        visible |= session["keys"][:kv] == positions[..., None]
-        h = gpt.embed_tokens(canvas.gather(1, inputs)).repeat(twins, 1, 1)  # (R A, W, C)
-        logits = gpt.forward_cached(h, positions, session["cache"], kv, visible[:, None])
-        p = _final_probs(logits, params, session["scales"], start[:, None] + steps, count)  # (A, W, V)
-        align = (offset[:, None] + steps).clamp(max=width - 1)
-        p = p.gather(1, align[..., None].expand(count, width, vocab))
-        drafts = canvas.gather(1, cur[:, None] + steps[:width - 1])
-        uniforms = u[:, :width]
-        fresh = -torch.log(-torch.log(u[:, width:].clamp(min=1e-30))).view(count, width - 1, vocab)
-        accepted, token, q_next = verify(p, length, drafts, q, uniforms)
-        new = cur + accepted
-        noise.copy_(shift_noise(noise, fresh, accepted + 1))
-        q.copy_(q_next)
-        canvas.scatter_(1, new[:, None], token[:, None])
-        canvas.scatter_(1, new[:, None] + 1 + steps[:width - 1], draft(q, noise))
-        n.copy_(torch.where(live, new + 1, n))
+        fresh = _gumbel(u[:, width:]).view(count, width - 1, -1)
+        new, _, _ = iterate(self.gpt, canvas, cur, q, noise, u[:, :width], fresh, session["cache"],
+                            session["key_valid"], kv, lambda x: x.repeat(twins, *[1] * (x.ndim - 1)),
+                            functools.partial(_final_probs, params, session["scales"]))
+        n.copy_(torch.where(live, new, n))
 
 
 class _Uncaptured:
@@ -502,17 +514,14 @@ def _decode_graphs(decoder: JacobiGraphs, gpt, rows, key_mask, params, width, tw
     prefix_pos = torch.arange(cond_len, device=device).expand(rows.shape[0], cond_len)
     logits = gpt.forward_cached(gpt.embed_condition(rows), prefix_pos[0], session["cache"], cond_len,
                                 _visible(key_valid, prefix_pos, cond_len))[:, -1:]
-    p = _final_probs(logits, params, scales, torch.zeros(padded, 1, dtype=torch.long, device=device), padded)
+    p = _final_probs(params, scales, logits, torch.zeros(padded, 1, dtype=torch.long, device=device))
     real = torch.arange(batch, device=device)
     uniforms, noise = _random(batch, width, vocab, device, generator, row_generators, real)
-    ones = torch.ones(batch, dtype=torch.long, device=device)
-    q = p.new_zeros(batch, width - 1, vocab)
-    _, token, q = verify(p[:batch].expand(batch, width, vocab), ones, torch.zeros_like(q[..., 0], dtype=torch.long),
-                         q, uniforms)
+    token, q, drafts = open_window(p[:batch, 0], width, uniforms, noise)
     canvas = session["canvas"]
     canvas.zero_()
     canvas[:batch, 0] = token
-    canvas[:batch, 1:width] = draft(q, noise)
+    canvas[:batch, 1:width] = drafts
     session["q"][:batch] = q
     session["noise"][:batch] = noise
     session["n"].fill_(1)

@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from argen.engine.jacobi import DEFAULT_WINDOW, _random, _visible, check_decode, draft, shift_noise, verify
+from argen.engine.jacobi import DEFAULT_WINDOW, _random, check_decode, iterate, open_window
 from argen.engine.sampler import RowParams, combine_guidance_pairs, filtered_weights
 from argen.engine.slots import SlotDecoder, SlotRequest, _Slot
 from argen.models.gpt import GPT
@@ -43,7 +43,6 @@ class JacobiSlotDecoder(SlotDecoder):
         self.noise = torch.zeros(num_slots, width - 1, vocab, device=device)  # their Gumbel noise
         self.accepted = torch.zeros(num_slots, dtype=torch.long, device=device)  # n: accepted tokens
         st.extra = (self.canvas, self.q, self.noise, self.accepted)
-        self.steps = torch.arange(width, device=device)
         self.counters.update(drafted=0, accepted=0)
         self._verified: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -56,45 +55,27 @@ class JacobiSlotDecoder(SlotDecoder):
         p = self._probs(logits[:, None], rp, self.state.scales[s, :1])  # (k, 1, V)
         uniforms, noise = _random(k, width, vocab, self.device, None, [r.generator for r in requests],
                                   torch.arange(k))
-        ones = torch.ones(k, dtype=torch.long, device=self.device)
-        q = p.new_zeros(k, width - 1, vocab)
-        _, token, q = verify(p.expand(k, width, vocab), ones, q[..., 0].long(), q, uniforms)
+        token, q, drafts = open_window(p[:, 0], width, uniforms, noise)
         self.canvas[s] = 0
         self.canvas[s, 0] = token
-        self.canvas[s, 1:width] = draft(q, noise)
+        self.canvas[s, 1:width] = drafts
         self.q[s], self.noise[s] = q, noise
         self.accepted[s] = 1
 
     def _decode(self) -> None:
-        gpt, st = self.gpt, self.state
-        count, width, vocab, steps = len(self.slots), self.window, self.vocab_size, self.steps
-        rows = 2 * count
-        n = self.accepted[:count]
-        start = n.clamp(max=self.num_tokens - width)  # first token index the window predicts
-        offset = n - start  # > 0 only where the window was moved back at the end of the grid
-        length = width - offset
-        inputs = start[:, None] - 1 + steps  # (A, W) token index of each input
-        positions = (self.cond_len + inputs).repeat_interleave(2, dim=0)  # (2A, W): both twins of a slot
+        st, count, width = self.state, len(self.slots), self.window
         kv = self.cond_len + max(min(slot.steps, self.num_tokens - width) for slot in self.slots) + width - 1
-        canvas = self.canvas[:count]
-        h = gpt.embed_tokens(canvas.gather(1, inputs)).repeat_interleave(2, dim=0)  # (2A, W, C)
-        cache = [c[:, :rows] for c in st.cache]
-        logits = gpt.forward_cached(h, positions, cache, kv, _visible(st.key_valid[:rows], positions, kv))
-        rp = self._row_params(count, 0, [slot.request.params for slot in self.slots])
-        p = self._probs(logits, rp, st.scales[:count].gather(1, start[:, None] + steps))  # (A, W, V)
-        align = (offset[:, None] + steps).clamp(max=width - 1)
-        p = p.gather(1, align[..., None].expand(count, width, vocab))
-        drafts = canvas.gather(1, n[:, None] + steps[:width - 1])
-        uniforms, fresh = _random(count, width, vocab, self.device, None,
+        uniforms, fresh = _random(count, width, self.vocab_size, self.device, None,
                                   [slot.request.generator for slot in self.slots], torch.arange(count))
-        accepted, token, q = verify(p, length, drafts, self.q[:count], uniforms)
-        new = n + accepted
-        self.noise[:count] = shift_noise(self.noise[:count], fresh, accepted + 1)
-        self.q[:count] = q
-        canvas.scatter_(1, new[:, None], token[:, None])
-        canvas.scatter_(1, new[:, None] + 1 + steps[:width - 1], draft(q, self.noise[:count]))
-        self.accepted[:count] = new + 1
-        self._verified = (length - 1, accepted)
+        rp = self._row_params(count, 0, [slot.request.params for slot in self.slots])
+        scales = st.scales[:count]
+        n, checked, accepted = iterate(
+            self.gpt, self.canvas[:count], self.accepted[:count], self.q[:count], self.noise[:count], uniforms, fresh,
+            [c[:, :2 * count] for c in st.cache], st.key_valid[:2 * count], kv,
+            lambda x: x.repeat_interleave(2, dim=0),  # rows 2i, 2i + 1: slot i's twins
+            lambda logits, index: self._probs(logits, rp, scales.gather(1, index)))
+        self.accepted[:count] = n
+        self._verified = (checked, accepted)
 
     def _advance(self) -> None:
         for slot, n in zip(self.slots, self.accepted[:len(self.slots)].tolist()):  # the step's one host read
