@@ -19,7 +19,7 @@
   the slot decoder (admitting between steps) and by static batches (whatever waits, up to --slots,
   generated together, padded to --slots rows so that no graph is re-captured while timing); latency
   p50/p99 from arrival to tokens on the host and images/s, bounded by --requests and --duration;
-  and the closed-loop batch through `JacobiSlotDecoder` (window --jacobi-window, eager).
+  and the closed-loop batch through `JacobiSlotDecoder` (window --jacobi-window; first call with capture).
 - jacobi: `jacobi_decode` against plain decoding (`argen.generate`) on the device, random weights
   (acceptance says nothing about trained models; the cost of a W-token verify forward is the point),
   --images images x --tokens tokens, cfg 4.0, top-k 2000; first call and best of two.
@@ -205,7 +205,7 @@ def stage_slots(args) -> int:
     result["static_first_s"] = timed(lambda: static(batch))
     result["slots_batch_s"] = min(timed(lambda: decoder.run([request(s) for s in batch])) for _ in range(2))
     result["static_batch_s"] = min(timed(lambda: static(batch)) for _ in range(2))
-    jacobi = JacobiSlotDecoder(gpt, slots, window=args.jacobi_window)  # eager: random weights, the step's cost
+    jacobi = JacobiSlotDecoder(gpt, slots, window=args.jacobi_window)  # random weights: the step cost counts
     result["jacobi_slots_first_s"] = timed(lambda: jacobi.run([request(s) for s in batch]))
     result["jacobi_slots_batch_s"] = timed(lambda: jacobi.run([request(s) for s in batch]))
     result["jacobi_slots_counters"] = dict(jacobi.counters)

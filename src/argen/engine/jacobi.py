@@ -473,7 +473,7 @@ class JacobiGraphs:
         count, width = canvas.shape[0], q.shape[1] + 1
         twins = session["key_valid"].shape[0] // count
         cur = torch.where(live, n, torch.ones_like(n))  # parked rows re-run the window at token 1
-        fresh = _gumbel(u[:, width:]).view(count, width - 1, -1)
+        fresh = _gumbel(u[:, width:]).view(count, width - 1, q.shape[2])
         new, _, _ = iterate(self.gpt, canvas, cur, q, noise, u[:, :width], fresh, session["cache"],
                             session["key_valid"], kv, lambda x: x.repeat(twins, *[1] * (x.ndim - 1)),
                             functools.partial(_final_probs, params, session["scales"]))

@@ -261,9 +261,22 @@ class SlotDecoder:
         return RowParams(st.temperature[s], st.top_k[s], st.top_p[s], st.guided_rows[s], st.scales[s], guided=True,
                          all_guided=all_guided, k_max=k_max, use_top_p=use_top_p, uniform=uniform)
 
+    def _kv_len(self) -> int:
+        """Cache slots the next step attends over (before bucketing)."""
+        return max(slot.pos for slot in self.slots) + 1
+
+    def _before_step(self) -> None:
+        """Host work before a step (eager or replayed): none here; the uniforms are pre-drawn."""
+
+    def _step_state(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a step changes (besides the cache), put back after a capture."""
+        st = self.state
+        return st.tokens, st.pos, st.step, st.out
+
     def _decode(self) -> None:
         params = [slot.request.params for slot in self.slots]
-        kv = max(slot.pos for slot in self.slots) + 1
+        kv = self._kv_len()
+        self._before_step()
         if not self.use_graphs:
             self._decode_step(len(self.slots), kv, self._row_params(len(self.slots), 0, params))
             return
@@ -297,11 +310,11 @@ class SlotDecoder:
     def _capture(self, kv: int, rp: RowParams):
         """A graph of the all-slots step for this kv bucket and these static facts (the state it
         changes is put back afterwards, so capturing mid-run is safe)."""
-        st = self.state
-        saved = [t.clone() for t in (st.tokens, st.pos, st.step, st.out)]
+        changed = self._step_state()
+        saved = [t.clone() for t in changed]
 
         def restore():
-            for t, copy in zip((st.tokens, st.pos, st.step, st.out), saved):
+            for t, copy in zip(changed, saved):
                 t.copy_(copy)
 
         def run():
