@@ -89,6 +89,13 @@ def test_failure_tracker_counts_and_stops(odd_folder, caplog):
         tracker.fail(source, reason)
     assert tracker.summary()["skipped"] == 3
     assert "truncated.png" in caplog.text
+    assert tracker.skipped_message().startswith("skipped 3 unreadable images: ")
+    one = FailureTracker(max_fraction=1.0, min_count=100, what="captions")
+    one.fail("row 7", "bad")
+    assert one.skipped_message() == "skipped 1 unreadable caption: row 7"
+    for i in range(11):
+        one.fail(f"row {i}", "bad")
+    assert one.skipped_message().endswith("row 8 and 2 more")
     strict = FailureTracker(max_fraction=0.2, min_count=1)
     strict.ok(5)
     with pytest.raises(ArgenError, match="failed to load"):

@@ -208,7 +208,7 @@ def extract_codes(model, dataset, out_dir: str | Path, image_size: int, ten_crop
         raise ArgenError(f"shards {missing[:5]} of {out_dir} are not finished; rerun extract-codes")
     index = writer.finalize()
     if tracker.failed:
-        log.warning("skipped %d unreadable images: %s", tracker.failed, ", ".join(tracker.skipped[:10]))
+        log.warning(tracker.skipped_message())
     return index
 
 
@@ -359,7 +359,7 @@ def _extract_shard_codes(model, dataset: ShardDataset, out_dir, image_size, ten_
         index["num_classes"] = max(tops) + 1 if tops else None
     atomic_write_json(out_dir / "index.json", index)
     if tracker.failed:
-        log.warning("skipped %d unreadable samples: %s", tracker.failed, ", ".join(tracker.skipped[:10]))
+        log.warning(tracker.skipped_message())
     return index
 
 

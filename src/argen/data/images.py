@@ -102,3 +102,9 @@ class FailureTracker:
 
     def summary(self) -> dict:
         return {"tried": self.tried, "skipped": self.failed, "skipped_paths": self.skipped[:100]}
+
+    def skipped_message(self) -> str:
+        """'skipped 3 unreadable images: a, b, c' (the first ten named)."""
+        what = self.what[:-1] if self.failed == 1 and self.what.endswith("s") else self.what
+        more = f" and {self.failed - 10} more" if self.failed > 10 else ""
+        return f"skipped {self.failed} unreadable {what}: {', '.join(self.skipped[:10])}{more}"
