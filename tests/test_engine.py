@@ -684,6 +684,14 @@ def slot_requests(kind: str, settings, top_k: int = 1, seed: int = 1, device: st
     return out
 
 
+def assert_greedy_reference(model, requests, settings, results: dict) -> None:
+    """Each request's tokens (results by tag) are the reference sampler's greedy tokens."""
+    for r, s in zip(requests, settings):
+        expected = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
+                                      top_k=1, **s)[0]
+        assert torch.equal(results[r.tag], expected), (r.tag, s)
+
+
 def run_staggered(decoder: SlotDecoder, requests, joins) -> dict:
     """Admit request i at step joins[i] (or later, when no slot is free); tokens by tag."""
     pending = sorted(zip(joins, range(len(requests))))
@@ -708,10 +716,7 @@ def test_slots_greedy_equals_reference_whenever_a_request_joins(kind, graphs):
     decoder = SlotDecoder(model, 3, cuda_graphs=graphs, kv_bucket=8)
     results = run_staggered(decoder, requests, joins=[0, 0, 2, 3, 5, 9, 9])
     assert decoder.active == 0 and decoder.free == 3
-    for r, s in zip(requests, SLOT_SETTINGS):
-        expected = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
-                                      top_k=1, **s)[0]
-        assert torch.equal(results[r.tag], expected), (r.tag, s)
+    assert_greedy_reference(model, requests, SLOT_SETTINGS, results)
 
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
@@ -777,10 +782,7 @@ def test_captured_slot_graphs_replay_to_the_reference_tokens(kind, simulated_cud
     results = run_staggered(decoder, requests, joins=[0, 3, 20, 21, 40])
     assert _SimGraph.created == len(decoder.graphs) >= 3
     assert {c["capture_error_mode"] for c in _SimCapture.calls} == {"thread_local"}
-    for r, s in zip(requests, SLOT_SETTINGS):
-        expected = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
-                                      top_k=1, **s)[0]
-        assert torch.equal(results[r.tag], expected), (r.tag, s)
+    assert_greedy_reference(model, requests, SLOT_SETTINGS, results)
 
 
 @pytest.mark.gpu

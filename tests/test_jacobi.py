@@ -20,7 +20,7 @@ from argen.engine.slots import SlotRequest
 from argen.models.gpt import GPT, gpt_config
 from argen.sampling import SamplingParams, guidance_scale_at, guided_logits, process_logits, reference_generate
 from argen.utils.errors import ArgenError
-from test_engine import SLOT_SETTINGS, condition, run_staggered, slot_requests, tiny_gpt  # shared with the engine tests
+from test_engine import SLOT_SETTINGS, assert_greedy_reference, condition, run_staggered, slot_requests, tiny_gpt
 
 GREEDY_SETTINGS = [
     dict(),
@@ -225,10 +225,7 @@ def test_jacobi_slots_greedy_equals_reference_whenever_a_request_joins(kind):
     assert decoder.active == 0 and decoder.free == 3
     accepted = decoder.counters["accepted"]
     assert accepted > 0 and decoder.counters["slot_steps"] == 7 * 63 - accepted  # 1 + accepted tokens a step
-    for r, settings in zip(requests, SLOT_SETTINGS):
-        expected = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
-                                      top_k=1, **settings)[0]
-        assert torch.equal(results[r.tag], expected), (r.tag, settings)
+    assert_greedy_reference(model, requests, SLOT_SETTINGS, results)
 
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
@@ -474,10 +471,7 @@ def test_captured_jacobi_slot_step_replays_like_the_eager_slots(kind, simulated_
     decoder._capture_on_device = True  # what a CUDA device does
     results = run_staggered(decoder, requests, joins=[0, 3, 20, 21, 40])
     assert _SimGraph.created == len(decoder.graphs) >= 3
-    for r, settings in zip(requests, SLOT_SETTINGS):
-        expected = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
-                                      top_k=1, **settings)[0]
-        assert torch.equal(results[r.tag], expected), (r.tag, settings)
+    assert_greedy_reference(model, requests, SLOT_SETTINGS, results)
 
     sampled = [dict(cfg_scale=2.0, top_p=0.9), dict(temperature=1.3), dict(cfg_scale=4.0, cfg_interval=3)]
     runs = []
