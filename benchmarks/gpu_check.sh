@@ -13,7 +13,8 @@
 #   sample     benchmarks/gpu_stages.py sample-eval: `argen sample-batch` (GPT-B 256 px + VQ-16, random
 #              weights, 64 images, bf16) then `argen evaluate --inception random` against the demo images
 #   slots      benchmarks/gpu_stages.py slots: SlotDecoder (continuous batching) vs static batches of 16,
-#              GPT-B 256 px, closed loop then 48 Poisson arrivals at 0.8 x the static capacity
+#              GPT-B 256 px, closed loop then 48 Poisson arrivals at 0.8 x the static capacity; and
+#              the closed loop through JacobiSlotDecoder (W=8, captured)
 #   jacobi     benchmarks/gpu_stages.py jacobi: Jacobi decoding W=4,8 vs plain, GPT-B 256 px random
 #              weights, 8 images x 64 tokens
 #   reference_xl  as reference, GPT-XL, on the time that is left (compilation is the longest item)
