@@ -133,7 +133,7 @@ D=()
 run_stage train 60 "$PY" "$S" train "${D[@]}" --steps 12 --json "$WORK/train.json"
 run_stage sample "$([ "$DRY" = 1 ] && echo 150 || echo 70)" "$PY" "$S" sample-eval "${D[@]}" --work "$WORK/sample" --num-samples 64 --batch-size 32 \
   --json "$WORK/sample.json"
-run_stage slots "$([ "$DRY" = 1 ] && echo 90 || echo 45)" "$PY" "$S" slots "${D[@]}" --slots 16 --requests 48 --duration 20 --json "$WORK/slots.json"
+run_stage slots "$([ "$DRY" = 1 ] && echo 90 || echo 60)" "$PY" "$S" slots "${D[@]}" --slots 16 --requests 48 --duration 20 --json "$WORK/slots.json"
 if [ "$DRY" = 1 ]; then
   run_stage jacobi 40 "$PY" "$S" jacobi --dry --images 2 --tokens 8 --windows 4 --json "$WORK/jacobi.json"
 else
