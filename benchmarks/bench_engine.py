@@ -16,8 +16,9 @@ its reference run when it would not fit) once that many seconds are spent on it;
 skips the workloads that would start after it. --json is rewritten after every workload, so a run
 killed midway still leaves its finished rows.
 
-CPU mode: GPT-tiny/mini/small, batch 8 with guidance (cfg 4.0, top-k 100), float32; engine and
-reference alternate and the best of --repeats is kept (the machine may be shared).
+CPU mode: GPT-tiny/mini/small, batch 8 with guidance (cfg 4.0, top-k 100), float32 (`--dtype bf16`:
+both in bfloat16); engine and reference alternate and the best of --repeats is kept (the machine may
+be shared).
 Random weights give the same cost as trained ones: every step does the same work.
 """
 
@@ -189,6 +190,8 @@ def release(device) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="CPU mode with small configs (float32)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="CPU mode: weights and cache dtype of engine and reference (default fp32)")
     parser.add_argument("--models", default=None, help="comma-separated configs (default by mode)")
     parser.add_argument("--sizes", default=None, help="comma-separated image sizes (GPU default 256,384)")
     parser.add_argument("--batches", default=None, help="comma-separated images per batch (GPU default 8,64)")
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
     global CLOCK
     CLOCK = CLOCKS[args.clock]
     if args.cpu:
-        device, dtype = torch.device("cpu"), torch.float32
+        device, dtype = torch.device("cpu"), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         torch.set_num_threads(args.threads)
         models = (args.models or "GPT-tiny,GPT-mini,GPT-small").split(",")
         sizes = [None] if args.sizes is None else [int(s) for s in args.sizes.split(",")]
