@@ -206,6 +206,11 @@ def iterate(gpt: GPT, canvas: torch.Tensor, n: torch.Tensor, q: torch.Tensor, no
     return new + 1, length - 1, accepted
 
 
+def _stacked_twins(twins: int, x: torch.Tensor) -> torch.Tensor:
+    """(A, ...) -> (twins A, ...): the rows of the cond images, then those of their uncond twins."""
+    return x.repeat(twins, *[1] * (x.ndim - 1))
+
+
 def _final_probs(params: SamplingParams, scales: torch.Tensor, logits: torch.Tensor,
                  index: torch.Tensor) -> torch.Tensor:
     """(R A, T, V) float32 logits (cond rows, then uncond) of image tokens `index` (A, T) -> (A, T, V)
@@ -321,9 +326,6 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
     done_before = 1
     progress(1)
 
-    def repeat_rows(x: torch.Tensor) -> torch.Tensor:  # cond rows, then their uncond twins
-        return x.repeat(twins, *[1] * (x.ndim - 1))
-
     while True:
         finished = n >= max_new
         if bool(finished.any()):
@@ -339,7 +341,8 @@ def _decode(gpt, cond, cond_mask, params, window, generator, row_generators, max
         kv_len = cond_len + int(n.clamp(max=num_tokens - width).max()) + width - 1
         uniforms, fresh = _random(count, width, vocab, device, generator, row_generators, slots)
         n, checked, accepted = iterate(gpt, canvas, n, q, noise, uniforms, fresh, cache, key_valid, kv_len,
-                                       repeat_rows, functools.partial(_final_probs, params, scales))
+                                       functools.partial(_stacked_twins, twins),
+                                       functools.partial(_final_probs, params, scales))
         forwards[slots.cpu()] += 1
         model_calls += 1
         drafted += int(checked.sum())
@@ -475,7 +478,7 @@ class JacobiGraphs:
         cur = torch.where(live, n, torch.ones_like(n))  # parked rows re-run the window at token 1
         fresh = _gumbel(u[:, width:]).view(count, width - 1, q.shape[2])
         new, _, _ = iterate(self.gpt, canvas, cur, q, noise, u[:, :width], fresh, session["cache"],
-                            session["key_valid"], kv, lambda x: x.repeat(twins, *[1] * (x.ndim - 1)),
+                            session["key_valid"], kv, functools.partial(_stacked_twins, twins),
                             functools.partial(_final_probs, params, session["scales"]))
         n.copy_(torch.where(live, new, n))
 
