@@ -32,6 +32,7 @@ def test_shipped_classifier_matches_its_record_on_validation_images():
     assert math.isnan(per_class[2]) and info["val_accuracy_per_class"][2] is None  # no "Component" emoji in val
 
 
+@pytest.mark.repro
 def test_predictions_do_not_depend_on_the_batch():
     model, _ = load_demo_classifier()
     images = DemoDataset("val").images[:40]

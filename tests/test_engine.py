@@ -87,6 +87,7 @@ def test_engine_notices_changed_weights():
     assert not torch.equal(before, after)
 
 
+@pytest.mark.repro
 def test_per_row_params_match_rows_run_alone():
     model = tiny_gpt("t2i", seed=5)
     cond, mask = condition("t2i", batch=3)
@@ -100,6 +101,7 @@ def test_per_row_params_match_rows_run_alone():
         assert torch.equal(together[i:i + 1], alone), f"row {i}"
 
 
+@pytest.mark.repro
 def test_row_generators_make_rows_independent_of_the_batch():
     model = tiny_gpt("c2i")
     engine = Engine(model)
@@ -213,15 +215,31 @@ def test_later_step_distribution_matches_reference():
 
 
 # --------------------------------------------------------------------------- decoding
-def test_decode_codes_in_chunks_equals_one_batch():
+@pytest.mark.repro
+def test_decode_codes_gives_the_same_bytes_for_any_batch():
+    """An image's pixels depend only on its codes: the decoder always runs at the fixed micro-batch."""
     torch.manual_seed(0)
     tokenizer = VQModel(vq_config("VQ-tiny")).eval()
     codes = torch.randint(0, 512, (5, 16))
-    chunked = decode_codes(tokenizer, codes, chunk=2)
-    whole = decode_codes(tokenizer, codes, chunk=16)
-    assert chunked.shape == (5, 4 * tokenizer.downsample, 4 * tokenizer.downsample, 3)
-    assert chunked.dtype == np.uint8
-    assert np.abs(chunked.astype(int) - whole.astype(int)).max() <= 1
+    whole = decode_codes(tokenizer, codes, micro_batch=2)
+    assert whole.shape == (5, 4 * tokenizer.downsample, 4 * tokenizer.downsample, 3)
+    assert whole.dtype == np.uint8
+    for i in range(5):
+        assert np.array_equal(decode_codes(tokenizer, codes[i:i + 1], micro_batch=2)[0], whole[i])
+    assert np.array_equal(decode_codes(tokenizer, codes[[3, 0]], micro_batch=2), whole[[3, 0]])
+    assert np.array_equal(decode_codes(tokenizer, codes), np.concatenate(
+        [decode_codes(tokenizer, codes[i:i + 1]) for i in range(5)]))
+
+
+def test_decode_codes_pads_the_last_micro_batch(monkeypatch):
+    tokenizer = VQModel(vq_config("VQ-tiny")).eval()
+    seen = []
+    real = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda c: seen.append(c.shape[0]) or real(c))
+    decode_codes(tokenizer, torch.randint(0, 512, (5, 16)), micro_batch=4)
+    assert seen == [4, 4]
+    with pytest.raises(ArgenError, match="micro-batch"):
+        decode_codes(tokenizer, torch.randint(0, 512, (1, 16)), micro_batch=0)
 
 
 def test_bf16_engine_on_cpu_tracks_the_float32_reference():
@@ -705,6 +723,7 @@ def run_staggered(decoder: SlotDecoder, requests, joins) -> dict:
     return results
 
 
+@pytest.mark.repro
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "fixed-slots"])
 def test_slots_greedy_equals_reference_whenever_a_request_joins(kind, graphs):
@@ -719,6 +738,7 @@ def test_slots_greedy_equals_reference_whenever_a_request_joins(kind, graphs):
     assert_greedy_reference(model, requests, SLOT_SETTINGS, results)
 
 
+@pytest.mark.repro
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
 def test_slot_sampling_equals_the_engine_with_the_same_seed_whatever_else_runs(kind):
     """Sampled images (top-k, top-p, temperature, guidance) with a request's own generator are the

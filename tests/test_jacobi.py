@@ -92,6 +92,7 @@ def test_progress_adds_up_to_the_tokens_of_each_chunk():
     assert sum(steps) == 27 and all(s >= 1 for s in steps)
 
 
+@pytest.mark.repro
 def test_row_generators_make_an_image_independent_of_its_batch():
     model = tiny_gpt("t2i", seed=2)
     cond, mask = condition("t2i", batch=4)
@@ -214,6 +215,7 @@ def test_drafts_that_stay_in_the_window_for_many_iterations_keep_the_exact_distr
 
 
 # ---------------------------------------------------------------- continuous batching (JacobiSlotDecoder)
+@pytest.mark.repro
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
 def test_jacobi_slots_greedy_equals_reference_whenever_a_request_joins(kind):
     """Mixed guidance settings per slot, requests joining at different steps, slots retiring at their
@@ -228,6 +230,7 @@ def test_jacobi_slots_greedy_equals_reference_whenever_a_request_joins(kind):
     assert_greedy_reference(model, requests, SLOT_SETTINGS, results)
 
 
+@pytest.mark.repro
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
 def test_jacobi_slots_sample_like_jacobi_decode_with_the_same_seed_whatever_else_runs(kind):
     """A sampled request's tokens (its own generator) are the same alone, in a crowd that joins at other

@@ -79,6 +79,7 @@ def png(b64: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------- the official client
+@pytest.mark.repro
 def test_official_openai_client_gets_decodable_pngs(checkpoints):
     openai = pytest.importorskip("openai")
     with live_server(make_app(checkpoints)) as url:
@@ -123,6 +124,7 @@ def generations(client, **body):
     return client.post("/v1/images/generations", json=body)
 
 
+@pytest.mark.repro
 def test_images_equal_the_argen_request_they_stand_for(client, checkpoints):
     r = generations(client, prompt="Food & Drink", n=2, seed=5, top_k=1, cfg_scale=3.0)
     assert r.status_code == 200, r.text

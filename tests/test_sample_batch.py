@@ -50,6 +50,7 @@ def load(path):
         return {k: data[k] for k in data.files}
 
 
+@pytest.mark.repro
 def test_same_images_whatever_the_world_size(tmp_path, models):
     single = load(sample_batch(*models, config(), tmp_path / "one", progress=False))
     for rank in (2, 1):
@@ -110,6 +111,7 @@ def test_class_balanced_labels_and_class_range(tmp_path, models):
         sample_batch(*models, config(num_classes=11), tmp_path, progress=False)
 
 
+@pytest.mark.repro
 def test_images_do_not_depend_on_the_batch_size_and_the_seed_rule_is_recorded(tmp_path, models):
     three = load(sample_batch(*models, config(), tmp_path / "b3", progress=False))
     five = load(sample_batch(*models, config(batch_size=5), tmp_path / "b5", progress=False))
@@ -293,6 +295,7 @@ def test_schedules_reach_sample_batch(tmp_path, models):
     assert json.loads((tmp_path / "l" / "config.json").read_text())["config"]["sampling"]["cfg_schedule"] == "linear"
 
 
+@pytest.mark.repro
 def test_sample_batch_images_are_argen_sample_images(tmp_path, models):
     from argen.evaluation.pipeline import class_conditions, sample_to_folder
 

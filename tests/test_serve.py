@@ -240,6 +240,7 @@ async def _post_all(app, payloads, service, expect_rows):
         return await asyncio.gather(*tasks)
 
 
+@pytest.mark.repro
 def test_mixed_parameters_share_a_batch_without_leaking(checkpoints):
     service = make_service(checkpoints, max_batch_size=16, max_wait_ms=1, max_queue=64, max_images_per_request=8)
     app = create_app(service, manage_service=False)
@@ -288,6 +289,7 @@ def test_t2i_prompts_with_seed_isolation(checkpoints):
     assert shared[0].json()["params"]["prompts"] == a["prompts"]
 
 
+@pytest.mark.repro
 def test_prompts_and_features_share_a_batch_without_leaking(checkpoints):
     service = make_service(checkpoints, kind="t2i", max_batch_size=8, max_wait_ms=1, max_images_per_request=4)
     app = create_app(service, manage_service=False)
@@ -665,6 +667,7 @@ def test_serve_config_scheduler_is_checked_and_continuous_by_default():
         ServeConfig(scheduler="fifo")
 
 
+@pytest.mark.repro
 def test_continuous_requests_that_join_later_get_the_images_they_get_alone(checkpoints):
     """Two slots, five requests submitted while others run: each request's codes equal the static
     scheduler's, `argen.generate` with the image_seed rule (what `argen sample` runs), and for

@@ -46,7 +46,7 @@ from argen.models.tokenizer import VQModel
 from argen.sampling.logits import SamplingParams
 from argen.sampling.seeds import image_seed
 from argen.utils.errors import ArgenError
-from argen.utils.images import make_grid, save_png, to_uint8
+from argen.utils.images import make_grid, save_png
 from argen.utils.io import atomic_save_npy
 
 GRID_MAX = 64
@@ -237,11 +237,9 @@ def sample_images(tokenizer: VQModel, gpt: GPT, cond: torch.Tensor, cond_mask: t
                      row_generators=gens, progress=progress, decode=decode, window=window).cpu()  # (b, N)
     t1 = time.perf_counter()
     grid = gpt.config.grid_size
-    if size is None or size == gpt.config.image_size:
-        images = decode_codes(tokenizer, codes.view(-1, grid, grid), chunk=max(1, len(seeds)))  # (b, H, W, 3)
-    else:
-        decoded = tokenizer.decode(codes.view(-1, grid, grid).to(next(tokenizer.parameters()).device))
-        images = to_uint8(resize_images(decoded, size, resize))  # (b, size, size, 3)
+    resize_fn = None if size is None or size == gpt.config.image_size else \
+        (lambda decoded: resize_images(decoded, size, resize))
+    images = decode_codes(tokenizer, codes.view(-1, grid, grid), resize=resize_fn)  # (b, size, size, 3)
     return SampledBatch(codes, images, t1 - t0, time.perf_counter() - t1)
 
 

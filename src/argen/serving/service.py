@@ -75,7 +75,7 @@ class ServeConfig:
     max_wait_ms: float = 10.0
     max_queue: int = 256
     max_images_per_request: int = 16
-    decode_chunk: int = 16
+    decode_chunk: int | None = None  # images per decoder call; None: argen.engine.decode's default
     overlap_decode: bool | None = None  # decode on a second thread meanwhile (None: continuous, or on CUDA)
     max_body_bytes: int = 32 << 20  # larger request bodies get 413 (16 captions of 120 x 2048 float32 as base64 fit)
     scheduler: str = "continuous"  # or "static" (batches run to the end); continuous: max_batch_size slots
@@ -87,7 +87,7 @@ class ServeConfig:
             raise ArgenError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         object.__setattr__(self, "window", check_decode(self.decode, self.window))
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "decode_chunk", "max_body_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ArgenError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_wait_ms < 0:
             raise ArgenError("--max-wait-ms must be >= 0")
@@ -448,7 +448,7 @@ class GenerationService:
     def _complete_batch(self, batch: list[_Row], codes: torch.Tensor, start: float | None, generated: float) -> None:
         """Decode and attach finished rows; start None (continuous): generate_ms runs from admission."""
         grid = self.gpt.config.grid_size
-        images = decode_codes(self.tokenizer, codes.view(-1, grid, grid), chunk=self.config.decode_chunk)
+        images = decode_codes(self.tokenizer, codes.view(-1, grid, grid), micro_batch=self.config.decode_chunk)
         decoded = time.perf_counter()
         finished = []
         with self._lock:

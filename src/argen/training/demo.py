@@ -141,16 +141,21 @@ def _probe_seconds(threads: int) -> float:
     return float(np.median(rounds[1:]))  # the first round warms up; the median, as a busy core comes and goes
 
 
+PROBE_MARGIN = 1.25  # 1 thread must beat all threads by this factor: near-equal timings are noise, not a busy CPU
+
+
 def fastest_threads(most: int) -> int:
     """1 or `most` torch threads, whichever runs a small probe (the generators' matmul and SwiGLU shapes)
-    faster right now; leaves torch set to it. On a CPU shared with other jobs, OpenMP threads waiting
-    for a busy core make every op several times slower: with one other busy process on the 2 cores a
-    demo generator step took 446 ms at 2 threads and 221 ms at 1 (162 against 249 ms when idle)."""
+    faster right now, with 1 thread chosen only when it is `PROBE_MARGIN` times faster; leaves torch set
+    to it. On a CPU shared with other jobs, OpenMP threads waiting for a busy core make every op several
+    times slower: with one other busy process on the 2 cores a demo generator step took 446 ms at 2
+    threads and 221 ms at 1 (162 against 249 ms when idle). Without the margin an idle machine sometimes
+    measured the two within noise and ran a stage on 1 thread."""
     if most <= 1:
         torch.set_num_threads(1)
         return 1
     timings = {n: _probe_seconds(n) for n in (most, 1)}
-    best = min(timings, key=timings.get)
+    best = 1 if timings[1] * PROBE_MARGIN < timings[most] else most
     torch.set_num_threads(best)
     return best
 
@@ -356,7 +361,7 @@ def sample_images(gpt, tokenizer, cond, mask, plan: Plan, seed: int) -> np.ndarr
     tokens = torch.cat([generate(gpt, cond[start:start + SAMPLE_CHUNK],
                                  None if mask is None else mask[start:start + SAMPLE_CHUNK], params=params,
                                  generator=gen) for start in range(0, len(cond), SAMPLE_CHUNK)])  # (B, N)
-    return decode_codes(tokenizer, tokens, chunk=SAMPLE_CHUNK)
+    return decode_codes(tokenizer, tokens)
 
 
 def _side_by_side(ref_rows: list[np.ndarray], samples: np.ndarray, per_row: int) -> np.ndarray:
@@ -419,7 +424,8 @@ def run_demo(options: DemoOptions) -> dict:
         if probe and device.type == "cpu":  # a busy CPU is faster with fewer threads; probed before each stage
             threads[name] = fastest_threads(most)
             if threads[name] < most:
-                print(f"(the CPU is busy: {name} runs on {threads[name]} thread instead of {most})")
+                print(f"({name} runs on 1 thread: it measured faster than {most} just now, so another process "
+                      "is probably using the CPU)")
         t0 = time.perf_counter()
         result = fn(*a, progress=options.progress, **kw)
         timings[name] = time.perf_counter() - t0
