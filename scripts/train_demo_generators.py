@@ -1,7 +1,7 @@
 """Remake the generators that ship with argen (`demo-c2i`, `demo-t2i` in argen/data/demo/).
 
 Usage:
-    python scripts/train_demo_generators.py [--work runs/bundled] [--c2i-steps 12000] [--t2i-steps 10000]
+    python scripts/train_demo_generators.py [--work runs/bundled] [--c2i-steps 6000] [--t2i-steps 6000]
     python scripts/train_demo_generators.py --work runs/bundled --export   # after training: into the package
 
 Stages, each resumable (rerun the same command after an interruption):
@@ -73,8 +73,8 @@ def export(work: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/bundled")
-    parser.add_argument("--c2i-steps", type=int, default=12000)
-    parser.add_argument("--t2i-steps", type=int, default=10000)
+    parser.add_argument("--c2i-steps", type=int, default=6000)
+    parser.add_argument("--t2i-steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", action="store_true", help="copy the trained generators into the package")
     args = parser.parse_args(argv)

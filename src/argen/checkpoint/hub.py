@@ -5,7 +5,9 @@ Contract:
   * an existing local path is used as it is;
   * `hf://owner/repo/path/in/repo` (or `hf://owner/repo@revision/path`) is that file on the Hub;
   * a released name that is not a local path (`c2i_B_256`, `c2i_B_256.pt`, `vq_ds16_c2i`) is the published
-    file in its repository (`argen.checkpoint.released.RELEASED_REPOS`).
+    file in its repository (`argen.checkpoint.released.RELEASED_REPOS`);
+  * a bundled name that is not a local path (`demo-c2i`, `demo-t2i`, `demo-vq`) is the file that ships
+    inside argen (`argen.checkpoint.bundled`); nothing is downloaded.
   Hub files are fetched with `huggingface_hub.hf_hub_download` into its standard cache (`HF_HOME`,
   `HF_HUB_CACHE`). A transfer that breaks off is resumed from where it stopped with HTTP Range requests
   (huggingface_hub retries up to 5 times within the run; a killed process starts that file over, since
@@ -18,7 +20,8 @@ Contract:
   `ArgenError` naming both, before any download, except `image_size`: the weights hold no size, so
   a given size wins (sampling a 384 px model at 256 px, as for argen files).
 - `default_tokenizer(gpt_ref)`: the released tokenizer of a released generator name (from the same hub
-  repository for an hf:// reference, the file beside it for a local file when it is there), else None.
+  repository for an hf:// reference, the file beside it for a local file when it is there), the bundled
+  tokenizer of a bundled generator, else None.
 - `checkpoint_record(ref)`: the reference a run writes down (hf://... for hub files, else the absolute path).
 - `model_id(ref)`: the name a server reports for a checkpoint; `gpt_class_names(ref, num_classes)`: its class
   names (stored with an argen generator, or ImageNet's for a released 1000-class file), else None.
@@ -30,6 +33,7 @@ import json
 import os
 from pathlib import Path
 
+from argen.checkpoint.bundled import BUNDLED_TOKENIZER, bundled_path
 from argen.checkpoint.released import RELEASED_REPOS, ReleasedName, imagenet_class_names, released_name
 from argen.utils.errors import ArgenError, CheckpointError
 
@@ -113,7 +117,8 @@ def resolve(ref: str | Path) -> tuple[Path, ReleasedName | None]:
     source = _hub_source(text)
     name = released_name(source[1] if source else text)
     if source is None:
-        return Path(ref), name
+        local = Path(ref)
+        return (local if local.exists() else bundled_path(text) or local), name
     return _download(*source), name
 
 
@@ -173,6 +178,8 @@ def tokenizer_arguments(ref: str | Path, config=None) -> tuple[Path, object]:
 def default_tokenizer(gpt_ref: str | Path) -> str | None:
     """The released tokenizer that goes with a released generator name (c2i_B_256 -> vq_ds16_c2i)."""
     text = str(gpt_ref)
+    if text in BUNDLED_TOKENIZER and not Path(text).exists():
+        return BUNDLED_TOKENIZER[text]
     source = _hub_source(text)
     name = released_name(source[1] if source else text)
     if name is None or name.family != "gpt":

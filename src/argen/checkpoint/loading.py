@@ -174,7 +174,9 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     """Load a generator in eval mode. Released files need `config` and usually `kind`,
     `image_size` and `downsample`; argen files carry their own config (a different
     `image_size` may be given to sample at another resolution, since RoPE is not stored).
-    `path` may also be a released name or hub reference; the name fills in the flags (`argen.checkpoint.hub`)."""
+    `path` may also be a released name or hub reference; the name fills in the flags (`argen.checkpoint.hub`),
+    or a bundled name (`demo-c2i`, `demo-t2i`). An argen file's recommended sampling settings (its
+    metadata's `sampling`) become `model.sampling_defaults`."""
     path, config, kind, image_size, downsample = gpt_arguments(path, config, kind, image_size, downsample)
     argen_file = _resolve_argen_file(path, "gpt")
     if argen_file is not None:
@@ -193,6 +195,7 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
             cfg = build_gpt_config(cfg, image_size=image_size, downsample=downsample)
         model = GPT(cfg)
         load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"generator config {cfg.name!r}")
+        model.sampling_defaults = info.get("sampling")
         return _place_for_inference(model, device, dtype)
     if config is None:
         raise ArgenError(f"{path} is a released (torch) checkpoint: pass the generator config, e.g. "

@@ -134,15 +134,43 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokenizer: argen dir or .safetensors, released .pt, released name (vq_ds16_c2i) or "
                             "hf://owner/repo/file; may be left out with a released generator name")
     group.add_argument("--tokenizer-config", default=None, help="named tokenizer config for released files, e.g. VQ-16")
-    group.add_argument("--gpt", required=True,
+    group.add_argument("--gpt", default=None,
                        help="generator: argen dir or .safetensors, released .pt, released name (c2i_B_256, "
-                            "t2i_XL_stage1_256; the name sets the config flags) or hf://owner/repo/file")
+                            "t2i_XL_stage1_256; the name sets the config flags), hf://owner/repo/file, or a model "
+                            "bundled with argen: demo-c2i or demo-t2i (the default, by the kind of condition)")
     group.add_argument("--gpt-config", default=None, help="named generator config for released files, e.g. GPT-B")
     group.add_argument("--kind", choices=["c2i", "t2i"], default=None, help="generator kind for released files")
     group.add_argument("--image-size", type=positive_int, default=None, help="generated image size, e.g. 256, 384, 512")
     group.add_argument("--downsample", type=positive_int, default=None, help="tokenizer downsample factor (16 or 8)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     group.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+
+
+def use_bundled_generator(args: argparse.Namespace, kind: str) -> bool:
+    """With no --gpt, pick the generator bundled with argen for `kind` (and its tokenizer, unless
+    --tokenizer is given); True when it did."""
+    if args.gpt is not None:
+        return False
+    from argen.checkpoint.bundled import default_generator
+
+    args.gpt = default_generator(kind)
+    return True
+
+
+def say_bundled_generator(name: str, gpt, classes=None) -> None:
+    """Tell the user which bundled generator a command used, and what its class ids (any iterable of
+    ints, e.g. a LongTensor) stand for."""
+    from argen.checkpoint.hub import gpt_class_names
+
+    cfg = gpt.config
+    what = f"{cfg.num_classes} emoji categories" if cfg.kind == "c2i" else "emoji captions (MiniLM features)"
+    print(f"no --gpt given: using {name}, the {cfg.kind} generator bundled with argen ({cfg.name}, {what}, "
+          f"{cfg.image_size} px; --gpt picks another)")
+    names = gpt_class_names(name, cfg.num_classes) if cfg.kind == "c2i" else None
+    ids = [] if classes is None else [int(c) for c in classes]
+    if names and ids:
+        shown = ", ".join(f"{c} = {names[c]}" for c in dict.fromkeys(ids) if 0 <= c < len(names))
+        print(f"classes: {shown} (all: {', '.join(f'{i} {n}' for i, n in enumerate(names))})")
 
 
 def load_models(args: argparse.Namespace):
@@ -160,13 +188,14 @@ def load_models(args: argparse.Namespace):
     import difflib
     from pathlib import Path
 
+    from argen.checkpoint.bundled import BUNDLED
     from argen.checkpoint.hub import default_tokenizer, is_hub_reference, released_gpt_flags
     from argen.checkpoint.released import RELEASED_REPOS
 
     for what, ref in (("generator", args.gpt), ("tokenizer", args.tokenizer)):
-        if ref is not None and not is_hub_reference(ref) and not Path(ref).exists():
-            close = difflib.get_close_matches(Path(ref).name.removesuffix(".pt"), RELEASED_REPOS, n=3)
-            hint = f" (released names close to it: {', '.join(close)})" if close else ""
+        if ref is not None and not is_hub_reference(ref) and not Path(ref).exists() and ref not in BUNDLED:
+            close = difflib.get_close_matches(Path(ref).name.removesuffix(".pt"), [*RELEASED_REPOS, *BUNDLED], n=3)
+            hint = f" (names close to it: {', '.join(close)})" if close else ""
             raise ArgenError(f"{what} checkpoint {ref} does not exist{hint}")
     released_gpt_flags(args.gpt, args.gpt_config, args.kind, args.image_size, args.downsample)  # before downloads
     tokenizer_ref = args.tokenizer or default_tokenizer(args.gpt)

@@ -36,8 +36,10 @@ from argen.cli.common import (
     nonneg_int,
     positive_float,
     positive_int,
+    say_bundled_generator,
     show_progress,
     unit_interval,
+    use_bundled_generator,
 )
 
 DEFAULT_TEXT_ENCODER = "minilm"
@@ -79,13 +81,16 @@ def decode_options(args: argparse.Namespace) -> dict:
     return dict(decode=args.decode, window=check_decode(args.decode, args.window))
 
 
-def sampling_params(args: argparse.Namespace, kind: str | None):
-    """The flags -> SamplingParams; kind None takes the neutral field defaults (no guidance, no filter)."""
+def sampling_params(args: argparse.Namespace, kind: str | None, gpt=None):
+    """The flags -> SamplingParams: unset flags from `gpt`'s own recommended settings when given
+    (`SamplingParams.for_model`), else from the kind's; kind None takes the neutral field defaults."""
     from argen.sampling.logits import SamplingParams
 
-    return SamplingParams.for_kind(kind, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-                                   cfg_schedule=args.cfg_schedule, cfg_power=args.cfg_power,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    given = dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,
+                 cfg_power=args.cfg_power, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if gpt is not None:
+        return SamplingParams.for_model(gpt, **given)
+    return SamplingParams.for_kind(kind, **given)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,14 +137,17 @@ def run(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes) if args.classes is not None else None
     prompts = read_prompts(args.prompts, args.prompts_file) if args.features is None and classes is None else None
     rows = None if args.rows is None else (lambda count: parse_rows(args.rows, count))
+    bundled = use_bundled_generator(args, "c2i" if classes is not None else "t2i")
     tokenizer, gpt, device, _ = load_models(args)
+    if bundled:
+        say_bundled_generator(args.gpt, gpt, classes)
     encode = None
     if prompts is not None and gpt.config.kind == "t2i":
         from argen.serving.text import prompt_encoder
 
         encode = prompt_encoder(gpt, args.text_encoder or DEFAULT_TEXT_ENCODER, device)
     conditions = build_conditions(gpt, classes, prompts, args.features, encode, rows)
-    done = sample_to_folder(tokenizer, gpt, conditions, sampling_params(args, gpt.config.kind), args.out, n=args.n,
+    done = sample_to_folder(tokenizer, gpt, conditions, sampling_params(args, gpt.config.kind, gpt), args.out, n=args.n,
                             seed=args.seed, batch_size=args.batch_size, save_codes=args.save_codes,
                             progress=show_progress(args), **decoding)
     print(f"sampled {done.total} images ({gpt.config.num_image_tokens} tokens each) in {done.generate_s:.2f} s "

@@ -22,7 +22,9 @@ from argen.cli.common import (
     load_models,
     nonneg_int,
     positive_int,
+    say_bundled_generator,
     show_progress,
+    use_bundled_generator,
 )
 from argen.cli.sample import SEED, add_decode_arguments, add_sampling_arguments, sampling_params
 
@@ -67,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if ranks.world_size > 1 and args.device == "auto" and torch.cuda.is_available():
         args.device = f"cuda:{ranks.local_rank % torch.cuda.device_count()}"
     sampling_params(args, None)  # check the sampling flags before the checkpoints load
+    bundled = use_bundled_generator(args, "t2i" if args.features is not None else "c2i")
     tokenizer, gpt, _, _ = load_models(args)
+    if bundled:
+        say_bundled_generator(args.gpt, gpt)
     features = mask = None
     if gpt.config.kind == "t2i":
         if args.features is None:

@@ -28,6 +28,8 @@ from argen.cli.common import (
     nonneg_float,
     positive_float,
     positive_int,
+    say_bundled_generator,
+    use_bundled_generator,
 )
 from argen.utils.errors import ArgenError
 
@@ -95,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
                          overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), scheduler=args.scheduler,
                          decode=args.decode, window=args.window)
+    bundled = use_bundled_generator(args, args.kind or "t2i")
     tokenizer, gpt, device, _ = load_models(args)
+    if bundled:
+        say_bundled_generator(args.gpt, gpt)
     encode, conditions = None, "classes"
     if gpt.config.kind == "t2i":
         conditions = "caption features only"

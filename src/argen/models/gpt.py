@@ -214,6 +214,9 @@ class GPT(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         rope = rope_2d_table(config.grid_size, config.head_dim, config.rope_base, config.cond_len)
         self.register_buffer("rope", rope, persistent=False)
+        # the checkpoint's recommended sampling settings (SamplingParams fields), set by `load_gpt`; None: the
+        # per-kind defaults apply (`SamplingParams.for_model`)
+        self.sampling_defaults: dict | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -8,7 +8,9 @@ top_p=1.0 disable the filters. Guidance: uncond + s * (cond - uncond).
 `SamplingParams` is the one carrier of sampling settings (CLI, server, sample batches, `argen.generate`).
 Its field defaults are neutral (no guidance, no filter); `SamplingParams.for_kind(kind, **given)` fills
 the settings left as None from `KIND_DEFAULTS`, the one table of per-kind defaults (c2i: cfg 4.0,
-top-k 2000; t2i: cfg 7.5, top-k 1000, as LlamaGen's sampling scripts). Validation: |cfg_scale| up to
+top-k 2000; t2i: cfg 7.5, top-k 1000, as LlamaGen's sampling scripts), and
+`SamplingParams.for_model(gpt, **given)` puts the generator's own recommended settings (stored in its
+checkpoint, `gpt.sampling_defaults`) between the two. Validation: |cfg_scale| up to
 `MAX_CFG_SCALE` (1e4): larger scales overflow the guided logits (uncond + s * (cond - uncond)) to
 inf/nan in float32/bf16 and sample garbage, so they are refused.
 """
@@ -63,6 +65,14 @@ class SamplingParams:
         values = {name: value for name, value in given.items() if value is not None}
         return cls(**{**KIND_DEFAULTS.get(kind, {}), **values})
 
+    @classmethod
+    def for_model(cls, gpt, **given) -> SamplingParams:
+        """Params for this generator: `given` settings, None ones from the generator's own recommended
+        settings (`gpt.sampling_defaults`, from its checkpoint) where it has them, else `KIND_DEFAULTS`."""
+        own = {k: v for k, v in (getattr(gpt, "sampling_defaults", None) or {}).items() if k in SAMPLING_FIELDS}
+        values = {name: value for name, value in given.items() if value is not None}
+        return cls.for_kind(gpt.config.kind, **{**own, **values})
+
     @property
     def guided(self) -> bool:
         """Whether the unconditional branch is needed at all."""
@@ -70,6 +80,9 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SAMPLING_FIELDS = tuple(SamplingParams.__dataclass_fields__)
 
 
 def guidance_scale_at(params: SamplingParams, token_index: int, num_tokens: int) -> float:

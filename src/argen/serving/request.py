@@ -8,7 +8,7 @@ Contract:
   `true` are not integers.
 - Images: each class id / prompt / caption gives `n` images, in order: `{"classes": [1, 2], "n": 3}`
   makes 6 images, classes 1, 1, 1, 2, 2, 2; image i uses seed `seed * 1000003 + i`.
-- `params` echoes every effective setting (the per-kind defaults of `SamplingParams.for_kind` filled in,
+- `params` echoes every effective setting (the model's own or per-kind defaults of `SamplingParams.for_model` filled in,
   the seed drawn when none was given). A guidance scale above `MAX_CFG_SCALE` (whose guided logits
   would overflow) is a 422.
 - `wants_png(accept, images)`: the answer is the PNG itself when `Accept` lists `image/png` (or
@@ -120,8 +120,8 @@ def parse_request(body: bytes, service: GenerationService) -> tuple[JobSpec, dic
         raise RequestError(413, f"{total} images requested ({len(conditions)} x n={request.n}); this server allows "
                                 f"at most {limit} per request")
     try:
-        params = SamplingParams.for_kind(
-            service.gpt.config.kind, cfg_scale=request.cfg_scale, cfg_interval=request.cfg_interval,
+        params = SamplingParams.for_model(
+            service.gpt, cfg_scale=request.cfg_scale, cfg_interval=request.cfg_interval,
             cfg_schedule=request.cfg_schedule, cfg_power=request.cfg_power, temperature=request.temperature,
             top_p=request.top_p, top_k=request.top_k)
     except ArgenError as exc:

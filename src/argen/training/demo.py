@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from argen.checkpoint import load_gpt, load_tokenizer
+from argen.checkpoint.bundled import default_generator
 from argen.data.codes import CodeDataset, CodeShardWriter
 from argen.data.datasets import DemoDataset
 from argen.data.text_features import TextFeatureStore, save_text_features
@@ -351,17 +352,41 @@ def _curve_summary(curve: list[dict]) -> str:
 
 
 @torch.no_grad()
-def sample_images(gpt, tokenizer, cond, mask, plan: Plan, seed: int) -> np.ndarray:
+def sample_images(gpt, tokenizer, cond, mask, params: SamplingParams, seed: int) -> np.ndarray:
     """(B,) class ids or (B, L, D) captions -> (B, 64, 64, 3) uint8 samples.
 
     One generator seeded with `seed` draws for all images, SAMPLE_CHUNK at a time (not the per-image
     seeds of `argen sample`), so the demo's samples and the numbers in docs/example stay as they were."""
-    params = SamplingParams(cfg_scale=plan.cfg_scale, temperature=plan.temperature, top_k=plan.top_k)
     gen = torch.Generator(device=gpt.tok_embeddings.weight.device).manual_seed(seed)
     tokens = torch.cat([generate(gpt, cond[start:start + SAMPLE_CHUNK],
                                  None if mask is None else mask[start:start + SAMPLE_CHUNK], params=params,
                                  generator=gen) for start in range(0, len(cond), SAMPLE_CHUNK)])  # (B, N)
     return decode_codes(tokenizer, tokens)
+
+
+def score_generators(c2i, t2i, tokenizer, scorer: DemoScorer, n: int, seed: int, params: dict,
+                     device: torch.device) -> dict:
+    """Sample `n` images per class (c2i) and per report prompt (t2i) for SCORE_SEEDS seeds, score them;
+    `params` maps each kind to its SamplingParams. Returns the mean scores, the per-seed runs and the
+    first seed's samples."""
+    from argen.data.text_encoders import load_text_encoder
+
+    labels = torch.arange(scorer.num_classes).repeat_interleave(n)
+    feats, mask = load_text_encoder("minilm").encode(PROMPTS, t2i.config.caption_len)
+    if feats.shape[-1] != t2i.config.caption_dim:
+        raise ArgenError("the t2i generator and the MiniLM caption features disagree on the caption width")
+    feats, mask = feats.repeat_interleave(n, dim=0).to(device), mask.repeat_interleave(n, dim=0).to(device)
+    prompt_ids = np.repeat(np.arange(len(PROMPTS)), n)
+    result = {"c2i_runs": [], "t2i_runs": []}
+    for k in range(SCORE_SEEDS):
+        samples = sample_images(c2i, tokenizer, labels.to(device), None, params["c2i"], seed + 2 * k)
+        result["c2i_runs"].append(scorer.c2i(samples, labels.numpy()))
+        t2i_samples = sample_images(t2i, tokenizer, feats, mask, params["t2i"], seed + 2 * k + 1)
+        result["t2i_runs"].append(scorer.t2i(t2i_samples, prompt_ids))
+        if k == 0:
+            result["c2i_samples"], result["t2i_samples"] = samples, t2i_samples
+    result["c2i"], result["t2i"] = mean_scores(result["c2i_runs"]), mean_scores(result["t2i_runs"])
+    return result
 
 
 def _side_by_side(ref_rows: list[np.ndarray], samples: np.ndarray, per_row: int) -> np.ndarray:
@@ -463,6 +488,8 @@ def run_demo(options: DemoOptions) -> dict:
     metrics["total_s"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / "metrics.json", metrics)
     print(f"\ndone in {metrics['total_s']:.0f} s: {out / 'report.md'}")
+    print("next: `argen serve` (no flags) serves the generators bundled with argen; open http://127.0.0.1:8000/ "
+          f"to draw emoji in the browser, or `argen serve --gpt {c2i_dir}` for the one this run trained")
     return metrics
 
 
@@ -489,41 +516,26 @@ def write_report(out: Path, plan: Plan, tokenizer, tokenizer_source: str, train_
     real = scorer.real(val_set.images, val_set.labels)
     real_recon = scorer.real(recon, val_set.labels)
 
-    # c2i: one row per class, real training images of the class on the left; scored over SCORE_SEEDS seeds
-    c2i = load_gpt(c2i_dir, device=device)
-    labels = torch.arange(len(names)).repeat_interleave(n)
-    c2i_runs = []
-    for k in range(SCORE_SEEDS):
-        samples = sample_images(c2i, tokenizer, labels.to(device), None, plan, seed + 2 * k)
-        c2i_runs.append(scorer.c2i(samples, labels.numpy()))
-        if k == 0:
-            rng = np.random.default_rng(seed)
-            refs = [rng.choice(np.nonzero(train_set.labels == c)[0],
-                               size=min(REFS, int((train_set.labels == c).sum())), replace=False)
-                    for c in range(len(names))]
-            save_png(_side_by_side([train_set.images[r] for r in refs], samples, n), images_dir / "c2i_samples.png")
-    c2i_scores = mean_scores(c2i_runs)
-
-    # t2i: one row per prompt
-    from argen.data.text_encoders import load_text_encoder
-
-    t2i = load_gpt(t2i_dir, device=device)
-    encoder = load_text_encoder("minilm")
-    store_check = TextFeatureStore(out / "text-minilm")
-    if store_check.dim != t2i.config.caption_dim:
-        raise ArgenError("the t2i generator and the caption features disagree on the caption width")
-    feats, mask = encoder.encode(PROMPTS, t2i.config.caption_len)
-    feats = feats.repeat_interleave(n, dim=0).to(device)
-    mask = mask.repeat_interleave(n, dim=0).to(device)
-    prompt_ids = np.repeat(np.arange(len(PROMPTS)), n)
-    t2i_runs = []
-    for k in range(SCORE_SEEDS):
-        t2i_samples = sample_images(t2i, tokenizer, feats, mask, plan, seed + 2 * k + 1)
-        t2i_runs.append(scorer.t2i(t2i_samples, prompt_ids))
-        if k == 0:
-            save_png(_side_by_side([train_set.images[r[:REFS]] for r in scorer.prompt_refs], t2i_samples, n),
-                     images_dir / "t2i_samples.png")
-    t2i_scores = mean_scores(t2i_runs)
+    # one row per class (real training images of the class on the left) and per prompt; SCORE_SEEDS seeds
+    if TextFeatureStore(out / "text-minilm").dim != 384:
+        raise ArgenError("the demo's caption features are not MiniLM's (384 wide)")
+    plan_params = SamplingParams(cfg_scale=plan.cfg_scale, temperature=plan.temperature, top_k=plan.top_k)
+    fresh = score_generators(load_gpt(c2i_dir, device=device), load_gpt(t2i_dir, device=device), tokenizer, scorer,
+                             n, seed, {"c2i": plan_params, "t2i": plan_params}, device)
+    bundled_gpts = {kind: load_gpt(default_generator(kind), device=device) for kind in ("c2i", "t2i")}
+    bundled = score_generators(bundled_gpts["c2i"], bundled_gpts["t2i"], load_tokenizer("demo-vq", device=device),
+                               scorer, n, seed, {k: SamplingParams.for_model(g) for k, g in bundled_gpts.items()},
+                               device)
+    rng = np.random.default_rng(seed)
+    refs = [rng.choice(np.nonzero(train_set.labels == c)[0], size=min(REFS, int((train_set.labels == c).sum())),
+                       replace=False) for c in range(len(names))]
+    prompt_refs = [train_set.images[r[:REFS]] for r in scorer.prompt_refs]
+    for prefix, result in (("", fresh), ("bundled_", bundled)):
+        save_png(_side_by_side([train_set.images[r] for r in refs], result["c2i_samples"], n),
+                 images_dir / f"{prefix}c2i_samples.png")
+        save_png(_side_by_side(prompt_refs, result["t2i_samples"], n), images_dir / f"{prefix}t2i_samples.png")
+    c2i_runs, t2i_runs, c2i_scores, t2i_scores = fresh["c2i_runs"], fresh["t2i_runs"], fresh["c2i"], fresh["t2i"]
+    bundled_ratio = bundled["c2i"]["accuracy"] / real["accuracy"] if real["accuracy"] else float("nan")
 
     c2i_curve, t2i_curve = _loss_curve(c2i_dir), _loss_curve(t2i_dir)
     ratio = c2i_scores["accuracy"] / real["accuracy"] if real["accuracy"] else float("nan")
@@ -552,12 +564,27 @@ def write_report(out: Path, plan: Plan, tokenizer, tokenizer_source: str, train_
         "t2i_loss": {"first": t2i_curve[0]["loss"], "last": t2i_curve[-1]["loss"]},
         "c2i_loss_curve": [(r["step"], round(r["loss"], 4)) for r in c2i_curve],
         "t2i_loss_curve": [(r["step"], round(r["loss"], 4)) for r in t2i_curve],
+        "bundled": {
+            "sampling": {k: SamplingParams.for_model(g).to_dict() for k, g in bundled_gpts.items()},
+            "c2i_classifier_accuracy": round(bundled["c2i"]["accuracy"], 3),
+            "c2i_classifier_accuracy_seeds": [round(r["accuracy"], 3) for r in bundled["c2i_runs"]],
+            "c2i_to_real_accuracy_ratio": round(bundled_ratio, 3),
+            "c2i_classifier_accuracy_per_class": dict(zip(names, [round(a, 3)
+                                                                  for a in bundled["c2i"]["per_class"]])),
+            "t2i_prompt_match": round(bundled["t2i"]["match"], 3),
+            "t2i_prompt_match_seeds": [round(r["match"], 3) for r in bundled["t2i_runs"]],
+            "t2i_prompt_match_per_prompt": dict(zip(PROMPTS, [round(a, 3) for a in bundled["t2i"]["per_prompt"]])),
+        },
     }
-    class_rows = [["row", "class", "training images", "classifier on real val", "classifier on c2i samples"]]
+    class_rows = [["row", "class", "training images", "classifier on real val", "on c2i samples",
+                   "on the bundled generator's"]]
     class_rows += [[str(c + 1), name, str(int((train_set.labels == c).sum())), _pct(real["per_class"][c]),
-                    _pct(c2i_scores["per_class"][c])] for c, name in enumerate(names)]
-    prompt_rows = [["row", "prompt", "prompt match"]]
-    prompt_rows += [[str(i + 1), p, _pct(t2i_scores["per_prompt"][i])] for i, p in enumerate(PROMPTS)]
+                    _pct(c2i_scores["per_class"][c]), _pct(bundled["c2i"]["per_class"][c])]
+                   for c, name in enumerate(names)]
+    prompt_rows = [["row", "prompt", "prompt match", "the bundled generator's"]]
+    prompt_rows += [[str(i + 1), p, _pct(t2i_scores["per_prompt"][i]), _pct(bundled["t2i"]["per_prompt"][i])]
+                    for i, p in enumerate(PROMPTS)]
+    b = metrics["bundled"]["sampling"]["c2i"]
     timing_rows = [["stage", "seconds"]] + [[k, f"{v:.0f}"] for k, v in timings.items()]
     template = resources.files("argen.training").joinpath("templates/demo_report.md").read_text(encoding="utf-8")
     text = template.format(
@@ -568,6 +595,8 @@ def write_report(out: Path, plan: Plan, tokenizer, tokenizer_source: str, train_
         psnr=psnr, real_acc=real["accuracy"], recon_acc=real_recon["accuracy"], gen_acc=c2i_scores["accuracy"],
         ratio=ratio, class_chance=1 / len(names), prompt_match=t2i_scores["match"], prompt_chance=1 / len(PROMPTS),
         gen_colour=c2i_scores["colour"], val_colour=real["colour"], prompt_colour=t2i_scores["colour"],
-        num_val=len(val_set), c2i_curve=_curve_summary(c2i_curve), t2i_curve=_curve_summary(t2i_curve))
+        num_val=len(val_set), c2i_curve=_curve_summary(c2i_curve), t2i_curve=_curve_summary(t2i_curve),
+        bundled_acc=bundled["c2i"]["accuracy"], bundled_ratio=bundled_ratio, bundled_match=bundled["t2i"]["match"],
+        bundled_cfg=b["cfg_scale"], bundled_temperature=b["temperature"], bundled_top_k=b["top_k"])
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
     return metrics
