@@ -46,9 +46,12 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert main(argv) == 0
     report = (out / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert len(images) == 3 and all((out / p).is_file() for p in images)
+    assert len(images) == 5 and all((out / p).is_file() for p in images)  # with the bundled generators' two
+    assert "images/bundled_c2i_samples.png" in images and "argen serve" in report
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["c2i_classifier_accuracy"] <= 1.0 and metrics["c2i_loss_curve"][-1][0] == 3
+    assert 0.0 <= metrics["bundled"]["c2i_classifier_accuracy"] <= 1.0
+    assert metrics["bundled"]["sampling"]["c2i"]["top_k"] == 50  # the bundled generator's own settings
     weights = (out / "gpt-c2i" / "gpt.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     assert main(argv) == 0
