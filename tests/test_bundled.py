@@ -38,9 +38,10 @@ def test_bundled_generators_load_strictly_with_their_own_sampling_settings(kind)
     gpt = argen.load_gpt(f"demo-{kind}")  # load_strict: every key present and shaped as the config says
     assert gpt.config.kind == kind and gpt.config.vocab_size == 512 and gpt.config.image_size == 64
     assert next(gpt.parameters()).dtype == torch.float32  # stored in float16, loaded in the asked dtype
-    assert gpt.sampling_defaults["cfg_scale"] == 3.0 and gpt.sampling_defaults["top_k"] == 50
+    assert gpt.sampling_defaults == _load_script().SAMPLING  # the settings the script exports
+    assert gpt.sampling_defaults["cfg_scale"] == 4.0 and gpt.sampling_defaults["top_k"] == 50
     params = SamplingParams.for_model(gpt, top_k=7)
-    assert (params.cfg_scale, params.temperature, params.top_k) == (3.0, 0.8, 7)  # a given setting wins
+    assert (params.cfg_scale, params.temperature, params.top_k) == (4.0, 0.8, 7)  # a given setting wins
     tokenizer = argen.load_tokenizer("demo-vq")
     assert tokenizer.config.codebook_size == gpt.config.vocab_size
 
@@ -66,13 +67,13 @@ def test_sample_with_no_gpt_uses_the_bundled_generator_and_names_the_class(tmp_p
     assert "demo-c2i" in out and "3 = Flags" in out
     assert sorted(p.name for p in (tmp_path / "c").glob("0*.png")) == ["00000_class3.png", "00001_class3.png"]
     same = tmp_path / "same"
-    assert main(["sample", "--gpt", "demo-c2i", "--tokenizer", "demo-vq", "--cfg-scale", "3", "--temperature", "0.8",
+    assert main(["sample", "--gpt", "demo-c2i", "--tokenizer", "demo-vq", "--cfg-scale", "4", "--temperature", "0.8",
                  "--top-k", "50", "--classes", "3", "--n", "2", "--out", str(same), "--save-codes",
                  "--no-progress"]) == 0
     assert np.array_equal(np.load(tmp_path / "c" / "codes.npy"), np.load(same / "codes.npy"))  # its own settings
     other = tmp_path / "other"
     assert main(["sample", "--classes", "3", "--n", "2", "--out", str(other), "--save-codes", "--cfg-scale", "4",
-                 "--top-k", "2000", "--temperature", "1", "--no-progress"]) == 0
+                 "--top-k", "2000", "--temperature", "1.0", "--no-progress"]) == 0
     assert not np.array_equal(np.load(tmp_path / "c" / "codes.npy"), np.load(other / "codes.npy"))
 
 
@@ -99,12 +100,13 @@ def test_serve_with_no_model_flags_serves_the_bundled_t2i_generator_with_its_set
     assert "demo-t2i" in capsys.readouterr().out
     model = served["models"]["data"][0]
     assert model["id"] == "demo-t2i" and model["argen"]["kind"] == "t2i"
-    assert model["argen"]["defaults"]["cfg_scale"] == 3.0 and model["argen"]["defaults"]["top_k"] == 50
+    assert model["argen"]["defaults"]["cfg_scale"] == 4.0 and model["argen"]["defaults"]["top_k"] == 50
     assert served["image"].status_code == 200
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_demo_generators", ROOT / "scripts" / "train_demo_generators.py")
+    path = ROOT / "scripts" / "train_demo_generators.py"
+    spec = importlib.util.spec_from_file_location("train_demo_generators", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-body-mb", type=positive_float, default=32.0,
                        help="larger request bodies get 413 (default 32; caption features are the big ones)")
     group.add_argument("--decode-chunk", type=positive_int, default=None,
-                       help="images per tokenizer-decoder call, the last call padded (default: 1 on the CPU, 8 on "
-                            "CUDA); fixed so that an image's pixels do not depend on its co-tenants")
+                       help="images per tokenizer-decoder call, the last call padded (default: 8, or 1 for CPU "
+                            "images above 128 px); fixed so that an image's pixels do not depend on its co-tenants")
     group.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
                        help="decode images on a second thread while the next batch generates (auto: on for CUDA)")
     group.add_argument("--text-encoder", default="minilm",
