@@ -334,3 +334,56 @@ def _map(tmp_path):
     path = tmp_path / "classes.json"
     path.write_text(json.dumps({"my logo": "sturgeon"}))
     return path
+
+
+# ------------------------------------------------------------------ the Hub: released names and hf:// references
+@pytest.fixture
+def hub(registry, tmp_path, monkeypatch):
+    """A loopback Hub (test_hub.FakeHub) serving c2i_B_256.pt and vq_ds16_c2i.pt; an empty cache."""
+    from huggingface_hub import constants
+
+    from test_hub import FakeHub, released_bytes
+
+    torch.manual_seed(0)
+    gpt = randomize(GPT(SMALL_C2I), seed=1)
+    vq = VQModel(SMALL_VQ).eval()
+    server = FakeHub({("FoundationVision/LlamaGen", "c2i_B_256.pt"): released_bytes(gpt),
+                      ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"): released_bytes(vq)})
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    yield server, gpt, vq
+    server.close()
+
+
+def test_released_name_and_hub_reference_from_the_hub(hub, tmp_path, capsys):
+    server, gpt, vq = hub
+    codes = make_codes(tmp_path, vq)
+    assert run(tmp_path, codes, "c2i_B_256", "--lr", "1e-12") == 0  # the tokenizer it implies is fetched to check
+    fetched = {path.rsplit("/", 1)[-1] for method, path, _ in server.requests
+               if method == "GET" and path.endswith(".pt")}
+    assert fetched == {"c2i_B_256.pt", "vq_ds16_c2i.pt"}
+    saved = json.loads((tmp_path / "run" / "gpt.json").read_text())
+    assert saved["training"]["init_from"] == "hf://FoundationVision/LlamaGen/c2i_B_256.pt"
+    assert saved["tokenizer"]["name"] == "vq_ds16_c2i"
+    out = load_file(str(tmp_path / "run" / "gpt.safetensors"))
+    assert torch.allclose(out["layers.1.feed_forward.w2.weight"], gpt.layers[1].feed_forward.w2.weight, atol=1e-6)
+
+    torch.manual_seed(5)
+    other = make_codes(tmp_path / "other", VQModel(SMALL_VQ).eval())
+    assert run(tmp_path, other, "hf://FoundationVision/LlamaGen/c2i_B_256.pt", out="x") == 2
+    assert "trained on vq_ds16_c2i" in one_line_error(capsys)
+    assert run(tmp_path, codes, "c2i_B_384", "--config", "GPT-L", out="y") == 2  # refused before any download
+    assert "contradicts" in one_line_error(capsys)
+    assert not [path for _, path, _ in server.requests if "c2i_B_384" in path]
+
+
+def test_codes_that_record_no_tokenizer_train_with_a_note(registry, tmp_path, capsys):
+    pt, _, _ = released_pair(tmp_path / "rel")
+    codes = make_codes(tmp_path, None)  # written by an older argen, or by hand
+    assert run(tmp_path, codes, pt, "--lr", "1e-12") == 0
+    assert "could not check that the codes come from c2i_B_256's tokenizer" in capsys.readouterr().err
