@@ -3,7 +3,7 @@ must agree on, and how the parts that change start.
 
 Contract (every refusal is an `ArgenError`, raised before the run writes anything):
 - `check_flags(cfg)`: --class-init, --class-map, --reinit and --allow-tokenizer-change need --init-from.
-- `finetune_config(cfg, init, ds, shape, store)` -> the generator config of the run: the init's
+- `finetune_config(cfg, init, shape, source, encoder)` -> the generator config of the run: the init's
   architecture (`argen.checkpoint.init_weights`) with the data shape of the codes
   (`argen.training.shape`). The codes must be of the init's kind. The image size may differ (the
   RoPE table is not stored). t2i: the caption features must be as wide as the init's caption
@@ -65,11 +65,12 @@ def check_flags(cfg) -> None:
         raise ArgenError(f"{', '.join(given)} only apply when fine-tuning: add --init-from")
 
 
-def finetune_config(cfg, init: GPTInit, ds: CodeDataset, shape: dict, store=None) -> GPTConfig:
-    """The run's generator config: the init's architecture, the codes' data shape (see the module docstring)."""
+def finetune_config(cfg, init: GPTInit, shape: dict, source: str, encoder: str | None = None) -> GPTConfig:
+    """The run's generator config: the init's architecture, the data shape of the codes in `source` (their
+    caption features made by `encoder`); see the module docstring."""
     base = init.config
     if shape["kind"] != base.kind:
-        raise ArgenError(f"the codes in {ds.root} are {shape['kind']} codes but --init-from {init.label} is a "
+        raise ArgenError(f"the codes in {source} are {shape['kind']} codes but --init-from {init.label} is a "
                          f"{base.kind} generator")
     if cfg.reinit == "caption-proj" and base.kind != "t2i":
         raise ArgenError(f"--reinit caption-proj is for text-to-image generators; {init.label} is {base.kind}")
@@ -79,25 +80,24 @@ def finetune_config(cfg, init: GPTInit, ds: CodeDataset, shape: dict, store=None
     if base.kind == "t2i" and cfg.reinit != "caption-proj":
         width = shape.get("caption_dim")
         if width is not None and width != base.caption_dim:
-            encoder = (store.meta.get("encoder") if store is not None else None) or "their encoder"
-            raise ArgenError(f"the caption features ({encoder}) are {width} wide but {init.label}'s caption "
-                             f"projection takes {base.caption_dim} (FLAN-T5-XL for the released models); extract "
-                             f"them with that encoder, or pass --reinit caption-proj to learn a new projection "
-                             f"(the text path then starts over)")
+            raise ArgenError(f"the caption features ({encoder or 'their encoder'}) are {width} wide but "
+                             f"{init.label}'s caption projection takes {base.caption_dim} (FLAN-T5-XL for the "
+                             f"released models); extract them with that encoder, or pass --reinit caption-proj "
+                             f"to learn a new projection (the text path then starts over)")
         if cfg.caption_len is not None and cfg.caption_len != base.caption_len:
             raise ArgenError(f"--caption-len {cfg.caption_len} but {init.label} stores an unconditional caption of "
                              f"{base.caption_len} tokens; drop the flag (longer captions keep their first "
                              f"{base.caption_len} tokens) or pass --reinit caption-proj")
         shape["caption_len"] = base.caption_len
-    return build_model_config(cfg, shape, str(ds.root), base=base)
+    return build_model_config(cfg, shape, source, base=base)
 
 
 # ---------------------------------------------------------------------- tokenizer
 def codes_tokenizer(ds: CodeDataset) -> dict:
     """The tokenizer record of the codes (what a generator trained on them stores)."""
     config = ds.tokenizer if isinstance(ds.tokenizer, dict) else None
-    return {"sha256": ds.meta.get("tokenizer_sha256"), "config": config,
-            "name": ds.meta.get("tokenizer_name") or None, "codebook_size": ds.codebook_size}
+    return {"sha256": ds.meta.get("tokenizer_sha256"), "config": config, "name": None,
+            "codebook_size": ds.codebook_size}
 
 
 def _tokenizer_name(ref: str) -> str:
@@ -168,7 +168,7 @@ def check_tokenizer(init: GPTInit, ds: CodeDataset, allow_change: bool) -> tuple
                          f"trained on {_describe(theirs)}: the same {vocab}-token vocabulary with other meanings; "
                          f"extract the codes with --tokenizer {theirs.get('name') or expected or 'its tokenizer'}, "
                          f"or pass --allow-tokenizer-change to train on them anyway")
-    return {**codes, "name": codes.get("name") or theirs.get("name")}, []
+    return {**codes, "name": theirs.get("name")}, []
 
 
 # ---------------------------------------------------------------------- classes

@@ -178,7 +178,8 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     if cfg.init_from:
         # everything the init and the data must agree on is checked before the init's weights are read
         init = read_init(cfg.init_from, cfg.config, weights=False)
-        gpt_cfg = FT.finetune_config(cfg, init, ds, data_shape(ds, store), store)
+        encoder = store.meta.get("encoder") if store is not None else None
+        gpt_cfg = FT.finetune_config(cfg, init, data_shape(ds, store), str(ds.root), encoder)
         tokenizer_record, notes = FT.check_tokenizer(init, ds, cfg.allow_tokenizer_change)
         class_starts = None
         if gpt_cfg.kind == "c2i":

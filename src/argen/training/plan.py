@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from argen.checkpoint.init_weights import init_architecture
+from argen.checkpoint.init_weights import read_init
 from argen.data.codes import CodeDataset
 from argen.data.text_features import TextFeatureStore
 from argen.models.gpt import DATA_SHAPE_FIELDS, GPT, GPTConfig
 from argen.models.tokenizer import VQModel
 from argen.nn.llama import swiglu_hidden_dim
 from argen.training.config import BASE_BATCH, TokenizerTrainConfig, TrainConfig
+from argen.training.finetune import finetune_config
 from argen.training.shape import build_model_config, data_shape
 from argen.training.tokenizer_shape import resolve_tokenizer
 from argen.utils.errors import ArgenError
@@ -91,9 +92,9 @@ def _shape_source(cfg: TrainConfig, recipe: dict | None, init: GPTConfig | None 
 
 
 def generator_plan(cfg: TrainConfig, recipe: dict | None = None, world_size: int = 1) -> dict:
-    init = init_architecture(cfg.init_from, cfg.config) if cfg.init_from else None  # no download for names
-    shape, source, num_images = _shape_source(cfg, recipe, init)
-    gpt_cfg = build_model_config(cfg, shape, source, base=init)
+    init = read_init(cfg.init_from, cfg.config, weights=False) if cfg.init_from else None  # no download for names
+    shape, source, num_images = _shape_source(cfg, recipe, init.config if init else None)
+    gpt_cfg = finetune_config(cfg, init, shape, source) if init else build_model_config(cfg, shape, source)
     if cfg.batch_size % (world_size * cfg.grad_accum):
         raise ArgenError(f"global batch {cfg.batch_size} must be divisible by processes x grad-accum "
                          f"= {world_size} x {cfg.grad_accum}")
