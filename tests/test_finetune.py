@@ -387,3 +387,18 @@ def test_codes_that_record_no_tokenizer_train_with_a_note(registry, tmp_path, ca
     codes = make_codes(tmp_path, None)  # written by an older argen, or by hand
     assert run(tmp_path, codes, pt, "--lr", "1e-12") == 0
     assert "could not check that the codes come from c2i_B_256's tokenizer" in capsys.readouterr().err
+
+
+def test_plan_classes_without_weights(registry):
+    from argen.training.finetune import plan_classes
+
+    init = read_init("c2i_B_256", weights=False)  # no download: the name says the architecture
+    assert init.state is None and init.class_names == list(imagenet_class_names())
+    wnids = [f"n{10000000 + i:08d}" for i in range(1000)]  # ImageNet's synset folders, in sorted order
+    assert plan_classes(init, wnids, 1000, None, None, "codes")[0] is None
+    assert plan_classes(init, None, 1000, None, None, "codes")[0] is None  # no names, same count
+    starts, notes = plan_classes(init, ["Crane", "tabby", "x"], 3, None, None, "codes")
+    assert starts == [imagenet_class_names().index("crane"), 281, "mean"] and "'x' <- mean" in notes[0]
+    assert plan_classes(init, None, 5, "null", None, "codes")[0] == ["null"] * 5
+    with pytest.raises(ArgenError, match="record no class names"):
+        plan_classes(init, None, 5, "imagenet", None, "codes")
