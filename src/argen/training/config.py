@@ -96,10 +96,11 @@ class TrainConfig:
     reinit: str | None = _flag(None, "caption-proj: learn a new caption projection (t2i, for caption features of "
                                      "another width, e.g. MiniLM's 384); the text path starts over",
                                choices=["caption-proj"], group="fine-tuning")
-    allow_tokenizer_change: bool = _flag(False, "accept codes from a tokenizer other than the init's (same "
-                                                "vocabulary size); risky: the init's token embeddings and output "
-                                                "head mean other image patches, so it starts from a model that "
-                                                "predicts the wrong tokens and must unlearn them", group="fine-tuning")
+    new_tokenizer: bool = _flag(False, "accept codes from a tokenizer other than the init's (same vocabulary "
+                                       "size); risky: the init's token embeddings and output head mean other "
+                                       "image patches, so the run starts from a model that predicts the wrong "
+                                       "tokens and must unlearn them", flag="--allow-tokenizer-change",
+                                group="fine-tuning")
     # execution
     strategy: str = _flag("auto", "under torchrun: ddp, fsdp (sharded), or auto (fsdp above 1B parameters)",
                           choices=["auto", "none", "ddp", "fsdp"])

@@ -60,7 +60,7 @@ def check_flags(cfg) -> None:
     """The fine-tuning flags need --init-from."""
     given = [flag for flag, value in (("--class-init", cfg.class_init), ("--class-map", cfg.class_map),
                                       ("--reinit", cfg.reinit),
-                                      ("--allow-tokenizer-change", cfg.allow_tokenizer_change)) if value]
+                                      ("--allow-tokenizer-change", cfg.new_tokenizer)) if value]
     if given and not cfg.init_from:
         raise ArgenError(f"{', '.join(given)} only apply when fine-tuning: add --init-from")
 

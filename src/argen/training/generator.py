@@ -180,7 +180,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
         init = read_init(cfg.init_from, cfg.config, weights=False)
         encoder = store.meta.get("encoder") if store is not None else None
         gpt_cfg = FT.finetune_config(cfg, init, data_shape(ds, store), str(ds.root), encoder)
-        tokenizer_record, notes = FT.check_tokenizer(init, ds, cfg.allow_tokenizer_change)
+        tokenizer_record, notes = FT.check_tokenizer(init, ds, cfg.new_tokenizer)
         class_starts = None
         if gpt_cfg.kind == "c2i":
             class_starts, class_notes = FT.plan_classes(init, ds.class_names, gpt_cfg.num_classes, cfg.class_init,
