@@ -125,7 +125,8 @@ def resolve(cls, given_values: dict, recipe_values: dict | None = None, **fixed)
 def print_resolved(args: argparse.Namespace, cfg, recipe: dict | None) -> None:
     sources = (recipe or {}).get("sources", {})
     if recipe:
-        print(f"recipe {recipe['name']}: {recipe['summary']} (reproduces {recipe['released']})")
+        reproduces = f" (reproduces {recipe['released']})" if recipe.get("released") else ""
+        print(f"recipe {recipe['name']}: {recipe['summary']}{reproduces}")
         for short, full in recipe.get("citations", {}).items():
             print(f"  {short}: {full}")
     print("resolved training configuration (value  <- source):")

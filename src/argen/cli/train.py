@@ -8,12 +8,20 @@ Runs on one device, or on several under torchrun (`torchrun --nproc_per_node 8 -
 OUT/gpt.safetensors.
 
 --recipe NAME starts from the settings of a released model (c2i_B_256 ... c2i_3B_384, t2i_XL_stage1_256,
-t2i_XL_stage2_512; see docs/training.md); explicit flags override it. --dry-run prints the resolved
-configuration, optimizer steps, tokens seen and the estimated GPU memory per rank, and exits.
+t2i_XL_stage2_512; see docs/training.md); explicit flags override it.
+
+Fine-tuning (docs/finetune.md): --init-from takes anything --gpt takes (c2i_B_256, hf://..., a released
+.pt, an argen generator); the architecture comes from it, the codes must come from its tokenizer, new
+classes rebuild the class embedding (--class-init, --class-map), --reinit caption-proj learns a new
+caption projection. Without --recipe, --init-from starts from the `finetune` recipe (a lower lr).
+
+--dry-run prints the resolved configuration, optimizer steps, tokens seen and the estimated GPU memory per
+rank, and exits.
 
 Examples:
   argen train --codes runs/codes --config GPT-mini --out runs/gpt --max-steps 2000 --batch-size 64 --lr 1e-3
   argen train --recipe c2i_XL_384 --dry-run
+  argen train --init-from c2i_B_256 --codes runs/dogs-codes --out runs/dogs --max-steps 2000 --batch-size 64
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from argen.cli.common import positive_int, show_progress
 from argen.cli.flags import add_config_flags, given, print_recipe_data, print_recipe_notes, print_resolved, resolve
 from argen.training.config import TrainConfig
 from argen.training.recipes import load_recipe, recipe_settings
+
+FINETUNE_RECIPE = "finetune"  # the defaults of a run given --init-from and no --recipe
 
 
 def add_arguments(parser):
@@ -45,7 +55,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
     if args.bf16 and "precision" not in values:
         values["precision"] = "bf16"
     values.setdefault("progress", show_progress(args))
-    recipe = load_recipe(values["recipe"], "train") if values.get("recipe") else None
+    name = values.get("recipe") or (FINETUNE_RECIPE if values.get("init_from") else None)
+    recipe = load_recipe(name, "train") if name else None
     base = recipe_settings(recipe) if recipe else {}
     if "max_steps" not in values and "max_steps" not in base:
         if not args.dry_run:

@@ -36,8 +36,9 @@ class TrainConfig:
 
     codes: str = _flag(None, "codes directory from `argen extract-codes`")
     out: str = _flag(None, "output directory (checkpoints, logs, final weights)")
-    config: str = _flag("GPT-tiny", "named generator architecture: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, ... "
-                                    "(layers, width, heads; the data shape comes from the codes)")
+    config: str | None = _flag(None, "named generator architecture: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, ... "
+                                     "(layers, width, heads; the data shape comes from the codes). Default: "
+                                     "GPT-tiny, or with --init-from the init's (a contradicting value fails)")
     recipe: str | None = _flag(None, "start from a released model's recipe (see `docs/training.md`); explicit "
                                      "flags override it")
     max_steps: int = _flag(1000, "optimizer steps to train for", type="positive_int")
@@ -80,7 +81,26 @@ class TrainConfig:
                                         type="probability")
     class_dropout: float | None = _flag(None, "condition dropout for guidance (default: the config's, 0.1)",
                                         type="probability")
-    init_from: str | None = _flag(None, "start from these generator weights (stage II)")
+    # fine-tuning (argen.training.finetune)
+    init_from: str | None = _flag(None, "start from these generator weights: anything --gpt takes (a released name "
+                                        "such as c2i_B_256, hf://..., a released .pt, an argen generator); the "
+                                        "architecture comes from them; a different image size is fine (stage II)",
+                                  group="fine-tuning")
+    class_init: str | None = _flag(None, "c2i, when the codes' classes differ from the init's: how the rebuilt "
+                                         "class rows start (the null row is kept): null (the null row), mean (of "
+                                         "the old rows) or imagenet (the init class of the same name; unknown "
+                                         "names fail). Default: the class of the same name where there is one, "
+                                         "else the mean", choices=["null", "mean", "imagenet"], group="fine-tuning")
+    class_map: str | None = _flag(None, "JSON file {your class name: ImageNet class id or name} for rebuilt rows",
+                                  group="fine-tuning")
+    reinit: str | None = _flag(None, "caption-proj: learn a new caption projection (t2i, for caption features of "
+                                     "another width, e.g. MiniLM's 384); the text path starts over",
+                               choices=["caption-proj"], group="fine-tuning")
+    new_tokenizer: bool = _flag(False, "accept codes from a tokenizer other than the init's (same vocabulary "
+                                       "size); risky: the init's token embeddings and output head mean other "
+                                       "image patches, so the run starts from a model that predicts the wrong "
+                                       "tokens and must unlearn them", flag="--allow-tokenizer-change",
+                                group="fine-tuning")
     # execution
     strategy: str = _flag("auto", "under torchrun: ddp, fsdp (sharded), or auto (fsdp above 1B parameters)",
                           choices=["auto", "none", "ddp", "fsdp"])

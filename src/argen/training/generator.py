@@ -25,26 +25,27 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from argen.checkpoint import load_tokenizer, save_gpt
-from argen.checkpoint.loading import load_strict
+from argen.checkpoint.init_weights import load_weights, read_init
 from argen.data.codes import CodeDataset
 from argen.data.text_features import TextFeatureStore
 from argen.engine import generate
 from argen.models.gpt import GPT, GPTConfig
 from argen.training import distributed as D
+from argen.training import finetune as FT
 from argen.training import parts as P
 from argen.training.checkpointing import FORMAT, TrainingCheckpoint
 from argen.training.config import BASE_BATCH, TrainConfig
 from argen.training.shape import build_model_config as shape_config
 from argen.training.shape import data_shape
-from argen.utils.errors import ArgenError, CheckpointError
+from argen.utils.errors import ArgenError
 from argen.utils.images import make_grid, save_png, to_uint8
 from argen.utils.io import atomic_write_json, run_lock
 from argen.utils.seeds import derive_seed
@@ -150,6 +151,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         raise ArgenError("--max-steps must be positive")
     if cfg.schedule not in ("constant", "cosine"):
         raise ArgenError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
+    FT.check_flags(cfg)
     device = parse_device(cfg.device)
     amp_dtype = P.resolve_precision(cfg.precision, device, fp16_ok=True)
     info = D.init_distributed(device)
@@ -172,7 +174,21 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
         if feat_dir is None:
             raise ArgenError("t2i training needs caption features: pass --text-features DIR")
         store = TextFeatureStore(feat_dir)
-    gpt_cfg = build_model_config(cfg, ds, store)
+    init, notes = None, []
+    if cfg.init_from:
+        # everything the init and the data must agree on is checked before the init's weights are read
+        init = read_init(cfg.init_from, cfg.config, weights=False)
+        encoder = store.meta.get("encoder") if store is not None else None
+        gpt_cfg = FT.finetune_config(cfg, init, data_shape(ds, store), str(ds.root), encoder)
+        tokenizer_record, notes = FT.check_tokenizer(init, ds, cfg.new_tokenizer)
+        class_starts = None
+        if gpt_cfg.kind == "c2i":
+            class_starts, class_notes = FT.plan_classes(init, ds.class_names, gpt_cfg.num_classes, cfg.class_init,
+                                                        cfg.class_map, str(ds.root))
+            notes += class_notes
+    else:
+        gpt_cfg = build_model_config(cfg, ds, store)
+        tokenizer_record = FT.codes_tokenizer(ds)
     ds.check_compatible(gpt_cfg)
     if store is not None:
         if int(ds.labels.max()) >= len(store):
@@ -189,8 +205,18 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     # the same initial weights on every rank, then per-rank randomness for dropout
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_cfg)
-    if cfg.init_from:
-        _init_from(model, cfg.init_from)
+    if init is not None:
+        load_weights(init)
+        table = FT.class_table(init, class_starts)
+        if cfg.reinit == "caption-proj":
+            notes.append(f"--reinit caption-proj: a new caption projection for {gpt_cfg.caption_dim}-wide "
+                         f"features; the text path of {init.label} starts over (its transformer and image "
+                         f"tokens are kept)")
+        FT.apply_init(model, init, table, cfg.reinit)
+        init.state = None  # the weights live in the model now
+        if info.is_main:
+            for note in notes:
+                print(f"argen train: {note}", file=sys.stderr, flush=True)
     model.to(device)
     model.train()
     strategy = D.resolve_strategy(cfg.strategy, model, info)
@@ -328,7 +354,10 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     result = {"out": str(out), "steps": step, "start_step": start_step, "final_loss": last_loss,
               "first_loss": first_loss, "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main}
     if info.is_main:
-        extra = {"training": {"steps": step, "codes": str(cfg.codes), "ema": ema is not None},
+        training = {"steps": step, "codes": str(cfg.codes), "ema": ema is not None}
+        if init is not None:
+            training["init_from"] = init.record
+        extra = {"training": training, "tokenizer": tokenizer_record,
                  "class_names": ds.class_names if gpt_cfg.kind == "c2i" else None}  # served by argen serve
         save_gpt(_weights_model(gpt_cfg, full, ema_state), out, extra=extra)
         if ema is not None:
@@ -337,16 +366,3 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     logger.close()
     return result
 
-
-def _init_from(model: GPT, path: str) -> None:
-    """Stage II: start from a stage I generator (any image size; the RoPE table is not stored)."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / "gpt.safetensors"
-    if not file.is_file():
-        raise ArgenError(f"--init-from {path}: no gpt.safetensors there")
-    try:
-        state = load_file(str(file), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"cannot read {file} ({exc})") from exc
-    load_strict(model, state, str(file), f"generator config {model.config.name!r}")

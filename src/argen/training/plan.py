@@ -1,9 +1,10 @@
 """`--dry-run`: what a training run would do, without data or a GPU.
 
 Contract:
-- `generator_plan(cfg, recipe=None, world_size=1)` -> dict: the resolved generator config (the data shape
-  from `cfg.codes` when that directory exists, else from the recipe's `data.shape`), parameter count,
-  optimizer steps, samples and image tokens seen, epochs (when the dataset size is known), and
+- `generator_plan(cfg, recipe=None, world_size=1)` -> dict: the resolved generator config (the
+  architecture of `cfg.init_from` when given, read without a download for released names; the data
+  shape from `cfg.codes` when that directory exists, else from the recipe's `data.shape`, else the
+  init's), parameter count, optimizer steps, samples and image tokens seen, epochs (when the dataset size is known), and
   `memory`: an estimate of the GPU memory one rank needs at the given batch (`estimate_memory`).
 - `tokenizer_plan(cfg, recipe=None)` -> dict: the resolved tokenizer config, parameters (tokenizer and
   discriminator), steps, images seen, epochs, and the optimizer-state memory.
@@ -30,12 +31,14 @@ from pathlib import Path
 
 import torch
 
+from argen.checkpoint.init_weights import read_init
 from argen.data.codes import CodeDataset
 from argen.data.text_features import TextFeatureStore
-from argen.models.gpt import GPT, GPTConfig
+from argen.models.gpt import DATA_SHAPE_FIELDS, GPT, GPTConfig
 from argen.models.tokenizer import VQModel
 from argen.nn.llama import swiglu_hidden_dim
 from argen.training.config import BASE_BATCH, TokenizerTrainConfig, TrainConfig
+from argen.training.finetune import finetune_config
 from argen.training.shape import build_model_config, data_shape
 from argen.training.tokenizer_shape import resolve_tokenizer
 from argen.utils.errors import ArgenError
@@ -69,7 +72,8 @@ def estimate_memory(gpt_cfg: GPTConfig, micro_batch: int, shards: int, precision
     return {"parameters": params, "parts": parts, "total": sum(parts.values())}
 
 
-def _shape_source(cfg: TrainConfig, recipe: dict | None) -> tuple[dict, str, int | None]:
+def _shape_source(cfg: TrainConfig, recipe: dict | None, init: GPTConfig | None = None
+                  ) -> tuple[dict, str, int | None]:
     if cfg.codes and Path(cfg.codes).is_dir():
         ds = CodeDataset(cfg.codes)
         store = None
@@ -81,12 +85,16 @@ def _shape_source(cfg: TrainConfig, recipe: dict | None) -> tuple[dict, str, int
         data = recipe["data"]
         return dict(data["shape"]), f"recipe {recipe['name']} ({data.get('dataset', 'its data')})", \
             data.get("num_images")
-    raise ArgenError("--dry-run needs --codes (an existing codes directory) or a --recipe with a data shape")
+    if init is not None:
+        return {k: getattr(init, k) for k in DATA_SHAPE_FIELDS}, f"--init-from {cfg.init_from}", None
+    raise ArgenError("--dry-run needs --codes (an existing codes directory), --init-from or a --recipe with a "
+                     "data shape")
 
 
 def generator_plan(cfg: TrainConfig, recipe: dict | None = None, world_size: int = 1) -> dict:
-    shape, source, num_images = _shape_source(cfg, recipe)
-    gpt_cfg = build_model_config(cfg, shape, source)
+    init = read_init(cfg.init_from, cfg.config, weights=False) if cfg.init_from else None  # no download for names
+    shape, source, num_images = _shape_source(cfg, recipe, init.config if init else None)
+    gpt_cfg = finetune_config(cfg, init, shape, source) if init else build_model_config(cfg, shape, source)
     if cfg.batch_size % (world_size * cfg.grad_accum):
         raise ArgenError(f"global batch {cfg.batch_size} must be divisible by processes x grad-accum "
                          f"= {world_size} x {cfg.grad_accum}")

@@ -4,9 +4,10 @@ Contract:
 - `data_shape(ds, store)` reads what the codes (`CodeDataset`) and their caption features
   (`TextFeatureStore`, t2i only) fix: kind, vocab_size (= the tokenizer's codebook size), image_size and
   downsample (grid = image_size / downsample), num_classes (c2i) and caption_dim / caption_len (t2i).
-- `build_model_config(cfg, shape)` = `gpt_config(cfg.config)` (architecture: layers, width, heads,
-  dropout defaults) with every data-shape field replaced from `shape`, then the regularisation
-  overrides of `cfg` (dropout, token dropout, drop path, class dropout).
+- `build_model_config(cfg, shape, source, base=None)` = `base` (the `--init-from` generator's config) or
+  else `gpt_config(cfg.config or DEFAULT_CONFIG)` (architecture: layers, width, heads, dropout defaults)
+  with every data-shape field replaced from `shape`, then the regularisation overrides of `cfg`
+  (dropout, token dropout, drop path, class dropout).
 - A data-shape value given in `cfg` (kind, vocab_size, image_size, num_classes, caption_len) must agree
   with the data; otherwise `ArgenError` says which flag contradicts which property of the data.
   `num_classes` may exceed the labels present; `caption_len` may differ from the features' length
@@ -22,6 +23,8 @@ from argen.data.text_features import TextFeatureStore
 from argen.models.gpt import DATA_SHAPE_FIELDS, GPTConfig, gpt_config
 from argen.models.tokenizer import VQConfig
 from argen.utils.errors import ArgenError
+
+DEFAULT_CONFIG = "GPT-tiny"  # the architecture of a run given neither --config nor --init-from
 
 
 def _downsample(ds: CodeDataset) -> int:
@@ -73,8 +76,8 @@ def check_explicit(cfg, shape: dict, source: str) -> None:
                          f"{shape['num_classes'] - 1}")
 
 
-def build_model_config(cfg, shape: dict, source: str = "the codes") -> GPTConfig:
-    """Architecture `cfg.config` + data shape + `cfg`'s regularisation overrides."""
+def build_model_config(cfg, shape: dict, source: str = "the codes", base: GPTConfig | None = None) -> GPTConfig:
+    """Architecture (`base`, else `cfg.config`) + data shape + `cfg`'s regularisation overrides."""
     check_explicit(cfg, shape, source)
     fields = dict(shape)
     if cfg.num_classes is not None and fields.get("kind") == "c2i":
@@ -92,4 +95,4 @@ def build_model_config(cfg, shape: dict, source: str = "the codes") -> GPTConfig
     unknown = set(shape) - set(DATA_SHAPE_FIELDS)
     if unknown:
         raise ArgenError(f"not data-shape fields: {sorted(unknown)}")
-    return replace(gpt_config(cfg.config), **fields)
+    return replace(base if base is not None else gpt_config(cfg.config or DEFAULT_CONFIG), **fields)
