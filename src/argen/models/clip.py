@@ -12,6 +12,7 @@ Contract:
 - `Clip.image_embeddings(images)` (PIL images) and `Clip.text_embeddings(texts)` -> (n, D) float32,
   L2-normalised; texts are truncated to the text model's positions (77 for OpenAI's CLIP).
   `Clip.similarity(images, texts)` -> (n,) cosine similarity (LAION's `similarity`).
+  `Clip.tensor_features_model()`: the model as torchmetrics' `CLIPScore` calls it (features as tensors).
 - `load_aesthetic_head(path, dim)` -> `AestheticHead`: LAION-Aesthetics' published linear predictor
   (`sa_0_4_vit_l_14_linear.pth`: an `nn.Linear(768, 1)` state dict, `weight` (1, D) and `bias` (1,)) from a
   torch `.pth` (read with `weights_only=True`) or a `.safetensors` file; its input width must equal the
@@ -69,6 +70,31 @@ class Clip:
 
     def similarity(self, images, texts) -> torch.Tensor:
         return (self.image_embeddings(images) * self.text_embeddings(texts)).sum(-1)
+
+    def tensor_features_model(self) -> torch.nn.Module:
+        """The CLIP model behind a view whose get_image_features / get_text_features return tensors, as
+        torchmetrics' CLIPScore expects (transformers 5 returns model outputs)."""
+        return _TensorFeatures(self.model)
+
+
+class _TensorFeatures(torch.nn.Module):
+    """Keeps the last features it returned (`last["image"]`, `last["text"]`), so a caller can see the
+    per-image cosines behind torchmetrics' aggregate without a second pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.last: dict[str, torch.Tensor] = {}
+
+    def get_image_features(self, pixel_values):
+        self.last["image"] = _features(self.model.get_image_features(pixel_values=pixel_values))
+        return self.last["image"]
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        self.last["text"] = _features(self.model.get_text_features(input_ids=input_ids,
+                                                                   attention_mask=attention_mask))
+        return self.last["text"]
 
 
 def load_clip(path: str | Path, device: torch.device | str = "cpu") -> Clip:
