@@ -81,10 +81,11 @@ def test_evaluate_clip_bad_input_is_one_line_exit_2(tmp_path, clip_dir, capsys, 
     np.savez(tmp_path / "ref.npz", _images(8, seed=1))
     np.savez(tmp_path / "samples.npz", _images(6))
     (tmp_path / "two.txt").write_text("a\nb\n")
+    (tmp_path / "six.txt").write_text("\n".join(PROMPTS))
     args = ["evaluate", str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--inception", "random",
             "--device", "cpu", "--no-progress"]
     args += {"few prompts": ["--clip", str(clip_dir), "--prompts", str(tmp_path / "two.txt")],
-             "no clip": ["--clip", str(tmp_path / "nope"), "--prompts", str(tmp_path / "two.txt")],
+             "no clip": ["--clip", str(tmp_path / "nope"), "--prompts", str(tmp_path / "six.txt")],
              "prompts only": ["--prompts", str(tmp_path / "two.txt")],
              "no prompts": ["--clip", str(clip_dir)]}[case]
     assert main(args) == 2
@@ -106,7 +107,7 @@ def test_sample_batch_from_captions_then_evaluate_with_clip(tmp_path, clip_dir, 
                  str(out), "--quiet", "--captions", str(tmp_path / "captions.json"), "--rows", "1:4"]) == 0
     assert json.loads((out / "prompts.json").read_text())["prompts"] == PROMPTS[1:4]
     with np.load(out / "samples.npz") as data:
-        images, index = data["arr_0"], data["arr_1"]
+        images, index = data["arr_0"], data["prompt_index"]
     assert images.shape == (5, 16, 16, 3) and index.tolist() == [0, 1, 2, 0, 1]
     np.savez(tmp_path / "ref.npz", _images(8, seed=1))
     capsys.readouterr()

@@ -17,7 +17,7 @@ Contract:
   identity: name, path, sha256 of the weights), "clip_num_samples", "clip_definition"}.
 - `read_prompts_for(batch, prompts_path=None)`: the prompts of a sample batch: `prompts_path` (one
   prompt per line, or a JSON list, or COCO captions JSON), else `prompts.json` beside the npz (written by
-  `argen sample-batch --captions`), indexed by the batch's `arr_1` (prompt_index) when it has one.
+  `argen sample-batch --captions`), indexed by the batch's `prompt_index` when it has one.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from argen.utils.errors import ArgenError
 
 DEFINITION = "torchmetrics CLIPScore: max(mean over images of 100 * cos(image, text), 0)"
 PROMPTS_FILE = "prompts.json"
+INDEX_KEY = "prompt_index"  # what sample-batch stores for t2i batches: image i -> its caption row
 log = logging.getLogger("argen.evaluation")
 
 
@@ -77,10 +78,10 @@ def read_prompts_for(batch: ImageBatchFile, prompts_path: str | Path | None = No
                              f"writes {PROMPTS_FILE} beside it")
         prompts_path = default
     prompts = read_captions(prompts_path)
-    index = batch.load("arr_1") if batch.has("arr_1") and Path(prompts_path).name == PROMPTS_FILE else None
+    index = batch.load(INDEX_KEY) if batch.has(INDEX_KEY) and Path(prompts_path).name == PROMPTS_FILE else None
     if index is None:
         return prompts
     if index.size and (index.min() < 0 or index.max() >= len(prompts)):
-        raise ArgenError(f"{samples_path}'s prompt_index (arr_1) points past the {len(prompts)} prompts of "
+        raise ArgenError(f"{samples_path}'s {INDEX_KEY} points past the {len(prompts)} prompts of "
                          f"{prompts_path}")
     return [prompts[int(i)] for i in index]
