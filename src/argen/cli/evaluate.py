@@ -6,6 +6,11 @@
 Both npz files hold `arr_0` = uint8 (N, H, W, 3) images of one size. `--inception random` uses fixed random
 weights (for tests; the JSON then says so and the numbers are not FIDs). Statistics are cached next to
 each npz, keyed by the file's hash and the network's weights.
+
+Text-to-image: `--clip DIR` (a local transformers CLIP folder) adds the CLIP score (torchmetrics'
+CLIPScore: mean of max(100 x cosine, 0)) of each image against its prompt: --prompts FILE (one per line,
+or COCO captions JSON, image i <-> prompt i), or by default OUT/prompts.json of `argen sample-batch
+--captions`. The results record the CLIP model's identity (name, path, weights sha256).
 """
 
 from __future__ import annotations
@@ -36,16 +41,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute the reference mu/sigma with argen's network even if the npz carries them")
     parser.add_argument("--fid-method", choices=["sqrtm", "eigh"], default="sqrtm",
                         help="matrix square root: sqrtm (scipy, as ADM; default) or eigh (faster, same value to ~1e-9)")
+    parser.add_argument("--clip", default=None, metavar="DIR",
+                        help="also compute the CLIP score with this local CLIP folder (e.g. a download of "
+                             "openai/clip-vit-large-patch14)")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="with --clip: the prompt of every sample (default: prompts.json beside the samples)")
     add_progress_argument(parser, quiet_alias=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from argen.evaluation.evaluate import RANDOM_WARNING, evaluate
     from argen.models.inception import build_inception
+    from argen.utils.errors import ArgenError
     from argen.utils.io import atomic_write_json
     from argen.utils.torch_utils import parse_device
 
+    if args.prompts is not None and args.clip is None:
+        raise ArgenError("--prompts applies only to --clip")
     device = parse_device(args.device)
+    clip = prompts = None
+    if args.clip is not None:  # bad CLIP weights or prompts fail before the long Inception pass
+        from argen.evaluation.clip_score import read_prompts_for
+        from argen.evaluation.npz import ImageBatchFile
+        from argen.models.clip import load_clip
+
+        batch = ImageBatchFile(args.samples, "sample batch")
+        prompts = read_prompts_for(batch, args.prompts)
+        if len(prompts) != batch.count:
+            raise ArgenError(f"{args.samples} holds {batch.count} images but {len(prompts)} prompts were given; "
+                             f"CLIP score pairs image i with prompt i")
+        clip = load_clip(args.clip, device)
     inception = build_inception(args.inception).to(device)
     if inception.is_random:
         print(f"argen evaluate: {RANDOM_WARNING}", file=sys.stderr)
@@ -56,8 +81,12 @@ def run(args: argparse.Namespace) -> int:
                       use_cache=not args.no_cache, pr_block_size=args.pr_block_size, progress=show_progress(args),
                       fid_method=args.fid_method, reference_limit=args.reference_limit,
                       use_reference_stats=not args.ignore_reference_stats)
+    if clip is not None:
+        from argen.evaluation.clip_score import clip_score
+
+        result.update(clip_score(batch, prompts, clip, batch_size=args.batch_size, progress=show_progress(args)))
     if args.out:
         atomic_write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall",
-                                              "num_reference", "num_samples")}, indent=2))
+    keys = ("fid", "sfid", "inception_score", "precision", "recall", "num_reference", "num_samples")
+    print(json.dumps({k: result[k] for k in keys + (("clip_score",) if clip is not None else ())}, indent=2))
     return 0

@@ -28,6 +28,10 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer-config", default=None, help="named config, needed for released (.pt) files")
     parser.add_argument("--data", required=True, help="'demo', a class folder, a .jsonl manifest or .tar shards")
     parser.add_argument("--split", default="train", help="train, val or all (default train)")
+    parser.add_argument("--filter", default=None, metavar="EXPR",
+                        help="tar shards: keep only samples whose JSON metadata (and score sidecar) passes EXPR, "
+                             "e.g. \"min(width, height) >= 256 and similarity >= 0.28\" (see docs/data.md); give "
+                             "extract-text-features and extract-codes the same filter")
     parser.add_argument("--label", default="category", help="demo labels: category (10) or subcategory (99)")
     parser.add_argument("--out", required=True, help="codes directory")
     parser.add_argument("--image-size", type=positive_int, required=True)
@@ -49,9 +53,11 @@ def run(args):
     from argen.checkpoint import load_tokenizer
     from argen.data.datasets import open_dataset
     from argen.data.extract import dist_env, extract_codes
+    from argen.data.filters import SampleFilter
     from argen.utils.io import run_lock
     from argen.utils.torch_utils import parse_device
 
+    sample_filter = SampleFilter.parse(args.filter)  # a bad filter fails before anything loads
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world = dist_env()
     device = args.device
@@ -63,7 +69,7 @@ def run(args):
     device = parse_device(device)
     with run_lock(args.out, "argen extract-codes", rank):
         model = load_tokenizer(args.tokenizer, config=args.tokenizer_config, device=device)
-        dataset = open_dataset(args.data, args.split, label=args.label)
+        dataset = open_dataset(args.data, args.split, label=args.label, sample_filter=sample_filter)
         index = extract_codes(model, dataset, args.out, args.image_size, ten_crop=args.ten_crop, flip=args.flip,
                               crop_range=args.crop_range, shard_size=args.shard_size, batch_size=args.batch_size,
                               num_workers=args.num_workers, device=device, text_features=args.text_features,

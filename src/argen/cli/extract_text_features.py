@@ -11,6 +11,7 @@ between torchrun ranks (see argen.data.extract).
 from __future__ import annotations
 
 import json
+import logging
 
 from argen.cli.common import add_progress_argument, fraction, positive_int, show_progress
 
@@ -19,6 +20,10 @@ def add_arguments(parser):
     parser.add_argument("--data", required=True, help="a .jsonl manifest, .tar shards or 'demo'")
     parser.add_argument("--split", default="train", help="train, val or all (default train, as extract-codes); "
                         "use the same --split as extract-codes")
+    parser.add_argument("--filter", default=None, metavar="EXPR",
+                        help="tar shards: keep only samples whose JSON metadata (and score sidecar) passes EXPR, "
+                             "e.g. \"min(width, height) >= 256 and similarity >= 0.28\" (see docs/data.md); give "
+                             "extract-text-features and extract-codes the same filter")
     parser.add_argument("--encoder", default="minilm", help="'minilm' or a local model folder (e.g. flan-t5-xl)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--max-length", type=positive_int, default=None,
@@ -33,13 +38,16 @@ def add_arguments(parser):
 def run(args):
     from argen.data.datasets import open_dataset
     from argen.data.extract import dist_env, extract_text_features
+    from argen.data.filters import SampleFilter
     from argen.data.text_encoders import DEFAULT_MAX_LENGTH, load_text_encoder
     from argen.utils.io import run_lock
     from argen.utils.torch_utils import parse_device
 
+    sample_filter = SampleFilter.parse(args.filter)  # a bad filter fails before anything loads
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = parse_device(args.device)
     with run_lock(args.out, "argen extract-text-features", dist_env()[0]):  # it resumes: one writer per rank
-        dataset = open_dataset(args.data, args.split)
+        dataset = open_dataset(args.data, args.split, sample_filter=sample_filter)
         max_length = args.max_length or DEFAULT_MAX_LENGTH
         encoder = load_text_encoder(args.encoder, device=device, max_length=max_length)
         encoder.batch_size = args.batch_size

@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "demo": "demo",
     "sample-batch": "sample_batch",
     "evaluate": "evaluate",
+    "score-shards": "score_shards",
 }
 
 

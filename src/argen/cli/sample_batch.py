@@ -7,8 +7,10 @@
 
 Writes OUT/shards/*.npz as it goes (rerun the same command to resume) and finally OUT/samples.npz with
 arr_0 = uint8 (N, E, E, 3) and arr_1 = class labels. Image i uses class i % C (class-balanced) or caption
-row i % B of --features (--rows picks the captions), and its own generator seeded from (--seed, i) as in
-`argen sample`. E is --eval-size, by default the generator's image size. The work is
+row i % B of --features or --captions (--rows picks the captions), and its own generator seeded from (--seed, i) as in
+`argen sample`. --captions FILE (one prompt per line, or COCO's captions JSON) encodes the prompts with
+--text-encoder and writes them to OUT/prompts.json, which `argen evaluate --clip` pairs with the images.
+E is --eval-size, by default the generator's image size. The work is
 `argen.evaluation.sample_batch.sample_batch`.
 """
 
@@ -37,8 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="c2i: spread labels over classes 0..C-1, N/C each (default: all of the generator's)")
     cond.add_argument("--features", help="t2i: npz with caption features `features` (B,L,D) and `mask` (B,L), or a "
                       "folder written by argen extract-text-features")
+    cond.add_argument("--captions", metavar="FILE",
+                      help="t2i: prompts, one per line, or COCO's captions JSON; encoded with --text-encoder and "
+                           "written to OUT/prompts.json for `argen evaluate --clip`")
+    parser.add_argument("--text-encoder", default=None,
+                        help="with --captions: 'minilm' (default) or a local transformers folder (flan-t5-xl)")
     parser.add_argument("--rows", metavar="START:STOP", default=None,
-                        help="with --features: use only these caption rows, e.g. 0:1000 (default all)")
+                        help="with --features or --captions: use only these caption rows, e.g. 0:1000 (default all)")
     add_sampling_arguments(parser, "neutral")
     add_decode_arguments(parser)
     parser.add_argument("--seed", type=SEED, default=0, help="global seed in [0, 2**63) (default 0)")
@@ -63,18 +70,32 @@ def run(args: argparse.Namespace) -> int:
     from argen.utils.dist_env import process_ranks
     from argen.utils.errors import ArgenError
 
-    if args.rows is not None and args.features is None:
-        raise ArgenError("--rows applies only to --features")
+    if args.rows is not None and args.features is None and args.captions is None:
+        raise ArgenError("--rows applies only to --features and --captions")
+    if args.text_encoder is not None and args.captions is None:
+        raise ArgenError("--text-encoder applies only to --captions")
+    prompts = None
+    if args.captions is not None:
+        from argen.data.caption_files import read_captions
+
+        prompts = read_captions(args.captions)
+        prompts = [prompts[r] for r in parse_rows(args.rows, len(prompts))] if args.rows is not None else prompts
     ranks = process_ranks()
     if ranks.world_size > 1 and args.device == "auto" and torch.cuda.is_available():
         args.device = f"cuda:{ranks.local_rank % torch.cuda.device_count()}"
     sampling_params(args, None)  # check the sampling flags before the checkpoints load
-    bundled = use_bundled_generator(args, "t2i" if args.features is not None else "c2i")
-    tokenizer, gpt, _, _ = load_models(args)
+    bundled = use_bundled_generator(args, "t2i" if args.features is not None or prompts is not None else "c2i")
+    tokenizer, gpt, device, _ = load_models(args)
     if bundled:
         say_bundled_generator(args.gpt, gpt)
     features = mask = None
-    if gpt.config.kind == "t2i":
+    if gpt.config.kind == "t2i" and prompts is not None:
+        from argen.serving.text import prompt_encoder
+
+        encode = prompt_encoder(gpt, args.text_encoder or "minilm", device)
+        parts = [encode(prompts[i:i + 256]) for i in range(0, len(prompts), 256)]
+        features, mask = torch.cat([f for f, _ in parts]), torch.cat([m for _, m in parts])
+    elif gpt.config.kind == "t2i":
         if args.features is None:
             raise ArgenError("this is a text-conditional generator: pass --features (an npz, or a folder written "
                              "by argen extract-text-features)")
@@ -82,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         if args.rows is not None:
             rows = parse_rows(args.rows, features.shape[0])
             features, mask = features[rows], mask[rows]
-    elif args.features is not None:
-        raise ArgenError("this is a class-conditional generator: use --num-classes, not --features")
+    elif args.features is not None or prompts is not None:
+        raise ArgenError("this is a class-conditional generator: use --num-classes, not --features or --captions")
     config = SampleBatchConfig(num_samples=args.num_samples, num_classes=args.num_classes,
                                sampling=sampling_params(args, None), seed=args.seed, batch_size=args.batch_size,
                                shard_size=args.shard_size, eval_size=args.eval_size or None, resize=args.resize,
@@ -95,6 +116,14 @@ def run(args: argparse.Namespace) -> int:
             "gpt_config": gpt.config.name, "tokenizer_config": tokenizer.config.name, "dtype": args.dtype}
     path = sample_batch(tokenizer, gpt, config, args.out, features, mask, rank=ranks.rank,
                         world_size=ranks.world_size, checkpoint_info=info, progress=show_progress(args))
+    if path is not None and prompts is not None:
+        from pathlib import Path
+
+        from argen.evaluation.clip_score import PROMPTS_FILE
+        from argen.utils.io import atomic_write_json
+
+        atomic_write_json(Path(args.out) / PROMPTS_FILE, {"prompts": prompts, "source": str(args.captions),
+                                                          "rows": args.rows})
     if path is not None:
         print(f"wrote {path} ({config.num_samples} images, {config.eval_size or gpt.config.image_size}px)")
     return 0

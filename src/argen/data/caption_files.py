@@ -7,11 +7,15 @@ Contract:
 - `parse_rows(text, count)`: `START:STOP` (either end may be left out, Python slice rules, no step) or a
   single row `I` -> the list of row indices among `count`; an empty selection or a malformed text is
   an `ArgenError`. Used by `--rows` of `argen sample` and `argen sample-batch`.
+- `read_captions(path)` -> list of prompts: a text file with one prompt per line (blank lines skipped), or
+  JSON: COCO's captions file (`annotations`, each with a `caption`, in file order), a list of strings,
+  or {"prompts": [...]} (the `prompts.json` that `argen sample-batch --captions` writes).
 A file that cannot be read, or lacks the arrays, is an `ArgenError` that names it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +73,34 @@ def read_features(path: str | Path, length: int | None = None,
     if rows is not None:
         features, mask = features[rows], mask[rows]
     return features, mask
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """A caption file (see the module docstring) -> prompts, stripped, none empty."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ArgenError(f"caption file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ArgenError(f"cannot read the caption file {path}: {exc.strerror or exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArgenError(f"caption file {path} is not valid JSON ({exc})") from None
+        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            data = [a.get("caption") if isinstance(a, dict) else None for a in data["annotations"]]
+        elif isinstance(data, dict) and isinstance(data.get("prompts"), list):
+            data = data["prompts"]
+        if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
+            raise ArgenError(f"caption file {path}: expected COCO captions JSON (annotations with a caption each), "
+                             f"a list of strings or {{\"prompts\": [...]}}")
+        captions = [" ".join(c.split()) for c in data]
+        if "" in captions:
+            raise ArgenError(f"caption file {path}: caption {captions.index('') + 1} is empty")
+    else:
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
+        raise ArgenError(f"caption file {path} holds no captions")
+    return captions

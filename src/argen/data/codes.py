@@ -39,7 +39,7 @@ _SHARD_RE = re.compile(r"^codes-(\d{5})\.npy$")
 # meta fields that must agree between a rerun and the files already on disk
 _IDENTITY_KEYS = ("kind", "tokenizer", "codebook_size", "grid", "image_size", "num_augs", "aug_names",
                   "num_classes", "text_features", "source", "split", "num_images", "shard_size", "crop_range",
-                  "tokenizer_sha256", "shards_sha256", "num_shards", "caption_key", "label_key")
+                  "tokenizer_sha256", "shards_sha256", "num_shards", "caption_key", "label_key", "filter")
 
 
 def codes_name(index: int) -> str:

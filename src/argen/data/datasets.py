@@ -7,6 +7,8 @@ Contract:
 - `open_dataset(spec, split)`: `spec` is "demo", a class-folder path, a `.jsonl` manifest or WebDataset
   tar shards (a brace pattern, a `.tar`, a folder of `.tar` files, a list file or `shards:...`; see
   `argen.data.shards.ShardDataset`, which ignores `split`: point `--data` at the split's shards).
+  `sample_filter` (a `--filter` expression, `argen.data.filters`) is for tar shards only; with other
+  data it raises `ArgenError`.
   - demo: the emoji npz in `argen/data/demo/`; split "train"/"val"/"all"; classes are the 10 categories
     (`label="category"`) or 99 subcategories; captions from names and short names. `subset(rows)` gives
     a copy with only those rows (or the first `rows`).
@@ -226,14 +228,19 @@ class JsonlDataset(_ImageFileDataset):
         return np.concatenate([[0], np.cumsum([len(c) for c in self._captions])]).astype(np.int64)
 
 
-def open_dataset(spec: str | Path, split: str = "train", label: str = "category", min_size: int = 8):
-    """"demo", a class-folder path, a .jsonl manifest or tar shards -> dataset."""
+def open_dataset(spec: str | Path, split: str = "train", label: str = "category", min_size: int = 8,
+                 sample_filter: str | None = None):
+    """"demo", a class-folder path, a .jsonl manifest or tar shards -> dataset (`sample_filter`: a
+    `--filter` expression, for tar shards only)."""
     text = str(spec)
+    if sample_filter is not None and not is_shard_spec(text):
+        raise ArgenError(f"--filter selects samples by their JSON metadata and applies to .tar shards only, not "
+                         f"to --data {text!r}")
     if text == "demo":
         return DemoDataset(split, label=label)
     if is_shard_spec(text):
         _check_split(split)
-        return ShardDataset(text, split, min_size)
+        return ShardDataset(text, split, min_size, sample_filter=sample_filter)
     path = Path(text)
     if path.suffix == ".jsonl":
         return JsonlDataset(path, split, min_size)

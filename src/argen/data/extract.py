@@ -29,6 +29,11 @@ Contract:
   usual files, whose meta.json lists per shard its name, samples, captions and first row (`shards`)
   and `shards_sha256`; a rerun with other shards, caption key or encoder is refused. A sample without
   a caption is counted as a bad record. Other datasets are encoded in one go, as before.
+- A `--filter` on the shards (`ShardDataset.filter`) is part of both outputs' identity (a rerun with
+  another filter is refused, and extract-codes refuses text features made with another filter). Each
+  shard's `FilterReport` is kept with the shard (`part-XXXXX.json`; `filter-XXXXX.json` beside code
+  shards), so a resumed run reports the whole data; rank 0 logs the total per criterion and records it
+  as `filter_report` in meta.json (text features) and index.json (codes).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from argen.data.codes import CodeShardWriter, labels_name
+from argen.data.filters import FilterReport
 from argen.data.images import BadImage, FailureTracker
 from argen.data.shards import ShardDataset, ShardError, split_shards
 from argen.data.text_features import (
@@ -224,6 +230,10 @@ def shard_caption_rows(dataset: ShardDataset, text_features: str | Path) -> list
         raise ArgenError(f"the text features in {text_features} were not made from these shards with caption key "
                          f"{dataset.caption_key!r}; run `argen extract-text-features` with the same --data as "
                          f"extract-codes")
+    if meta.get("filter") != dataset.filter_text:
+        raise ArgenError(f"the text features in {text_features} were made with --filter {meta.get('filter')!r}, "
+                         f"not {dataset.filter_text!r}; give extract-codes and extract-text-features the same "
+                         f"--filter")
     return [(int(row["start"]), int(row["captions"])) for row in meta["shards"]]
 
 
@@ -231,8 +241,8 @@ class ShardVariants(torch.utils.data.IterableDataset):
     """Streams the crop variants of some tar shards; each DataLoader worker takes its share of `shards`.
 
     Yields ("batch", shard, variants (n, A, 3, S, S) or None, labels, failures) for up to `batch_size`
-    consecutive samples, then ("end", shard, {"samples", "captions"}, None), or ("end", shard, None,
-    message) for a bad tar."""
+    consecutive samples, then ("end", shard, {"samples", "captions", "filter"}, None) ("filter": the
+    shard's filter report dict or None), or ("end", shard, None, message) for a bad tar."""
 
     def __init__(self, dataset: ShardDataset, shards: list[int], batch_size: int, image_size: int, ten_crop: bool,
                  flip: bool, crop_range: float, caption_rows: list[tuple[int, int]] | None):
@@ -250,8 +260,9 @@ class ShardVariants(torch.utils.data.IterableDataset):
         data = self.dataset
         row = self.caption_rows[shard][0] if self.caption_rows is not None else 0
         first, samples, items = row, 0, []
+        report = data.new_filter_report()
         try:
-            for sample in data.iter_shard(shard):
+            for sample in data.iter_shard(shard, report=report):
                 samples += 1
                 label = sample.label if self.caption_rows is None else row
                 row += len(sample.captions)
@@ -273,7 +284,8 @@ class ShardVariants(torch.utils.data.IterableDataset):
         except ShardError as exc:
             yield "end", shard, None, str(exc)
             return
-        yield "end", shard, {"samples": samples, "captions": row - first}, None
+        yield "end", shard, {"samples": samples, "captions": row - first,
+                             "filter": report.to_dict() if report else None}, None
 
     @staticmethod
     def _batch(shard: int, items):
@@ -285,6 +297,22 @@ class ShardVariants(torch.utils.data.IterableDataset):
 
 def _skip_marker(out_dir: Path, shard: int) -> Path:
     return out_dir / f"skipped-{shard:05d}.json"
+
+
+def _filter_marker(out_dir: Path, shard: int) -> Path:
+    return out_dir / f"filter-{shard:05d}.json"
+
+
+def total_filter_report(dataset: ShardDataset, reports) -> dict | None:
+    """Add up per-shard report dicts (None entries are skipped shards) and log the total per criterion."""
+    if dataset.filter is None:
+        return None
+    total = FilterReport(dataset.filter)
+    for report in reports:
+        total.merge(report)
+    for line in total.lines():
+        log.info(line)
+    return total.to_dict()
 
 
 def _extract_shard_codes(model, dataset: ShardDataset, out_dir, image_size, ten_crop, flip, crop_range, batch_size,
@@ -306,7 +334,7 @@ def _extract_shard_codes(model, dataset: ShardDataset, out_dir, image_size, ten_
             "num_images": None, "shard_size": None, "tokenizer_sha256": weights_sha256(model),
             "shards_sha256": dataset.sha256, "num_shards": len(dataset.shards),
             "caption_key": dataset.caption_key if kind == "t2i" else None,
-            "label_key": dataset.label_key if kind == "c2i" else None}
+            "label_key": dataset.label_key if kind == "c2i" else None, "filter": dataset.filter_text}
     writer = CodeShardWriter(out_dir, meta)
     model = model.eval().to(device)
     mine = [s for s in split_shards(len(dataset.shards), rank, world_size) if not writer.is_done(s)]
@@ -339,6 +367,8 @@ def _extract_shard_codes(model, dataset: ShardDataset, out_dir, image_size, ten_
         elif caption_rows is not None and counts["captions"] != caption_rows[shard][1]:
             raise ArgenError(f"shard {dataset.shards[shard]} has {counts['captions']} captions but the text "
                              f"features list {caption_rows[shard][1]}; extract the text features again")
+        elif counts["filter"] is not None:
+            atomic_write_json(_filter_marker(out_dir, shard), counts["filter"])
         codes = torch.cat(codes_parts) if codes_parts else torch.zeros(0, len(names), grid, grid, dtype=torch.long)
         writer.write_shard(shard, codes, torch.tensor(label_parts, dtype=torch.long))
         log.info("rank %d wrote code shard %d from %s (%d images)", rank, shard, dataset.names[shard], len(codes))
@@ -357,6 +387,10 @@ def _extract_shard_codes(model, dataset: ShardDataset, out_dir, image_size, ten_
         tops = [int(labels.max()) for s in range(len(dataset.shards))
                 if (labels := np.load(out_dir / labels_name(s), mmap_mode="r")).size]
         index["num_classes"] = max(tops) + 1 if tops else None
+    if dataset.filter is not None:
+        index["filter_report"] = total_filter_report(
+            dataset, [json.loads(p.read_text()) for s in range(len(dataset.shards))
+                      if (p := _filter_marker(out_dir, s)).is_file()])
     atomic_write_json(out_dir / "index.json", index)
     if tracker.failed:
         log.warning(tracker.skipped_message())
@@ -403,11 +437,11 @@ def _shard_text_features(encoder, dataset: ShardDataset, out_dir: Path, batch_si
     world_size = env_world if world_size is None else world_size
     identity = {"source": dataset.location, "shards_sha256": dataset.sha256, "num_shards": len(dataset.shards),
                 "caption_key": dataset.caption_key, "encoder": encoder.name, "max_length": encoder.max_length,
-                "dim": encoder.dim}
+                "dim": encoder.dim, "filter": dataset.filter_text}
     identity_file = out_dir / PARTS_DIR / "identity.json"
     if identity_file.is_file():
         old = json.loads(identity_file.read_text())
-        diff = [k for k in identity if old.get(k) != identity[k]]
+        diff = [k for k in identity if old.get(k) != identity[k] and (k in old or identity[k] is not None)]
         if diff:
             raise ArgenError(f"{out_dir} already holds text features made with different settings ({', '.join(diff)}); "
                              f"choose another output directory or delete it")
@@ -422,8 +456,9 @@ def _shard_text_features(encoder, dataset: ShardDataset, out_dir: Path, batch_si
     bar = tqdm(desc=f"extract-text-features[{rank}]", unit="caption", disable=not progress)
     for shard in mine:
         texts, keys, samples, error = [], [], 0, None
+        report = dataset.new_filter_report()
         try:
-            for sample in dataset.iter_shard(shard, images=False):
+            for sample in dataset.iter_shard(shard, images=False, report=report):
                 samples += 1
                 if sample.captions:
                     texts.extend(sample.captions)
@@ -435,7 +470,7 @@ def _shard_text_features(encoder, dataset: ShardDataset, out_dir: Path, batch_si
             if not dataset.skip_bad_shards:
                 raise
             log.warning("skipping shard %s: %s", dataset.shards[shard], exc)
-            texts, keys, samples, error = [], [], 0, str(exc)
+            texts, keys, samples, error, report = [], [], 0, str(exc), None
         features = []
         for start in range(0, len(texts), batch_size):
             features.extend(encoder.encode_unpadded(texts[start:start + batch_size]))
@@ -447,7 +482,8 @@ def _shard_text_features(encoder, dataset: ShardDataset, out_dir: Path, batch_si
         atomic_save_npy(_part(out_dir, "lengths", shard), lengths)
         atomic_write_json(_part(out_dir, "part", shard), {"shard": dataset.names[shard], "samples": samples,
                                                           "captions": len(texts), "keys": keys, "texts": texts,
-                                                          "skipped": error, "rank": rank})
+                                                          "skipped": error, "rank": rank,
+                                                          "filter": report.to_dict() if report else None})
         log.info("rank %d wrote text-feature part %d from %s (%d captions)", rank, shard, dataset.names[shard],
                  len(texts))
     bar.close()
@@ -459,18 +495,21 @@ def _shard_text_features(encoder, dataset: ShardDataset, out_dir: Path, batch_si
     if missing:
         raise ArgenError(f"shards {missing[:5]} of {out_dir} are not finished; rerun extract-text-features")
     parts = [json.loads(_part(out_dir, "part", s).read_text()) for s in range(n)]
+    filter_report = total_filter_report(dataset, [p.get("filter") for p in parts])
     meta_file = out_dir / META_FILE
     if not meta_file.is_file() or "shards_sha256" not in json.loads(meta_file.read_text()):
-        _merge_parts(out_dir, parts, identity)
+        _merge_parts(out_dir, parts, identity, filter_report)
     for s in range(n):
         _part(out_dir, "features", s).unlink(missing_ok=True)
         _part(out_dir, "lengths", s).unlink(missing_ok=True)
     return {"captions": sum(p["captions"] for p in parts), "images": sum(p["samples"] for p in parts),
             "dim": encoder.dim, "encoder": encoder.name, "shards": n,
-            "skipped_shards": sum(1 for p in parts if p["skipped"])}
+            "skipped_shards": sum(1 for p in parts if p["skipped"]),
+            **({"filter": {k: filter_report[k] for k in ("filter", "seen", "kept", "dropped")}} if filter_report
+               else {})}
 
 
-def _merge_parts(out_dir: Path, parts: list[dict], identity: dict) -> None:
+def _merge_parts(out_dir: Path, parts: list[dict], identity: dict, filter_report: dict | None) -> None:
     """Concatenate the per-shard parts into features.npy / offsets.npy / meta.json (meta last)."""
     (out_dir / META_FILE).unlink(missing_ok=True)
     lengths = [np.load(_part(out_dir, "lengths", s)) for s in range(len(parts))]
@@ -492,6 +531,7 @@ def _merge_parts(out_dir: Path, parts: list[dict], identity: dict) -> None:
     meta = {"count": len(offsets) - 1, "dim": dim, "dtype": "float16", "encoder": identity["encoder"],
             "max_length": identity["max_length"], "total_tokens": total, "source": identity["source"],
             "shards_sha256": identity["shards_sha256"], "caption_key": identity["caption_key"],
+            "filter": identity["filter"], "filter_report": filter_report,
             "shards": [{"name": p["shard"], "samples": p["samples"], "captions": p["captions"], "start": int(start),
                         "skipped": p["skipped"]} for p, start in zip(parts, starts)]}
     atomic_write_json(out_dir / META_FILE, meta)

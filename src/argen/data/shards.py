@@ -7,7 +7,12 @@ Contract:
   subfolders (sorted by name); a list file (`.txt` or `.shards`) with one tar path or pattern per line
   (relative to the list's folder, `#` comments). Options follow a `?`, joined by `&`: `caption_key=K`
   (JSON key of the caption, default `caption`), `label_key=K` (JSON key of the class id, default
-  `label`), `kind=c2i|t2i`, `skip_bad_shards=1`. Only uncompressed `.tar` files are read.
+  `label`), `kind=c2i|t2i`, `skip_bad_shards=1`, `sidecars=DIR` (where the score sidecars are; default
+  next to each shard). Only uncompressed `.tar` files are read.
+- Filter (`sample_filter`, `argen.data.filters`): a sample whose record (its JSON metadata with its
+  score sidecar's fields over it, `argen.data.sidecars`) does not pass is left out of streaming and of
+  the map-style view, before any bad-record check, and counted in a `FilterReport`: per shard in the
+  one passed to `iter_shard`, else in `filter_report` (the map-style view's index counts there too).
 - A sample is the run of consecutive members with the same key (the member path up to the first `.` of
   its file name); the rest of the name, lower-cased, is the extension. The image is the first member
   with an image extension (jpg, jpeg, png, webp, ...). Captions: the JSON value under `caption_key`
@@ -46,7 +51,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from argen.data.filters import FilterReport, SampleFilter
 from argen.data.images import IMAGE_EXTENSIONS, BadImage, load_image
+from argen.data.sidecars import load_scores, merge_record
 from argen.utils.errors import ArgenError
 
 log = logging.getLogger("argen.data")
@@ -54,7 +61,7 @@ PREFIX = "shards:"
 LIST_SUFFIXES = (".txt", ".shards")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp") + tuple(sorted(e[1:] for e in IMAGE_EXTENSIONS
                                                             if e[1:] not in ("jpg", "jpeg", "png", "webp")))
-OPTIONS = ("caption_key", "label_key", "kind", "skip_bad_shards")
+OPTIONS = ("caption_key", "label_key", "kind", "skip_bad_shards", "sidecars")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _BYTES_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -258,6 +265,7 @@ class ShardSample:
     label: int | None = None
     caption_problem: str | None = None
     label_problem: str | None = None
+    meta: dict | None = None
 
 
 def parse_sample(shard: int, key: str, files: dict[str, bytes], caption_key: str, label_key: str) -> ShardSample:
@@ -271,6 +279,7 @@ def parse_sample(shard: int, key: str, files: dict[str, bytes], caption_key: str
             json_problem = f"unreadable JSON ({exc})"
         if meta is not None and not isinstance(meta, dict):
             meta, json_problem = None, "the JSON member is not an object"
+    sample.meta = meta
     if meta is not None and meta.get(caption_key) is not None:
         value = meta[caption_key]
         captions = [value] if isinstance(value, str) else value
@@ -307,7 +316,8 @@ class ShardDataset:
     class_names = None
 
     def __init__(self, spec: str | Path, split: str = "all", min_size: int = 8, caption_key: str | None = None,
-                 label_key: str | None = None, kind: str | None = None, skip_bad_shards: bool | None = None):
+                 label_key: str | None = None, kind: str | None = None, skip_bad_shards: bool | None = None,
+                 sample_filter: str | SampleFilter | None = None, sidecars: str | None = None):
         self.spec = str(spec)
         self.split = split
         path_text, options = _split_options(self.spec)
@@ -318,6 +328,10 @@ class ShardDataset:
         skip = options.get("skip_bad_shards", "0") if skip_bad_shards is None else skip_bad_shards
         self.skip_bad_shards = skip if isinstance(skip, bool) else skip.lower() in ("1", "true", "yes")
         self.shards = resolve_shards(self.spec)
+        self.filter = SampleFilter.parse(sample_filter)
+        self.filter_text = self.filter.text if self.filter else None
+        self.filter_report = self.filter.new_report() if self.filter else None
+        self.sidecars = sidecars or options.get("sidecars") or None
         missing = [p for p in self.shards if not p.is_file()]
         if missing and not self.skip_bad_shards:
             raise ShardError(f"{len(missing)} of the {len(self.shards)} tar shards of --data {self.spec!r} do not "
@@ -338,7 +352,7 @@ class ShardDataset:
     def _detect_kind(self) -> str:
         for s in range(len(self.shards)):
             try:
-                for sample in self.iter_shard(s):
+                for sample in self.iter_shard(s, apply_filter=False):
                     return "c2i" if sample.label is not None else "t2i"
             except ShardError:
                 if not self.skip_bad_shards:
@@ -346,12 +360,31 @@ class ShardDataset:
         return "t2i"
 
     # ------------------------------------------------------------------ streaming
-    def iter_shard(self, shard: int, images: bool = True):
-        """Yield the `ShardSample`s of shard `shard` in tar order (`images=False`: without reading the
-        image bytes); raises `ShardError` for a bad tar."""
+    def new_filter_report(self) -> FilterReport | None:
+        return self.filter.new_report() if self.filter else None
+
+    def scores(self, shard: int) -> dict | None:
+        """The score sidecar's {key: fields} of shard `shard` (None without a sidecar)."""
+        return load_scores(self.shards[shard], self.sidecars)
+
+    def iter_shard(self, shard: int, images: bool = True, report: FilterReport | None = None,
+                   apply_filter: bool = True):
+        """Yield the `ShardSample`s of shard `shard` that pass the filter, in tar order (`images=False`:
+        without reading the image bytes); raises `ShardError` for a bad tar."""
         exts = None if images else frozenset(("txt", "json", "cls"))
+        keep = self._keeper(shard, report) if apply_filter else None
         for key, _, _, files in iter_groups(self.shards[shard], exts=exts):
-            yield parse_sample(shard, key, files, self.caption_key, self.label_key)
+            sample = parse_sample(shard, key, files, self.caption_key, self.label_key)
+            if keep is None or keep(sample):
+                yield sample
+
+    def _keeper(self, shard: int, report: FilterReport | None):
+        """sample -> whether it passes the filter (counted in `report`), or None without a filter."""
+        if self.filter is None:
+            return None
+        report = report if report is not None else self.filter_report
+        scores = self.scores(shard) or {}
+        return lambda sample: report.add(merge_record(sample.meta, scores.get(sample.key)))
 
     def caption_problem(self, sample: ShardSample) -> str | None:
         """Why `sample` has no caption (None when it has one)."""
@@ -387,7 +420,11 @@ class ShardDataset:
         for s, path in enumerate(self.shards):
             starts, counts = [], []
             try:
-                for _, start, count, _ in iter_groups(path, read=False):
+                keep = self._keeper(s, None)
+                exts = frozenset(("json",)) if keep else None
+                for key, start, count, files in iter_groups(path, read=keep is not None, exts=exts):
+                    if keep is not None and not keep(parse_sample(s, key, files, self.caption_key, self.label_key)):
+                        continue
                     starts.append(start)
                     counts.append(count)
             except ShardError as exc:

@@ -129,6 +129,8 @@ class TokenizerTrainConfig:
     out: str = _flag(None, "run directory")
     data: str = _flag("demo", "'demo', a class-folder path or a .jsonl manifest")
     split: str = _flag("train", "train, val or all")
+    filter: str | None = _flag(None, "tar shards: keep only samples whose JSON metadata (and score sidecar) "
+                                     "passes this expression, e.g. \"min(width, height) >= 256\" (docs/data.md)")
     config: str = _flag("VQ-tiny", "named tokenizer config (VQ-tiny, VQ-demo, VQ-16, VQ-8, ...)")
     recipe: str | None = _flag(None, "start from a released tokenizer's recipe; explicit flags override it")
     # tokenizer shape overrides (recorded in the saved tokenizer's config)

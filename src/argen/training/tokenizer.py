@@ -11,6 +11,8 @@ Contract:
   `log.jsonl` (one line per `log_every` steps: losses, PSNR, codebook usage over the quantizer's rolling
   65,536-code window, images/s, learning rate). The run directory is locked while the run writes it
   (`argen.utils.io.run_lock`): a second writer is refused.
+- `filter` (tar shards only, `argen.data.filters`): the samples that pass it are the training set; what it
+  kept and dropped, per criterion, is logged and recorded as `filter_report` in `train_config.json`.
 - Exact resume: the data order is `training.parts.BatchOrder` (a pure function of (seed, step)),
   per-image augmentation is seeded by (seed, epoch, index), and every parameter, buffer and optimizer
   moment is in the checkpoint, so `resume=True` after a crash (even SIGKILL) ends with the same weights
@@ -120,9 +122,13 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, device: torch.device, resources:
     out = Path(cfg.out)
     dtype = P.resolve_precision(cfg.precision, device, fp16_ok=False)
 
-    dataset = open_dataset(cfg.data, cfg.split)
+    dataset = open_dataset(cfg.data, cfg.split, sample_filter=cfg.filter)
     if len(dataset) == 0:
-        raise ArgenError(f"--data {cfg.data} split {cfg.split} has no images")
+        raise ArgenError(f"--data {cfg.data} split {cfg.split} has no images"
+                         + (" that pass --filter" if cfg.filter else ""))
+    filter_report = getattr(dataset, "filter_report", None)
+    for line in filter_report.lines() if filter_report else ():
+        log.info(line)
     transform = TrainTransform(cfg.image_size, hflip=cfg.hflip, min_frac=cfg.min_crop_frac)
 
     torch.manual_seed(cfg.seed)
@@ -182,7 +188,8 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, device: torch.device, resources:
     if step:
         log.info("resuming %s at step %d from %s", out, step, ckpt.restored_from)
     atomic_write_json(out / CONFIG_FILE, {**cfg.to_dict(), "tokenizer_config": model.config.to_dict(),
-                                          "batch_order": P.BATCH_ORDER_RULE, "checkpoint_format": FORMAT})
+                                          "batch_order": P.BATCH_ORDER_RULE, "checkpoint_format": FORMAT,
+                                          **({"filter_report": filter_report.to_dict()} if filter_report else {})})
 
     loader = torch.utils.data.DataLoader(TransformedDataset(dataset, transform, cfg.seed),
                                          batch_sampler=order.keys(cfg.max_steps), collate_fn=collate_skip,
