@@ -13,6 +13,7 @@ the name logic, the layouts and the code paths are the real ones.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import replace
 
@@ -356,6 +357,9 @@ def hub(registry, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr("time.sleep", lambda s: None)
+    # the stand-in Hub cuts every first transfer; huggingface_hub's resume warnings would go to a stderr
+    # stream that pytest has already closed for an earlier test ("--- Logging error ---")
+    monkeypatch.setattr(logging.getLogger("huggingface_hub"), "disabled", True)
     yield server, gpt, vq
     server.close()
 

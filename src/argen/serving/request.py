@@ -40,13 +40,14 @@ class GenerateRequest(BaseModel):
                                             "list of rows of caption_dim numbers, or base64 of a .npy (B, L, D)")
     mask: Any = Field(None, description="with `features`: (B, caption_len) 0/1, left padded; lists or base64 .npy")
     n: int = Field(1, ge=1, description="images per class id / prompt / caption")
-    cfg_scale: float | None = Field(None, description="guidance scale (default 4.0 c2i, 7.5 t2i)")
-    cfg_interval: int = -1
-    cfg_schedule: str = "constant"
-    cfg_power: float = 1.0
-    top_k: int | None = Field(None, description="0 turns it off (default 2000 c2i, 1000 t2i)")
-    top_p: float = 1.0
-    temperature: float = 1.0
+    # every sampling default is None: the model's own recommended settings, else the kind's, fill it in
+    cfg_scale: float | None = Field(None, description="guidance scale (default: the model's, else 4.0 c2i, 7.5 t2i)")
+    cfg_interval: int | None = Field(None, description="guide tokens 0..i+1 only (default -1: all)")
+    cfg_schedule: str | None = Field(None, description="constant (default), linear or power")
+    cfg_power: float | None = Field(None, description="power schedule exponent (default 1.0)")
+    top_k: int | None = Field(None, description="0 turns it off (default: the model's, else 2000 c2i, 1000 t2i)")
+    top_p: float | None = Field(None, description="nucleus filter in (0, 1] (default: the model's, else 1.0)")
+    temperature: float | None = Field(None, description="default: the model's, else 1.0")
     seed: int | None = Field(None, ge=0, lt=2**63, description="default: drawn at random, echoed in params")
 
 
