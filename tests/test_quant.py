@@ -3,6 +3,7 @@ computes what its dequantised weight says, the model keeps its decisions, every 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +148,54 @@ def test_bf16_int8_model_samples_through_the_engine():
     tokens = argen.generate(model, torch.arange(2), cfg_scale=2.0, top_k=20, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (2, model.config.num_image_tokens)
     assert 0 <= int(tokens.min()) and int(tokens.max()) < model.config.vocab_size
+
+
+def cli_exit_code(argv) -> int:
+    from argen.cli.main import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        return exc.code
+
+
+def test_sample_quantize_int8_writes_the_int8_models_images(tmp_path):
+    from conftest import tiny_tokenizer
+
+    argen.save_tokenizer(tiny_tokenizer(), tmp_path / "tok")
+    argen.save_gpt(tiny_gpt("c2i"), tmp_path / "gpt")
+    flags = ["sample", "--tokenizer", str(tmp_path / "tok"), "--gpt", str(tmp_path / "gpt"), "--classes", "0,3",
+             "--device", "cpu", "--top-k", "1", "--cfg-scale", "2.0", "--save-codes"]
+    assert cli_exit_code([*flags, "--quantize", "int8", "--out", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "00000_class0.png").is_file()
+    codes = torch.from_numpy(np.load(tmp_path / "q" / "codes.npy"))
+    int8 = load_gpt(tmp_path / "gpt", quantize="int8")
+    assert torch.equal(codes, argen.generate(int8, torch.tensor([0, 3]), cfg_scale=2.0, top_k=1))
+
+
+def test_every_sampling_command_loads_the_int8_model_it_is_asked_for(tmp_path):
+    from argen.cli.common import load_models
+    from argen.cli.main import build_parser
+    from conftest import tiny_tokenizer
+
+    argen.save_tokenizer(tiny_tokenizer(), tmp_path / "tok")
+    argen.save_gpt(tiny_gpt("c2i"), tmp_path / "gpt")
+    commands = (("sample", ["--classes", "0"]), ("serve", []),
+                ("sample-batch", ["--out", str(tmp_path / "o"), "--num-samples", "2"]))
+    for command, extra in commands:
+        common = [command, "--tokenizer", str(tmp_path / "tok"), "--gpt", str(tmp_path / "gpt"), "--device", "cpu",
+                  *extra]
+        for quantize, layer in (("int8", Int8Linear), ("none", nn.Linear)):
+            args = build_parser([command]).parse_args([*common, "--quantize", quantize])
+            _, gpt, _, _ = load_models(args)
+            assert type(gpt.layers[0].attention.wqkv) is layer
+
+
+@pytest.mark.parametrize("command", ["sample", "sample-batch", "serve"])
+@pytest.mark.parametrize("value", ["int4", "fp8", "INT8"])
+def test_unsupported_quantize_is_one_line_and_exit_2(capsys, command, value):
+    rc = cli_exit_code([command, "--gpt", "x", "--quantize", value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"argument --quantize: invalid choice: '{value}' (choose from 'none', 'int8')" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
