@@ -96,6 +96,8 @@ def test_quantize_gpt_head_and_unknown_modes(tmp_path):
     _, path = save_tiny(tmp_path)
     model = quantize_gpt(load_gpt(path), "int8", head=True)
     assert isinstance(model.output, Int8Linear)
+    with pytest.raises(ArgenError, match="save the float model"):
+        save_gpt(model, tmp_path / "int8")
     for bad in ("int4", "fp8"):
         with pytest.raises(ArgenError, match="choose from none, int8"):
             load_gpt(path, quantize=bad)

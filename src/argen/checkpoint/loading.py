@@ -14,7 +14,7 @@ from argen.checkpoint.released import extract_state_dict, read_torch_file
 from argen.models.classifier import ClassifierConfig, ImageClassifier
 from argen.models.gpt import GPT, GPTConfig, gpt_config
 from argen.models.tokenizer import VQConfig, VQModel, vq_config
-from argen.nn.quant import Int8Linear, quantize_int8
+from argen.nn.quant import Int8Linear, is_quantized, quantize_int8
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import atomic_write, atomic_write_json
 
@@ -180,6 +180,9 @@ def quantize_gpt(model: GPT, quantize: str | None, head: bool = False) -> GPT:
 
 def save_gpt(model: GPT, path: str | Path, extra: dict | None = None) -> Path:
     """Write `<path>/gpt.safetensors` (+ .json), or to `path` itself if it ends in .safetensors."""
+    if is_quantized(model):
+        raise ArgenError("this generator is quantised for decoding; save the float model (and quantise it "
+                         "when loading: load_gpt(..., quantize='int8'))")
     return _save_argen(model, model.config.to_dict(), "gpt", path, extra)
 
 

@@ -11,6 +11,8 @@ Contract:
   qualified name is not in `skip` by an `Int8Linear`, in place, and returns the model. The int8
   tensors are frozen parameters (requires_grad=False), so `model.to(dtype)` casts the scales but
   never the int8 weights, and code that watches `model.parameters()` sees the swap.
+- `is_quantized(model)`: whether any `Int8Linear` is below `model`; `weight_bytes(model)`: the bytes
+  of its state dict.
 
 Kernel: torch's own `torch._weight_int8pack_mm` (per-channel int8 weights, bf16 activations,
 float32 accumulation), not torchao. Measured on the project's 2-core AVX-512 (BF16, VNNI) CPU,
@@ -88,7 +90,10 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     return model
 
 
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and persistent buffers (what a copy of its weights costs)."""
-    tensors = list(model.parameters()) + [b for b in model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the model's state dict (parameters and persistent buffers): what its weights cost."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
