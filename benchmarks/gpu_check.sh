@@ -17,6 +17,8 @@
 #              the closed loop through JacobiSlotDecoder (W=8, captured)
 #   jacobi     benchmarks/gpu_stages.py jacobi: Jacobi decoding W=4,8 vs plain, GPT-B 256 px random
 #              weights, 8 images x 64 tokens
+#   int8       benchmarks/bench_int8.py: the engine in bf16 vs int8 weight-only (block linears; and the head
+#              too), GPT-B 256 px, 2 images + cfg 4.0, top-k 2000: ms per step and weights MB
 #   reference_xl  as reference, GPT-XL, on the time that is left (compilation is the longest item)
 #
 #   bash benchmarks/gpu_check.sh                                   # on the device, from anywhere
@@ -38,7 +40,7 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 if [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
 TOTAL_S="${GPU_CHECK_TOTAL_S:-480}"
-STAGES=",${GPU_CHECK_STAGES:-engine,reference,pytest,train,sample,slots,jacobi,reference_xl},"
+STAGES=",${GPU_CHECK_STAGES:-engine,reference,pytest,train,sample,slots,jacobi,int8,reference_xl},"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
@@ -139,6 +141,10 @@ if [ "$DRY" = 1 ]; then
 else
   run_stage jacobi 40 "$PY" "$S" jacobi --images 8 --tokens 64 --windows 4,8 --json "$WORK/jacobi.json"
 fi
+I8=(--device cuda --tokens 256 --repeats 2)
+[ "$DRY" = 1 ] && I8=(--device cpu --model GPT-tiny --tokens 4 --repeats 1 --top-k 10)
+run_stage int8 "$([ "$DRY" = 1 ] && echo 120 || echo 45)" "$PY" benchmarks/bench_int8.py "${I8[@]}" \
+  --variants "engine bf16,engine int8 bf16,engine int8+head bf16" --json "$WORK/int8.json"
 # last: the GPT-XL baseline, on whatever time is left (its compilation is the longest single item)
 if [ "$DRY" = 1 ]; then
   run_stage reference_xl 60 "$PY" benchmarks/bench_reference.py --cpu --models GPT-mini --sizes - --batches 2 \
@@ -153,7 +159,7 @@ fi
   echo "== summary ($(( $(date +%s) - start )) s in all; files in $OUT_DIR: all.log results.json pytest.xml summary.txt)"
   cat "$WORK/env.txt"
   printf '%s\n' "${STATUS[@]}"
-  for name in engine reference reference_xl pytest train sample slots jacobi; do
+  for name in engine reference reference_xl pytest train sample slots jacobi int8; do
     [ -f "$WORK/$name.log" ] || continue
     echo "-- $name"
     if [ "$name" = pytest ]; then

@@ -12,10 +12,11 @@ from argen.checkpoint.loading import (
     load_classifier,
     load_gpt,
     load_tokenizer,
+    quantize_gpt,
     save_classifier,
     save_gpt,
     save_tokenizer,
 )
 
-__all__ = ["build_gpt_config", "load_classifier", "load_gpt", "load_tokenizer", "save_classifier", "save_gpt",
-           "save_tokenizer"]
+__all__ = ["build_gpt_config", "load_classifier", "load_gpt", "load_tokenizer", "quantize_gpt", "save_classifier",
+           "save_gpt", "save_tokenizer"]

@@ -14,11 +14,13 @@ from argen.checkpoint.released import extract_state_dict, read_torch_file
 from argen.models.classifier import ClassifierConfig, ImageClassifier
 from argen.models.gpt import GPT, GPTConfig, gpt_config
 from argen.models.tokenizer import VQConfig, VQModel, vq_config
+from argen.nn.quant import Int8Linear, is_quantized, quantize_int8
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import atomic_write, atomic_write_json
 
 FORMAT = "argen"
 FILE_STEMS = {"vq": "tokenizer", "gpt": "gpt", "classifier": "classifier"}
+QUANTIZE_CHOICES = ("none", "int8")
 
 
 # ------------------------------------------------------------------ strict loading
@@ -163,20 +165,40 @@ def build_gpt_config(config: str | GPTConfig, kind: str | None = None, image_siz
     return GPTConfig.from_dict({**base.to_dict(), **fields})
 
 
+def quantize_gpt(model: GPT, quantize: str | None, head: bool = False) -> GPT:
+    """Quantise the generator's weights in place for decoding: "int8" swaps the transformer blocks'
+    linear layers (and the output head if `head`) for per-channel int8 ones (`argen.nn.quant`); the
+    embeddings, the norms and the caption projection stay as they are. None or "none": unchanged."""
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ArgenError(f"unknown quantize {quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "int8":
+        quantize_int8(model.layers)
+        if head:
+            model.output = Int8Linear.from_linear(model.output)
+    return model
+
+
 def save_gpt(model: GPT, path: str | Path, extra: dict | None = None) -> Path:
     """Write `<path>/gpt.safetensors` (+ .json), or to `path` itself if it ends in .safetensors."""
+    if is_quantized(model):
+        raise ArgenError("this generator is quantised for decoding; save the float model (and quantise it "
+                         "when loading: load_gpt(..., quantize='int8'))")
     return _save_argen(model, model.config.to_dict(), "gpt", path, extra)
 
 
 def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str | None = None,
              image_size: int | None = None, downsample: int | None = None, device=None,
-             dtype: torch.dtype | None = None, container: str | None = None) -> GPT:
+             dtype: torch.dtype | None = None, container: str | None = None, quantize: str | None = None) -> GPT:
     """Load a generator in eval mode. Released files need `config` and usually `kind`,
     `image_size` and `downsample`; argen files carry their own config (a different
     `image_size` may be given to sample at another resolution, since RoPE is not stored).
     `path` may also be a released name or hub reference; the name fills in the flags (`argen.checkpoint.hub`),
     or a bundled name (`demo-c2i`, `demo-t2i`). An argen file's recommended sampling settings (its
-    metadata's `sampling`) become `model.sampling_defaults`."""
+    metadata's `sampling`) become `model.sampling_defaults`.
+    quantize: None/"none", or "int8" for int8 weight-only decoding (`quantize_gpt`; the weights are
+    quantised from the file's values, before the cast to `dtype`). Such a model is for inference only."""
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ArgenError(f"unknown quantize {quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
     path, config, kind, image_size, downsample = gpt_arguments(path, config, kind, image_size, downsample)
     argen_file = _resolve_argen_file(path, "gpt")
     if argen_file is not None:
@@ -196,7 +218,7 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
         model = GPT(cfg)
         load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"generator config {cfg.name!r}")
         model.sampling_defaults = info.get("sampling")
-        return _place_for_inference(model, device, dtype)
+        return _place_for_inference(quantize_gpt(model, quantize), device, dtype)
     if config is None:
         raise ArgenError(f"{path} is a released (torch) checkpoint: pass the generator config, e.g. "
                          f"config='GPT-B', kind='c2i', image_size=256, downsample=16")
@@ -205,4 +227,4 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     model = GPT(cfg)
     desc = f"generator config {cfg.name!r} (kind={cfg.kind}, image_size={cfg.image_size}, downsample={cfg.downsample})"
     load_strict(model, state, str(path), desc)
-    return _place_for_inference(model, device, dtype)
+    return _place_for_inference(quantize_gpt(model, quantize), device, dtype)

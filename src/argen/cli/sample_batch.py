@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer_ref = args.tokenizer or default_tokenizer(args.gpt)
     info = {"tokenizer": checkpoint_record(tokenizer_ref), "gpt": checkpoint_record(args.gpt),
             "gpt_config": gpt.config.name, "tokenizer_config": tokenizer.config.name, "dtype": args.dtype}
+    if args.quantize != "none":  # int8 samples differ from fp32 ones; the key is left out otherwise, as before
+        info["quantize"] = args.quantize
     path = sample_batch(tokenizer, gpt, config, args.out, features, mask, rank=ranks.rank,
                         world_size=ranks.world_size, checkpoint_info=info, progress=show_progress(args))
     if path is not None and prompts is not None:

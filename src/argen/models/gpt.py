@@ -346,7 +346,7 @@ class GPT(nn.Module):
             h = layer.forward_cached(h, rotation, layer_cache, positions, kv_len, mask)
         if last_only:
             h = h[:, -1:]
-        return F.linear(self.norm(h), self.output.weight).float()
+        return self.output(self.norm(h)).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -93,7 +93,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         n_head, n_kv, head_dim = self.n_head, self.n_kv_head, self.head_dim
         kv_dim = n_kv * head_dim
-        qkv = F.linear(x, self.wqkv.weight)  # (B, T, C + 2 kv_dim)
+        qkv = self.wqkv(x)  # (B, T, C + 2 kv_dim)
         pairs = qkv[..., :self.dim + kv_dim].float().view(batch, seq, n_head + n_kv, head_dim // 2, 2)
         rot = rotation[None, :, None] if rotation.ndim == 2 else rotation[:, :, None]  # (B|1, T, 1, D/2)
         rotated = torch.view_as_real(torch.view_as_complex(pairs) * rot).flatten(3).to(x.dtype)  # (B, T, H+H_kv, D)
@@ -121,7 +121,7 @@ class Attention(nn.Module):
             att = torch.matmul(scores.softmax(dim=-1), values)  # (B, H, 1, D)
         else:
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, D)
-        return F.linear(att.transpose(1, 2).reshape(batch, seq, self.dim).to(x.dtype), self.wo.weight)
+        return self.wo(att.transpose(1, 2).reshape(batch, seq, self.dim).to(x.dtype))  # (B, T, C)
 
 
 class DropPath(nn.Module):
@@ -159,4 +159,4 @@ class TransformerBlock(nn.Module):
         h = x + self.attention.forward_cached(self.attention_norm(x), rotation, cache, positions, kv_len, mask)
         ff = self.feed_forward
         y = self.ffn_norm(h)
-        return h + F.linear(F.silu(F.linear(y, ff.w1.weight)) * F.linear(y, ff.w3.weight), ff.w2.weight)
+        return h + ff.w2(F.silu(ff.w1(y)) * ff.w3(y))  # (B, T, C)
