@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a short device lease (issue 15): one call, about 9 minutes of command time.
-# Stages, in this order, each under its own `timeout` and all inside one total budget (GPU_CHECK_TOTAL_S,
-# default 480 s: a stage gets min(its own limit, the time left) and is skipped when under 20 s are
-# left); a failing or stopped stage does not stop the others:
+# One-shot GPU check for a short device lease (issues 15, 30): one call, about 8 minutes of command time.
+# First a preflight (benchmarks/gpu_preflight.py, seconds): python, torch, CUDA and package versions, a NOTE
+# when torch is older than argen's pin, then an import of every module the selected stages need; one missing
+# stops the check there (exit 3; GPU_CHECK_FORCE=1 goes on). Then the stages, in this order, each under its
+# own `timeout` and all inside one total budget (GPU_CHECK_TOTAL_S, default 450 s: a stage gets min(its own
+# limit, the time left) and is skipped when under 20 s are left); a failing or stopped stage does not stop
+# the others:
 #   engine     benchmarks/bench_engine.py: GPT-B and GPT-XL, 384 px, bf16, top-k 2000, cfg 4.0, batch 8
 #              (latency) and 64 (throughput), first call with graph capture, eager reference ratio
 #   reference  benchmarks/bench_reference.py: argen.sampling.reference_generate eager and with its
@@ -20,17 +23,32 @@
 #   int8       benchmarks/bench_int8.py: the engine in bf16 vs int8 weight-only (block linears; and the head
 #              too), GPT-B 256 px, 2 images + cfg 4.0, top-k 2000: ms per step and weights MB
 #   reference_xl  as reference, GPT-XL, on the time that is left (compilation is the longest item)
+# TODO (issue 30), stages to add once they land in src/ (none has yet): adapters in the slot step (slots
+# with an adapter per request); forced tokens (editing: a prefix/mask of given tokens through Engine and
+# SlotDecoder); a bf16 LoRA training step (train with LoRA: tokens/s and peak memory beside full training).
+# Each goes into gpu_stages.py with a --dry variant and its modules into gpu_preflight.py's STAGES.
 #
 #   bash benchmarks/gpu_check.sh                                   # on the device, from anywhere
-#   GPU_CHECK_STAGES=slots,jacobi bash benchmarks/gpu_check.sh     # a rerun of some stages only
+#   GPU_CHECK_STAGES=slots,jacobi GPU_CHECK_TOTAL_S=200 bash benchmarks/gpu_check.sh   # a rerun of some stages
 #   GPU_CHECK_DRY=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # CPU smoke run, tiny settings
 #
-# Output (at most 4 files, the device tool brings back 8): $OUT or runs/gpu-check: all.log (every
-# stage's output, appended as it runs), results.json (every stage's JSON, merged after each stage),
-# pytest.xml, summary.txt (also printed last: environment, one status line per stage, the tables,
-# the targets). It uses whatever `python3` has torch; argen is imported from src/, nothing is
-# installed. When argen's distribution metadata is missing (the device image), a stub dist-info is
-# put on PYTHONPATH so that `python -m argen.cli.main` can answer `--version` and run.
+# On the device (the device tool's `run`; its python3 has torch 2.11.0+cu130 and none of fastapi, pydantic,
+# starlette, uvicorn, lpips, MiniLM, which no stage imports): no carry, nothing to install,
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
+# 450 s of stages plus preflight, summary and slack: with the machine's start (1-2 min) about 11 of the 15
+# minutes, leaving one rerun of the failed stages (GPU_CHECK_STAGES=..., GPU_CHECK_TOTAL_S=150, timeout_s
+# 200). Wheels from benchmarks/fetch_device_wheels.sh, if a stage ever needs them, sit in .whl/: then add
+# carry=[".whl"]; this script installs them into a temporary --target first.
+# Rehearsed on the CPU in a device-like venv (Python 3.12, torch 2.11.0, transformers 5.17.0,
+# huggingface_hub 1.33.0, safetensors 0.8.0, torchvision 0.26.0; no fastapi/pydantic/lpips/MiniLM):
+#   GPU_CHECK_DRY=1 PYTHON=/work/venv-device/bin/python bash benchmarks/gpu_check.sh
+#
+# Output (at most 4 files, the device tool brings back 8): $OUT or runs/gpu-check: all.log (preflight and
+# every stage's output, appended as it runs), results.json (every stage's JSON, merged after each stage),
+# pytest.xml, summary.txt (also printed last: environment, one status line per stage, the tables). It uses
+# whatever `python3` has torch; argen is imported from src/, nothing is installed. When argen's
+# distribution metadata is missing (the device image), a stub dist-info is put on PYTHONPATH so that
+# `python -m argen.cli.main` can answer `--version` and run.
 set -u
 cd "$(dirname "$0")/.."
 DRY="${GPU_CHECK_DRY:-0}"
@@ -39,7 +57,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 if [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
-TOTAL_S="${GPU_CHECK_TOTAL_S:-480}"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-450}"
 STAGES=",${GPU_CHECK_STAGES:-engine,reference,pytest,train,sample,slots,jacobi,int8,reference_xl},"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,6 +67,13 @@ LOG="$OUT_DIR/all.log"
 : >"$LOG"
 rm -f "$OUT_DIR/results.json" "$OUT_DIR/summary.txt" "$OUT_DIR/pytest.xml"
 start=$(date +%s)
+
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried for the device (benchmarks/fetch_device_wheels.sh)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    .whl/*.whl 2>&1 | tee -a "$LOG" || exit 3
+  export PYTHONPATH="$WORK/site:$PYTHONPATH"
+  echo "(installed $(ls .whl/*.whl | wc -l) carried wheels into $WORK/site)" | tee -a "$LOG"
+fi
 
 if ! "$PY" -c "import importlib.metadata as m; m.version('argen')" 2>/dev/null; then
   version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
@@ -63,11 +88,19 @@ fi
   date -u
   echo "mode: $([ "$DRY" = 1 ] && echo 'DRY (CPU, tiny settings)' || echo GPU); stages ${STAGES//,/ }; budget ${TOTAL_S} s"
   nvidia-smi -L 2>&1 || true
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA',
-torch.version.cuda, '| available', torch.cuda.is_available(),
-'|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')" 2>&1
   git log -1 --format='commit %h %s' 2>/dev/null || true
 } | tee "$WORK/env.txt" | tee -a "$LOG"
+
+# first: versions, and every module the selected stages import (seconds, not a stage, when one is missing)
+echo "== preflight: $PY benchmarks/gpu_preflight.py" | tee -a "$LOG"
+"$PY" benchmarks/gpu_preflight.py --stages "${STAGES:1:-1}" 2>&1 | tee "$WORK/preflight.log" | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+grep -E "^(python |numpy |NOTE: |MISSING )" "$WORK/preflight.log" >>"$WORK/env.txt"
+if [ "$rc" -ne 0 ] && [ "${GPU_CHECK_FORCE:-0}" != 1 ]; then
+  echo "preflight failed (exit $rc): a module a stage needs is missing; nothing run (GPU_CHECK_FORCE=1 runs anyway)" \
+    | tee -a "$LOG" | tee "$OUT_DIR/summary.txt"
+  exit 3
+fi
 
 merge_json() {  # results.json = {stage: that stage's JSON} for every JSON written so far
   "$PY" - "$WORK" "$OUT_DIR/results.json" <<'EOF'
