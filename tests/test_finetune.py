@@ -359,8 +359,11 @@ def hub(registry, tmp_path, monkeypatch):
     monkeypatch.setattr("time.sleep", lambda s: None)
     # the stand-in Hub cuts every first transfer; huggingface_hub's resume warnings would go to a stderr
     # stream that pytest has already closed for an earlier test ("--- Logging error ---")
-    monkeypatch.setattr(logging.getLogger("huggingface_hub"), "disabled", True)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its child loggers inherit it
     yield server, gpt, vq
+    hub_logger.setLevel(level)
     server.close()
 
 

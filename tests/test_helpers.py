@@ -89,15 +89,17 @@ def test_demo_subset_cuts_every_per_image_field():
 
 def test_demo_samples_are_one_generator_in_chunks_of_64_then_decoded():
     import argen
+    from argen.engine import decode_codes
+    from argen.sampling.logits import SamplingParams
     from argen.training.demo import CPU_PLAN, sample_images
     from conftest import tiny_gpt, tiny_tokenizer
 
     gpt, tokenizer = tiny_gpt("c2i"), tiny_tokenizer()
     classes = torch.arange(70) % 10
-    got = sample_images(gpt, tokenizer, classes, None, CPU_PLAN, seed=5)
-    gen = torch.Generator().manual_seed(5)  # the demo's rule before it used decode_codes
-    kw = dict(cfg_scale=CPU_PLAN.cfg_scale, temperature=CPU_PLAN.temperature, top_k=CPU_PLAN.top_k, generator=gen)
+    params = SamplingParams(cfg_scale=CPU_PLAN.cfg_scale, temperature=CPU_PLAN.temperature, top_k=CPU_PLAN.top_k)
+    got = sample_images(gpt, tokenizer, classes, None, params, seed=5)
+    gen = torch.Generator().manual_seed(5)  # the demo's rule: one generator for all, 64 images per call
+    kw = dict(params=params, generator=gen)
     tokens = torch.cat([argen.generate(gpt, classes[:64], **kw), argen.generate(gpt, classes[64:], **kw)])
-    grid = gpt.config.grid_size
-    want = to_uint8(torch.cat([tokenizer.decode(tokens[i:i + 64].view(-1, grid, grid)) for i in (0, 64)]))
+    want = decode_codes(tokenizer, tokens.view(-1, gpt.config.grid_size, gpt.config.grid_size))
     assert got.shape == (70, 64, 64, 3) and np.array_equal(got, want)
