@@ -1,0 +1,191 @@
+"""LoRA adapters (issue 26 part 2): `argen train --lora-rank` trains peft adapters on a released-format base and
+saves them in peft's layout with argen's record; `load_gpt(lora=)`, `--lora` and `argen merge-lora` merge them;
+merged and unmerged logits agree and greedy tokens are equal; peft itself reads the files; bad input is one line
+and exit 2 with nothing written lost. The stand-in released files are those of test_finetune (tiny models in the
+released layout, named c2i_B_256.pt / vq_ds16_c2i.pt)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import argen
+from argen.checkpoint.adapters import apply_adapters, read_adapter
+from argen.cli.main import main
+from argen.engine import generate
+from argen.models.gpt import GPT, GPT_CONFIGS
+from argen.utils.errors import ArgenError
+from conftest import randomize, save_released
+from test_finetune import make_codes, one_line_error, registry, released_pair  # noqa: F401 (fixture)
+
+FLAGS = ["--batch-size", "4", "--no-progress", "--no-tensorboard", "--device", "cpu", "--lr", "0.5",
+         "--warmup", "0", "--dropout", "0"]
+
+
+def train_lora(tmp_path, codes, init, out="lora", *extra, steps="2"):
+    return main(["train", "--codes", str(codes), "--init-from", str(init), "--out", str(tmp_path / out),
+                 "--max-steps", steps, "--lora-rank", "4", *FLAGS, *extra])
+
+
+@pytest.fixture
+def trained(registry, tmp_path, capsys):  # noqa: F811
+    pt, vq, gpt = released_pair(tmp_path / "rel")
+    codes = make_codes(tmp_path, vq, class_names=("golden retriever", "my logo"))
+    assert train_lora(tmp_path, codes, pt) == 0
+    captured = capsys.readouterr()
+    assert "adapter in" in captured.out
+    return pt, vq, gpt, codes, tmp_path / "lora", captured.err
+
+
+def _tokens(n=2, length=16, seed=0):
+    return torch.randint(0, 512, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_adapter_in_peft_layout_with_argen_record(trained):
+    pt, vq, gpt, codes, lora, err = trained
+    assert "LoRA rank 4 on w1, w2, w3, wo, wqkv" in err
+    assert not (lora / "gpt.safetensors").exists()
+    config = json.loads((lora / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 4
+    assert sorted(config["target_modules"]) == ["w1", "w2", "w3", "wo", "wqkv"]
+    assert config["modules_to_save"] == ["cls_embedding"]  # the rebuilt class rows travel with the adapter
+    state = load_file(str(lora / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.") for k in state)
+    assert state["base_model.model.cls_embedding.embedding_table.weight"].shape == (3, 64)
+    b = state["base_model.model.layers.0.attention.wqkv.lora_B.weight"]
+    assert b.shape == (192, 4) and b.abs().sum() > 0  # it trained (B starts at zero)
+    adapter = read_adapter(lora)
+    assert adapter.info["base"]["name"] == "c2i_B_256" and adapter.info["class_names"] == ["golden retriever",
+                                                                                          "my logo"]
+    assert adapter.info["tokenizer"]["sha256"]
+    # only the adapter trained: 5 linears x 2 layers of rank 4, plus the 3-row class table
+    n_lora = sum(v.numel() for k, v in state.items() if ".lora_" in k)
+    assert n_lora == 2 * 4 * ((64 + 192) + (64 + 64) + 3 * (64 + 192))
+
+    # peft reads the files itself
+    from peft import PeftModel
+
+    base = GPT(adapter.gpt_config)
+    peft_model = PeftModel.from_pretrained(base, str(lora))
+    assert torch.equal(peft_model.base_model.model.layers[0].attention.wqkv.lora_B["default"].weight, b)
+
+
+def test_merged_and_unmerged_agree(trained):
+    pt, vq, gpt, codes, lora, _ = trained
+    merged = argen.load_gpt(str(pt), lora=str(lora))
+    base = argen.load_gpt(str(pt))
+    unmerged = apply_adapters(base, str(pt), [(read_adapter(lora), 1.0)], merge=False)
+    assert merged.config.num_classes == 2 and merged.class_names == ["golden retriever", "my logo"]
+    assert merged.config.image_size == 64  # the adapter's data shape (its codes were 64 px)
+    cond = torch.tensor([0, 1])
+    with torch.no_grad():
+        a, b = merged.logits(_tokens(), cond), unmerged.logits(_tokens(), cond)
+        plain = GPT(merged.config)
+        plain.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("cls_embedding")}
+                              | {k: v for k, v in merged.state_dict().items() if k.startswith("cls_embedding")})
+        c = plain.eval().logits(_tokens(), cond)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max() > 1e-3  # the adapter changes the model
+    greedy = dict(cfg_scale=2.0, top_k=1)
+    t1 = generate(merged, cond, generator=torch.Generator().manual_seed(1), **greedy)
+    t2 = generate(unmerged, cond, generator=torch.Generator().manual_seed(1), **greedy)
+    assert torch.equal(t1, t2)
+    # a scale of 0 is the base with the adapter's class rows
+    zero = argen.load_gpt(str(pt), lora=f"{lora}:0")
+    with torch.no_grad():
+        assert torch.allclose(zero.logits(_tokens(), cond), c, atol=1e-5)
+
+
+def test_merge_lora_writes_a_plain_generator(trained, tmp_path):
+    pt, vq, gpt, codes, lora, _ = trained
+    assert main(["merge-lora", "--gpt", str(pt), "--lora", str(lora), "--out", str(tmp_path / "merged")]) == 0
+    plain = argen.load_gpt(str(tmp_path / "merged"))
+    merged = argen.load_gpt(str(pt), lora=str(lora))
+    cond = torch.tensor([1, 0])
+    with torch.no_grad():
+        assert torch.equal(plain.logits(_tokens(), cond), merged.logits(_tokens(), cond))
+    saved = json.loads((tmp_path / "merged" / "gpt.json").read_text())
+    assert saved["class_names"] == ["golden retriever", "my logo"] and saved["tokenizer"]["sha256"]
+    # sample --lora and sample --gpt MERGED give the same images
+    tok = tmp_path / "rel" / "vq_ds16_c2i.pt"
+    common = ["--tokenizer", str(tok), "--classes", "0,1", "--top-k", "1", "--device", "cpu", "--no-progress"]
+    assert main(["sample", "--gpt", str(pt), "--lora", str(lora), "--out", str(tmp_path / "s1"), *common]) == 0
+    assert main(["sample", "--gpt", str(tmp_path / "merged"), "--out", str(tmp_path / "s2"), *common]) == 0
+    for image in sorted((tmp_path / "s1").glob("*.png")):
+        assert image.read_bytes() == (tmp_path / "s2" / image.name).read_bytes()
+
+
+def test_bad_adapters_are_one_line_and_lose_nothing(trained, tmp_path, capsys, monkeypatch):
+    pt, vq, gpt, codes, lora, _ = trained
+    capsys.readouterr()
+
+    def refused(argv, *expected):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors (numeric flags)
+            code = exc.code
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        for text in expected:
+            assert text in err, err
+        return err
+
+    # an existing generator in --out is not touched by a refused merge
+    (tmp_path / "keep").mkdir()
+    argen.save_gpt(gpt, tmp_path / "keep")
+    before = (tmp_path / "keep" / "gpt.safetensors").read_bytes()
+    merge = ["merge-lora", "--gpt", str(pt), "--out", str(tmp_path / "keep"), "--overwrite"]
+    refused([*merge, "--lora", str(tmp_path / "nowhere")], "does not exist")
+    # wrong base: an argen copy of the same weights is another base (identity by name for released files)
+    other = tmp_path / "other"
+    argen.save_gpt(randomize(GPT(GPT_CONFIGS["GPT-B"]), seed=7), other)
+    refused(["merge-lora", "--gpt", str(other), "--lora", str(lora), "--out", str(tmp_path / "keep"), "--overwrite"],
+            "was trained on c2i_B_256", str(other))
+    # a base with the adapter's name that it does not fit (here GPT-B stands for a wider model)
+    (tmp_path / "wrong").mkdir()
+    wider = replace(GPT_CONFIGS["GPT-mini"], num_classes=1000, image_size=256, downsample=16, name="GPT-B")
+    monkeypatch.setitem(GPT_CONFIGS, "GPT-B", wider)
+    save_released(randomize(GPT(wider)), tmp_path / "wrong" / "c2i_B_256.pt")
+    refused(["merge-lora", "--gpt", str(tmp_path / "wrong" / "c2i_B_256.pt"), "--lora", str(lora), "--out",
+             str(tmp_path / "keep"), "--overwrite"], "does not fit", "dim 64 vs 128")
+    monkeypatch.setitem(GPT_CONFIGS, "GPT-B", gpt.config)
+    # corrupt and half-written adapters
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((lora / "adapter_config.json").read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes((lora / "adapter_model.safetensors").read_bytes()[:100])
+    refused([*merge, "--lora", str(broken)], "truncated or corrupt")
+    (broken / "adapter_model.safetensors").unlink()
+    refused([*merge, "--lora", str(broken)], "no adapter_model.safetensors")
+    assert (tmp_path / "keep" / "gpt.safetensors").read_bytes() == before
+    # sample --lora with a wrong base
+    refused(["sample", "--gpt", str(other), "--tokenizer", str(tmp_path / "rel" / "vq_ds16_c2i.pt"), "--lora",
+             str(lora), "--classes", "0", "--device", "cpu", "--out", str(tmp_path / "s")], "was trained on")
+    # training flags: rank <= 0, unknown targets, LoRA without --init-from; an earlier run is untouched
+    weights = (lora / "adapter_model.safetensors").read_bytes()
+    refused(["train", "--codes", str(codes), "--init-from", str(pt), "--out", str(lora), "--max-steps", "1",
+             "--lora-rank", "0"], "--lora-rank")
+    refused(["train", "--codes", str(codes), "--init-from", str(pt), "--out", str(lora), "--max-steps", "1",
+             "--lora-rank", "4", "--lora-targets", "attn,q_proj"], "q_proj", "wqkv", "ffn")
+    refused(["train", "--codes", str(codes), "--config", "GPT-tiny", "--out", str(lora), "--max-steps", "1",
+             "--lora-rank", "4"], "add --init-from")
+    refused(["train", "--codes", str(codes), "--init-from", str(pt), "--out", str(lora), "--max-steps", "1",
+             "--lora-alpha", "8"], "add --lora-rank")
+    assert (lora / "adapter_model.safetensors").read_bytes() == weights
+    with pytest.raises(ArgenError, match="each bring their own class rows"):
+        argen.load_gpt(str(pt), lora=[str(lora), str(lora)])
+
+
+def test_dry_run_shows_adapter_and_full_finetuning(registry, tmp_path, capsys):  # noqa: F811
+    pt, vq, gpt = released_pair(tmp_path / "rel")
+    codes = make_codes(tmp_path, vq)
+    assert main(["train", "--codes", str(codes), "--init-from", str(pt), "--lora-rank", "4", "--dry-run",
+                 "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 4" in out and "trainable parameters" in out
+    assert "full fine-tuning" in out and out.count("estimated GPU memory") >= 2
