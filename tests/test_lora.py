@@ -20,7 +20,7 @@ from argen.engine import generate
 from argen.models.gpt import GPT, GPT_CONFIGS
 from argen.utils.errors import ArgenError
 from conftest import randomize, save_released
-from test_finetune import make_codes, one_line_error, registry, released_pair  # noqa: F401 (fixture)
+from test_finetune import hub, make_codes, registry, released_pair  # noqa: F401 (fixtures)
 
 FLAGS = ["--batch-size", "4", "--no-progress", "--no-tensorboard", "--device", "cpu", "--lr", "0.5",
          "--warmup", "0", "--dropout", "0"]
@@ -189,3 +189,87 @@ def test_dry_run_shows_adapter_and_full_finetuning(registry, tmp_path, capsys): 
     out = capsys.readouterr().out
     assert "LoRA rank 4" in out and "trainable parameters" in out
     assert "full fine-tuning" in out and out.count("estimated GPU memory") >= 2
+
+
+# ------------------------------------------------------------------ the user's path (docs/finetune.md)
+def _serve(monkeypatch, argv, requests):
+    """Run `argen serve ...` with uvicorn replaced by a test client making `requests(client)`."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    answers = {}
+
+    def fake_run(app, host, port, log_level):
+        with TestClient(app) as client:
+            answers.update(requests(client))
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", *argv, "--device", "cpu", "--port", "8139"]) == 0
+    return answers
+
+
+def test_class_folders_to_lora_to_sample_and_serve(hub, tmp_path, monkeypatch):  # noqa: F811
+    """images/<class>/ -> extract-codes with the released tokenizer (by name, from a stand-in Hub) -> train
+    --init-from c2i_B_256 --lora-rank 16 -> sample --lora -> serve --lora, as docs/finetune.md writes them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("golden retriever", "my cat"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(3):
+            image = Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8))
+            image.save(tmp_path / "pets" / name / f"{i}.png")
+    run = ["--device", "cpu", "--no-progress"]
+    assert main(["extract-codes", "--tokenizer", "vq_ds16_c2i", "--data", str(tmp_path / "pets"), "--split", "all",
+                 "--image-size", "64", "--flip", "--out", str(tmp_path / "pets-codes"), *run]) == 0
+    assert main(["train", "--init-from", "c2i_B_256", "--codes", str(tmp_path / "pets-codes"), "--out",
+                 str(tmp_path / "pets-lora"), "--lora-rank", "16", "--max-steps", "3", "--batch-size", "4",
+                 "--no-tensorboard", *run]) == 0
+    assert (tmp_path / "pets-lora" / "adapter_model.safetensors").is_file()
+    assert main(["sample", "--gpt", "c2i_B_256", "--lora", str(tmp_path / "pets-lora"), "--classes", "0,1",
+                 "--out", str(tmp_path / "samples"), *run]) == 0
+    assert np.array(Image.open(tmp_path / "samples" / "00001_class1.png")).shape == (64, 64, 3)
+
+    def requests(client):
+        return {"models": client.get("/v1/models").json(),
+                "image": client.post("/v1/images/generations", json={"prompt": "my cat", "n": 1,
+                                                                    "response_format": "b64_json"})}
+
+    answers = _serve(monkeypatch, ["--gpt", "c2i_B_256", "--lora", str(tmp_path / "pets-lora")], requests)
+    model = answers["models"]["data"][0]
+    assert model["id"] == "c2i_B_256:pets-lora" and model["argen"]["class_names"] == ["golden retriever", "my cat"]
+    assert answers["image"].status_code == 200, answers["image"].text
+
+
+def test_captions_to_lora_with_a_new_caption_projection(registry, tmp_path, monkeypatch):  # noqa: F811
+    """The t2i path with another encoder (MiniLM): --reinit caption-proj --lora-rank: the new projection and the
+    unconditional caption train and travel with the adapter; sample --prompts takes it."""
+    import numpy as np
+    from PIL import Image
+
+    released_pair(tmp_path / "rel", kind="t2i")
+    monkeypatch.chdir(tmp_path / "rel")  # a released file name resolves to the local file when there is one
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, caption in enumerate(["a red bicycle", "a bowl of ramen", "a lighthouse at dusk", "a green frog"]):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": str(tmp_path / f"{i}.png"), "caption": caption}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines))
+    run = ["--device", "cpu", "--no-progress"]
+    assert main(["extract-text-features", "--data", str(tmp_path / "captions.jsonl"), "--encoder", "minilm",
+                 "--out", str(tmp_path / "text"), *run]) == 0
+    assert main(["extract-codes", "--tokenizer", "vq_ds16_t2i.pt", "--data", str(tmp_path / "captions.jsonl"),
+                 "--split", "all", "--text-features", str(tmp_path / "text"), "--image-size", "64",
+                 "--out", str(tmp_path / "codes"), *run]) == 0
+    assert main(["train", "--init-from", "t2i_XL_stage1_256.pt", "--codes", str(tmp_path / "codes"), "--reinit",
+                 "caption-proj", "--lora-rank", "8", "--out", str(tmp_path / "t2i-lora"), "--max-steps", "2",
+                 "--batch-size", "4", "--no-tensorboard", *run]) == 0
+    adapter = read_adapter(tmp_path / "t2i-lora")
+    assert adapter.state["cls_embedding.cap_proj.fc1.weight"].shape == (64, 384)
+    assert adapter.state["cls_embedding.uncond_embedding"].shape[1] == 384
+    gpt = argen.load_gpt("t2i_XL_stage1_256.pt", lora=str(tmp_path / "t2i-lora"))
+    assert gpt.config.caption_dim == 384 and gpt.class_names is None
+    assert main(["sample", "--gpt", "t2i_XL_stage1_256.pt", "--lora", str(tmp_path / "t2i-lora"), "--prompts",
+                 "a red bicycle", "--text-encoder", "minilm", "--out", str(tmp_path / "samples"), *run]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) >= 1
