@@ -112,3 +112,6 @@ def test_lora_sigkill_then_resume_is_exact(tmp_path, uninterrupted):
     _assert_same_weights(tmp_path / "full", tmp_path / "cut", f"LoRA, killed at step {kill_step}", files)
     lora_b = load_file(str(tmp_path / "cut" / files[0]))["base_model.model.layers.1.attention.wo.lora_B.weight"]
     assert lora_b.abs().sum() > 0  # it trained
+    # the training checkpoints hold the adapters (and their optimizer state), not the frozen base again
+    newest = max((tmp_path / "cut" / "checkpoints").glob("step-*.pt"))
+    assert newest.stat().st_size < (tmp_path / "base" / "gpt.safetensors").stat().st_size

@@ -262,7 +262,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     # the inputs are valid: from here on the run writes into `out`, which no other process may write
     resources.enter_context(run_lock(out, "argen train", rank=info.rank))
     order = P.BatchOrder(len(ds), cfg.batch_size, cfg.seed)
-    model_part = P.ModelState(wrapped, info)
+    model_part = P.ModelState(wrapped, info, trainable_only=lora_cfg is not None)  # LoRA: the adapters only
     ckpt_dir = out / "checkpoints"
     model_config = {k: v for k, v in gpt_cfg.to_dict().items() if k != "name"}
     parts = {
@@ -295,7 +295,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
         sample_cond = _sample_conditions(ds, store, gpt_cfg, 16 if gpt_cfg.kind == "c2i" else 8)
 
     def save_samples(at: int) -> None:
-        full = model_part.state_dict()
+        full = model_part.full_state_dict()
         ema_state = ema.state_dict() if ema is not None else None
         if info.is_main:
             eval_model = _weights_model(gpt_cfg, full, ema_state, lora_cfg)
@@ -372,7 +372,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     bar.close()
 
     ckpt.save(step)
-    full = model_part.state_dict()
+    full = model_part.full_state_dict()
     ema_state = ema.state_dict() if ema is not None else None
     result = {"out": str(out), "steps": step, "start_step": start_step, "final_loss": last_loss,
               "first_loss": first_loss, "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main,
