@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -273,3 +274,17 @@ def test_captions_to_lora_with_a_new_caption_projection(registry, tmp_path, monk
     assert main(["sample", "--gpt", "t2i_XL_stage1_256.pt", "--lora", str(tmp_path / "t2i-lora"), "--prompts",
                  "a red bicycle", "--text-encoder", "minilm", "--out", str(tmp_path / "samples"), *run]) == 0
     assert len(list((tmp_path / "samples").glob("*.png"))) >= 1
+
+
+def test_sample_batch_with_lora_matches_the_merged_generator_and_records_it(trained, tmp_path):
+    pt, vq, gpt, codes, lora, _ = trained
+    assert main(["merge-lora", "--gpt", str(pt), "--lora", f"{lora}:0.5", "--out", str(tmp_path / "merged")]) == 0
+    common = ["--tokenizer", str(tmp_path / "rel" / "vq_ds16_c2i.pt"), "--device", "cpu", "--num-samples", "4",
+              "--num-classes", "2", "--batch-size", "2", "--no-progress"]
+    assert main(["sample-batch", "--gpt", str(pt), "--lora", f"{lora}:0.5", "--out", str(tmp_path / "a"),
+                 *common]) == 0
+    assert main(["sample-batch", "--gpt", str(tmp_path / "merged"), "--out", str(tmp_path / "b"), *common]) == 0
+    a, b = (np.load(tmp_path / d / "samples.npz") for d in ("a", "b"))
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["checkpoints"]["lora"] == [[str(lora.resolve()), 0.5]]

@@ -19,6 +19,11 @@
   (`argen.utils.io.run_lock`, one lock file per rank): a second writer is refused.
 - output: `out/gpt.safetensors` (+ .json, EMA weights when EMA is on; raw weights then in `out/raw/`),
   `out/log.jsonl`, TensorBoard events in `out/tb/`, sample grids in `out/samples/` when a tokenizer is given.
+- LoRA (`lora_rank`, with `init_from`; `argen.training.lora`): peft's LoRA layers are injected into the
+  initialised generator and only they (and rebuilt class rows or a new caption projection) train; the
+  checkpoints hold those weights only (the frozen ones come from the init again on resume), and the run
+  writes an adapter (`out/adapter_config.json` + `out/adapter_model.safetensors`, EMA'd when EMA is on,
+  raw in `out/raw/`; `argen.checkpoint.adapters`) instead of `gpt.safetensors`.
 """
 
 from __future__ import annotations
