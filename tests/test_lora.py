@@ -60,7 +60,9 @@ def test_adapter_in_peft_layout_with_argen_record(trained):
     b = state["base_model.model.layers.0.attention.wqkv.lora_B.weight"]
     assert b.shape == (192, 4) and b.abs().sum() > 0  # it trained (B starts at zero)
     adapter = read_adapter(lora)
-    assert adapter.info["base"]["name"] == "c2i_B_256" and adapter.info["class_names"] == ["golden retriever",
+    assert (adapter.info["base"], adapter.info["base_sha256"]) == ("c2i_B_256", None)
+    assert config["base_model_name_or_path"] == "c2i_B_256"
+    assert adapter.info["class_names"] == ["golden retriever",
                                                                                           "my logo"]
     assert adapter.info["tokenizer"]["sha256"]
     # only the adapter trained: 5 linears x 2 layers of rank 4, plus the 3-row class table
@@ -288,3 +290,19 @@ def test_sample_batch_with_lora_matches_the_merged_generator_and_records_it(trai
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["checkpoints"]["lora"] == [[str(lora.resolve()), 0.5]]
+
+
+def test_an_adapter_on_an_argen_base_is_bound_to_its_weights(trained, tmp_path):
+    pt, vq, gpt, codes, lora, _ = trained
+    argen.save_gpt(gpt, tmp_path / "base")  # the released stand-in's weights, as an argen generator
+    assert train_lora(tmp_path, codes, tmp_path / "base", "on-argen", steps="1") == 0
+    adapter = read_adapter(tmp_path / "on-argen")
+    assert adapter.info["base"] == str((tmp_path / "base").resolve()) and len(adapter.info["base_sha256"]) == 64
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "base").rename(moved)  # the weights, not the path, identify the base
+    assert argen.load_gpt(str(moved), lora=str(tmp_path / "on-argen")).config.num_classes == 2
+    with torch.no_grad():
+        gpt.output.weight[0, 0] += 1  # one weight differs
+    argen.save_gpt(gpt, tmp_path / "changed")
+    with pytest.raises(ArgenError, match=r"weights sha256 [0-9a-f]{12}\), not on .*changed \(weights sha256"):
+        argen.load_gpt(str(tmp_path / "changed"), lora=str(tmp_path / "on-argen"))

@@ -5,7 +5,8 @@ Contract:
   `adapter_model.safetensors` (peft's keys: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`,
   and `base_model.model.cls_embedding.*` when the run rebuilt the class rows or learned a new caption
   projection, which peft lists in `modules_to_save`). The safetensors metadata `argen` holds argen's
-  record: `format`, `family` "lora", `base` (the base's identity, `base_identity`), `config` (the generator
+  record: `format`, `family` "lora", `base` and `base_sha256` (the base's identity, `base_identity`; peft's
+  `base_model_name_or_path` is `base` too), `config` (the generator
   config the adapter was trained for: the base's architecture with the data shape of its codes),
   `class_names`, `tokenizer`, `training`, and `lora` (which must equal adapter_config.json). A
   training run's directory is such a directory. `save_adapter` writes both files atomically.
@@ -14,9 +15,10 @@ Contract:
   listing the valid names. `lora_config(rank, alpha, dropout, targets, extra)` -> peft `LoraConfig`
   (rank > 0; `extra` puts `cls_embedding` in `modules_to_save`). `lora_parameters(model, config)`
   counts an adapter's trainable parameters without building it.
-- `base_identity(ref, state)`: `{"name": released name, "sha256": None}` for a released name (a released
-  file keeps its name), else `{"name": None, "sha256": state_sha256(state)}` of the base's float32
-  weights as argen names them; `ref` is only reported.
+- `base_identity(ref, state, record)`: `{"base": released name, "base_sha256": None}` for a released name (a
+  released file keeps its name), else `{"base": record or ref, "base_sha256": state_sha256(state)}` of the
+  base's float32 weights as argen names them. An adapter with a `base_sha256` fits only weights of that hash;
+  one without, only a base of the released name `base`.
 - `read_adapter(dir)` -> `Adapter`. Read as safetensors only; a missing directory or file, bad JSON, a
   config that is not LoRA, a truncated or foreign weights file, or two files that disagree is an
   `ArgenError` naming the file.
@@ -92,7 +94,7 @@ def target_modules(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def lora_config(rank: int, alpha: float | None, dropout: float, targets, extra: bool):
+def lora_config(rank: int, alpha: float | None, dropout: float, targets, extra: bool, base: str | None = None):
     """peft's LoraConfig for `--lora-rank/--lora-alpha/--lora-dropout/--lora-targets`."""
     from peft import LoraConfig
 
@@ -102,7 +104,7 @@ def lora_config(rank: int, alpha: float | None, dropout: float, targets, extra: 
         raise ArgenError(f"--lora-dropout must lie in [0, 1), got {dropout}")
     return LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank), lora_dropout=float(dropout),
                       target_modules=target_modules(targets), bias="none",
-                      modules_to_save=[EXTRA] if extra else None)
+                      modules_to_save=[EXTRA] if extra else None, base_model_name_or_path=base)
 
 
 def lora_parameters(model: torch.nn.Module, modules: list[str], rank: int) -> int:
@@ -120,16 +122,18 @@ def _released(ref: str | Path) -> str | None:
     return None
 
 
-def base_identity(ref: str | Path, state: dict) -> dict:
-    """Which base an adapter belongs to: a released name, else the sha256 of its weights."""
+def base_identity(ref: str | Path, state: dict, record: str | None = None) -> dict:
+    """Which base an adapter belongs to: a released name, else the sha256 of its weights (and where they were)."""
     name = _released(ref)
-    return {"name": name, "sha256": None if name else state_sha256(state), "ref": str(ref)}
+    if name is not None:
+        return {"base": name, "base_sha256": None}
+    return {"base": str(record or ref), "base_sha256": state_sha256(state)}
 
 
-def _describe_base(identity: dict) -> str:
-    if identity.get("name"):
-        return identity["name"]
-    return f"{identity.get('ref') or 'a generator'} (weights sha256 {str(identity.get('sha256'))[:12]})"
+def _describe_base(info: dict) -> str:
+    if not info.get("base_sha256"):
+        return str(info.get("base"))
+    return f"{info.get('base') or 'a generator'} (weights sha256 {info['base_sha256'][:12]})"
 
 
 def _peft_json(config) -> dict:
@@ -186,7 +190,7 @@ def read_adapter(path: str | Path) -> Adapter:
     except (KeyError, ValueError):
         raise ArgenError(f"{file} carries no argen record (base, config): it was not written by argen train") \
             from None
-    if info.get("family") != "lora" or not isinstance(info.get("config"), dict) or "base" not in info:
+    if info.get("family") != "lora" or not isinstance(info.get("config"), dict) or not info.get("base"):
         raise ArgenError(f"{file} does not hold an argen LoRA adapter")
     if info.get("lora") != config:
         raise ArgenError(f"{path / CONFIG_FILE} and {file} disagree (written by different runs?)")
@@ -226,16 +230,16 @@ def _inject(model: GPT, config: dict):
 
 
 def _check_base(adapter: Adapter, ref: str, base: GPT, cache: dict) -> None:
-    want = adapter.info["base"]
-    if want.get("name"):
+    info = adapter.info
+    if not info.get("base_sha256"):
         have = _released(ref)
-        ok, here = have == want["name"], have or ref
+        ok, here = have == info["base"], have or ref
     else:
         if "sha256" not in cache:  # hashed once for all adapters
             cache["sha256"] = state_sha256(base.state_dict())
-        ok, here = cache["sha256"] == want.get("sha256"), f"{ref} (weights sha256 {cache['sha256'][:12]})"
+        ok, here = cache["sha256"] == info["base_sha256"], f"{ref} (weights sha256 {cache['sha256'][:12]})"
     if not ok:
-        raise ArgenError(f"LoRA adapter {adapter.path} was trained on {_describe_base(want)}, not on {here}; load it "
+        raise ArgenError(f"LoRA adapter {adapter.path} was trained on {_describe_base(info)}, not on {here}; load it "
                          f"with that base (--gpt)")
 
 

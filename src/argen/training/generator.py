@@ -226,7 +226,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     if init is not None:
         load_weights(init)
         if cfg.lora_rank:
-            base = base_identity(init.ref, init.state)  # the adapter records which weights it adapts
+            base = base_identity(init.ref, init.state, init.record)  # the adapter records which weights it adapts
         table = FT.class_table(init, class_starts)
         if cfg.reinit == "caption-proj":
             notes.append(f"--reinit caption-proj: a new caption projection for {gpt_cfg.caption_dim}-wide "
@@ -236,7 +236,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
         init.state = None  # the weights live in the model now
         if cfg.lora_rank:
             extra = table is not None or cfg.reinit == "caption-proj"
-            lora_cfg = L.add_adapters(model, cfg, extra)
+            lora_cfg = L.add_adapters(model, cfg, extra, base["base"])
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
             notes.append(f"LoRA rank {cfg.lora_rank} on {', '.join(sorted(lora_cfg.target_modules))}: training "
@@ -389,7 +389,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
         extra = {"training": training, "tokenizer": tokenizer_record,
                  "class_names": ds.class_names if gpt_cfg.kind == "c2i" else None}  # served by argen serve
         if lora_cfg is not None:
-            extra.update(base=base, config=gpt_cfg.to_dict())
+            extra.update(**base, config=gpt_cfg.to_dict())
             L.save(model, lora_cfg, _with_ema(full, ema_state), out, extra)
             if ema is not None:
                 L.save(model, lora_cfg, _with_ema(full, None), out / "raw", extra)

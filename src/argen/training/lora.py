@@ -42,16 +42,12 @@ def check_flags(cfg) -> None:
     target_modules(cfg.lora_targets)
 
 
-def _config(cfg, extra: bool):
-    return lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, extra)
-
-
-def add_adapters(model: GPT, cfg, extra: bool):
+def add_adapters(model: GPT, cfg, extra: bool, base: str | None = None):
     """Inject the run's LoRA layers into `model` (in place); only they (and with `extra` the condition
-    embedding) train."""
+    embedding) train. `base` names the base in peft's config (`base_model_name_or_path`)."""
     from peft import inject_adapter_in_model
 
-    config = _config(cfg, extra)
+    config = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, extra, base)
     inject_adapter_in_model(config, model)
     return config
 
@@ -60,7 +56,8 @@ def save(model: GPT, config, full: dict, out: str | Path, info: dict) -> Path:
     """Write the adapter held in `full` (the injected model's full state dict) to `out`."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model, state_dict=full)
+    # embeddings are never targeted; "auto" would look for the base's config.json on the Hub
+    state = get_peft_model_state_dict(model, state_dict=full, save_embedding_layers=False)
     return save_adapter(config, state, out, info)
 
 
