@@ -1,0 +1,496 @@
+"""Share a generator on the Hugging Face Hub (`argen push`): stage a folder, then upload it in one commit.
+
+Contract:
+- `find_model(path)` -> `Model`: what `path` holds. A generator: a training run folder (`gpt.safetensors` +
+  `gpt.json`, usually with `train_config.json`, `log.jsonl` and `samples/`), a folder holding an exported
+  `gpt.safetensors`, or an argen generator file `X.safetensors` (config in its metadata). A LoRA adapter: a
+  folder in peft's layout (`adapter_config.json` + `adapter_model.safetensors`) that is argen's, i.e. has an
+  `argen` entry in `adapter_config.json` or in the weights' safetensors metadata (`adapter_metadata`).
+  Anything else is an `ArgenError` that says what an argen run holds.
+- `tokenizer_for(model, given, config)` -> (reference, tokenizer to upload or None). The tokenizer is the
+  one given, else the one the run trained its sample grids with (`train_config.json`), the released or
+  bundled one the generator records, the bundled `demo-vq` when its weights hash to the recorded sha256, or a
+  `tokenizer.safetensors` beside the generator; none of these is an error asking for `--tokenizer`. A
+  released or bundled name or an hf:// reference is recorded as a reference (nothing uploaded); a local
+  tokenizer is uploaded in argen's format, after checking its codebook against the generator's vocabulary
+  and its weights against the sha256 the codes recorded.
+- `stage(model, repo, out, ...)` writes the repository's files into the empty folder `out`: the weights
+  (`gpt.safetensors` + `gpt.json`, or the adapter's files), `tokenizer.safetensors` + `.json` when uploaded,
+  the manifest `argen.json` (`argen.checkpoint.hub.MANIFEST`: what `argen.load_gpt("hf://owner/name")`
+  reads), `samples.png` (the grid given, else the run's last sample grid, else one generated for the first
+  classes of a c2i generator) and `README.md`, the model card: YAML metadata (`library_name: argen`,
+  `license`, tags, `pipeline_tag` for t2i) and the config, data summary, training settings and steps, the
+  recorded metrics (training loss from `log.jsonl`; `argen evaluate` results given or found in the run
+  folder), the grid and how to load it. Local paths are not written into the card.
+- `push(...)`: the repository id is checked with huggingface_hub's validator and a token must be found
+  (`huggingface_hub.get_token`: `HF_TOKEN` or `hf auth login`), both before anything is read or staged;
+  then the folder is staged in a temp dir and uploaded with `HfApi.create_repo(exist_ok=True)`,
+  `create_branch` for a `revision`, and `upload_folder`: one commit, so the repository gets all files or
+  none. Returns the commit URL. Hub errors are one-line `ArgenError`s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from argen.checkpoint import load_gpt, load_tokenizer, save_tokenizer
+from argen.checkpoint.bundled import BUNDLED, BUNDLED_TOKENIZER
+from argen.checkpoint.hub import MANIFEST, MANIFEST_FORMAT, is_hub_reference
+from argen.utils.errors import ArgenError
+from argen.utils.io import atomic_write_json
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+GRID = "samples.png"
+CARD = "README.md"
+
+
+@dataclass
+class Model:
+    """An argen generator or LoRA adapter found at `path` (`find_model`)."""
+
+    path: Path
+    kind: str  # "generator" or "adapter"
+    weights: Path  # gpt safetensors file, or the adapter folder
+    info: dict  # the generator's metadata (gpt.json), or the adapter's argen metadata
+    run_dir: Path | None = None  # the training run folder, when there is one
+    train: dict = field(default_factory=dict)  # train_config.json's "train", when there is one
+
+
+# ---------------------------------------------------------------------- what is being pushed
+def adapter_metadata(folder: Path) -> dict | None:
+    """The argen metadata of a peft-layout adapter folder, or None when it is not an argen adapter."""
+    config_file = folder / ADAPTER_FILES[0]
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArgenError(f"cannot read {config_file}: {exc}") from None
+    if isinstance(config.get("argen"), dict):
+        return {**config["argen"], "peft": config}
+    weights = folder / ADAPTER_FILES[1]
+    if weights.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            raise ArgenError(f"cannot read {weights}: {exc}") from None
+        if "argen" in meta:
+            return {**json.loads(meta["argen"]), "peft": config}
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _generator_info(file: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ArgenError(f"cannot read {file}: the file is truncated or corrupt ({exc})") from None
+    info = json.loads(meta["argen"]) if "argen" in meta else _read_json(file.with_suffix(".json"))
+    return info
+
+
+def find_model(path: str | Path) -> Model:
+    """What `path` holds (see the module docstring); an `ArgenError` when it is not an argen run."""
+    path = Path(path)
+    what = ("an argen run is a folder from `argen train` (gpt.safetensors + gpt.json), an argen generator "
+            ".safetensors file, or an argen LoRA adapter folder (adapter_config.json)")
+    if not path.exists():
+        raise ArgenError(f"{path} does not exist; {what}")
+    if path.is_dir():
+        adapter = adapter_metadata(path)
+        if adapter is not None:
+            return Model(path, "adapter", path, adapter)
+        if (path / ADAPTER_FILES[0]).is_file():
+            raise ArgenError(f"{path} is a peft adapter without argen metadata (an `argen` entry in "
+                             f"adapter_config.json or the weights' metadata), so not an argen adapter")
+        file = path / "gpt.safetensors"
+        if not file.is_file():
+            raise ArgenError(f"{path} is not an argen run: it has no gpt.safetensors; {what}")
+    elif path.suffix == ".safetensors":
+        file = path
+    else:
+        raise ArgenError(f"{path} is not an argen run; {what}")
+    info = _generator_info(file)
+    if info.get("format") != "argen" or info.get("family") != "gpt":
+        raise ArgenError(f"{file} is not an argen generator (its metadata says family {info.get('family')!r}); {what}")
+    run_dir = file.parent if (file.parent / "train_config.json").is_file() else None
+    train = _read_json(run_dir / "train_config.json").get("train", {}) if run_dir else {}
+    return Model(path, "generator", file, info, run_dir, train)
+
+
+# ---------------------------------------------------------------------- tokenizer
+def _is_reference(ref: str) -> bool:
+    """A name argen resolves without a local file: bundled, released, hf://."""
+    return not Path(ref).exists() and (ref in BUNDLED or is_hub_reference(ref))
+
+
+def _weights_sha256(model) -> str:
+    from argen.data.extract import weights_sha256
+
+    return weights_sha256(model)
+
+
+def tokenizer_for(model: Model, given: str | None = None, config: str | None = None):
+    """(reference to record, VQModel to upload or None); see the module docstring."""
+    record = model.info.get("tokenizer") if isinstance(model.info.get("tokenizer"), dict) else {}
+    ref, source = given, "--tokenizer"
+    if ref is None and model.train.get("tokenizer"):
+        ref, source = str(model.train["tokenizer"]), f"{model.run_dir}/train_config.json"
+    if ref is None and record.get("name"):
+        ref, source = record["name"], "the generator's metadata"
+    if ref is None and model.info.get("bundled_as") in BUNDLED_TOKENIZER:
+        ref, source = BUNDLED_TOKENIZER[model.info["bundled_as"]], "the generator's metadata"
+    if ref is None and record.get("sha256"):
+        bundled = load_tokenizer("demo-vq")
+        if _weights_sha256(bundled) == record["sha256"]:
+            ref, source = "demo-vq", "the sha256 the codes recorded"
+    if ref is None and model.kind == "adapter" and isinstance(model.info.get("tokenizer"), str):
+        ref, source = str(model.info["tokenizer"]), "the adapter's metadata"
+    if ref is None:
+        beside = model.weights.parent / "tokenizer.safetensors"
+        if model.kind == "generator" and beside.is_file():
+            ref, source = str(beside), "the file beside the generator"
+    if ref is None:
+        raise ArgenError(f"cannot tell which tokenizer {model.path} decodes with (the run records none); pass "
+                         f"--tokenizer (a tokenizer folder or file, or a released or bundled name)")
+    if _is_reference(ref):
+        return ref.removesuffix(".pt") if not ref.startswith("hf://") else ref, None
+    if not Path(ref).exists():
+        raise ArgenError(f"the tokenizer {ref} (from {source}) does not exist; pass --tokenizer")
+    tokenizer = load_tokenizer(ref, config=config)
+    vocab = (model.info.get("config") or {}).get("vocab_size")
+    if vocab is not None and tokenizer.config.codebook_size != vocab:
+        raise ArgenError(f"the tokenizer {ref} has {tokenizer.config.codebook_size} codes but the generator's "
+                         f"vocabulary is {vocab}")
+    if record.get("sha256") and _weights_sha256(tokenizer) != record["sha256"]:
+        raise ArgenError(f"the tokenizer {ref} is not the one the generator's codes were made with (weights sha256 "
+                         f"{record['sha256'][:12]}...); pass that one as --tokenizer")
+    return "tokenizer.safetensors", tokenizer
+
+
+# ---------------------------------------------------------------------- card
+def _codes_index(model: Model) -> dict:
+    codes = (model.info.get("training") or {}).get("codes") or model.train.get("codes")
+    if not codes:
+        return {}
+    folder = Path(codes)
+    return _read_json(folder / "index.json") or _read_json(folder / "meta.json")
+
+
+def _training_log(model: Model) -> list[dict]:
+    if model.run_dir is None or not (model.run_dir / "log.jsonl").is_file():
+        return []
+    rows = []
+    for line in (model.run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+def find_evaluations(model: Model, given: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(name, results) of `argen evaluate` JSON files: those given, and any in the run folder (one level down)."""
+    files = [Path(f) for f in given or []]
+    for f in files:
+        if not f.is_file():
+            raise ArgenError(f"--metrics {f} does not exist")
+    if model.run_dir is not None:
+        files += sorted(model.run_dir.glob("*.json")) + sorted(model.run_dir.glob("*/*.json"))
+    found, seen = [], set()
+    for f in files:
+        data = _read_json(f)
+        if isinstance(data, dict) and ("fid" in data or "clip_score" in data) and f.resolve() not in seen:
+            seen.add(f.resolve())
+            found.append((f.name if f.parent == model.run_dir or model.run_dir is None
+                          else f"{f.parent.name}/{f.name}", data))
+    return found
+
+
+def _number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    return "\n".join(["| | |", "| --- | --- |", *[f"| {k} | {_number(v)} |" for k, v in rows if v is not None]])
+
+
+def _name_only(value) -> str | None:
+    """A path as its last part (the card names data and files without the pusher's folders)."""
+    if not value:
+        return None
+    text = str(value)
+    return text if text.startswith("hf://") or not ("/" in text or "\\" in text) else Path(text).name
+
+
+def render_card(model: Model, repo: str, tokenizer_ref: str, license_id: str, evaluations: list[tuple[str, dict]],
+                has_grid: bool) -> str:
+    """README.md: YAML metadata (through huggingface_hub's ModelCardData) and the card's text."""
+    from huggingface_hub import ModelCardData
+
+    cfg = (model.info.get("config") or {}) if model.kind == "generator" else {}
+    kind = cfg.get("kind") or model.info.get("kind")
+    tags = ["argen", "autoregressive", "llamagen", "image-generation"]
+    tags.append("text-to-image" if kind == "t2i" else "class-conditional")
+    if model.kind == "adapter":
+        tags.append("lora")
+    meta = ModelCardData(library_name="argen", license=license_id, tags=tags,
+                         pipeline_tag="text-to-image" if kind == "t2i" else None)
+    training = model.info.get("training") or {}
+    settings = {**(training.get("settings") or {}), **model.train}
+    index = _codes_index(model)
+    log = _training_log(model)
+    what = "text-to-image" if kind == "t2i" else "class-conditional" if kind == "c2i" else ""
+    lines = [f"# {repo}", ""]
+    if model.kind == "adapter":
+        base = model.info.get("base") or model.info.get("peft", {}).get("base_model_name_or_path")
+        lines += [f"A LoRA adapter (peft layout) for the argen generator `{base}`, made with "
+                  f"[argen](https://pypi.org/project/argen/), a LlamaGen-style autoregressive image generator.", ""]
+    else:
+        lines += [f"A {what} {cfg.get('name', '')} generator trained with argen, a LlamaGen-style "
+                  f"autoregressive image generator: a GPT over the codes of a VQ image tokenizer.", ""]
+    if has_grid:
+        lines += [f"![samples]({GRID})", "", "Samples from the model (the run's last sample grid, or one made "
+                  "by `argen push`).", ""]
+    lines += ["## How to load it", "", "```python", "import argen", ""]
+    if model.kind == "adapter":
+        lines += [f"# files: hf://{repo}/adapter_config.json, hf://{repo}/adapter_model.safetensors",
+                  "# load the base generator and apply the adapter with argen's LoRA support"]
+    else:
+        lines += [f'gpt = argen.load_gpt("hf://{repo}")             # weights and config',
+                  f'tokenizer = argen.load_tokenizer("hf://{repo}")  # its tokenizer: {tokenizer_ref}']
+    lines += ["```", ""]
+    if model.kind == "generator":
+        condition = "--prompts \"a photo of a cat\"" if kind == "t2i" else "--classes 0,1,2"
+        lines += ["```", f"argen sample --gpt hf://{repo} {condition} --out samples", "```", "",
+                  "The tokenizer and the config come with the repository; no other flag is needed. Files are "
+                  "cached by huggingface_hub (`HF_HOME`), and `HF_HUB_OFFLINE=1` loads them from the cache "
+                  "alone.", ""]
+        if kind == "t2i":
+            encoder = index.get("text_encoder") or training.get("text_encoder")
+            lines += [f"Prompts are encoded with `--text-encoder` (default `minilm`); the generator takes "
+                      f"{cfg.get('caption_dim')}-wide caption features"
+                      + (f" from `{encoder}`" if encoder else "") + ".", ""]
+        lines += ["## Model", "", _table([
+            ("config", cfg.get("name")), ("kind", kind), ("layers", cfg.get("n_layer")), ("heads", cfg.get("n_head")),
+            ("width", cfg.get("dim")), ("vocabulary (tokenizer codes)", cfg.get("vocab_size")),
+            ("image size (px)", cfg.get("image_size")), ("downsample", cfg.get("downsample")),
+            ("tokens per image", (cfg["image_size"] // cfg["downsample"]) ** 2
+             if cfg.get("image_size") and cfg.get("downsample") else None),
+            ("classes", cfg.get("num_classes") if kind == "c2i" else None),
+            ("caption features (length x width)", f"{cfg.get('caption_len')} x {cfg.get('caption_dim')}"
+             if kind == "t2i" else None),
+            ("tokenizer", tokenizer_ref),
+            ("recommended sampling", json.dumps(model.info["sampling"], sort_keys=True)
+             if model.info.get("sampling") else None),
+        ]), ""]
+    lines += ["## Training", "", _table([
+        ("steps", training.get("steps") or model.info.get("steps")),
+        ("batch size", settings.get("batch_size")), ("learning rate", settings.get("lr")),
+        ("schedule", settings.get("schedule")), ("warmup", settings.get("warmup")),
+        ("gradient accumulation", settings.get("grad_accum")), ("EMA", training.get("ema")),
+        ("precision", settings.get("precision") or None), ("seed", settings.get("seed")),
+        ("initialised from", _name_only((training.get("init_from") or {}).get("ref")
+                                        if isinstance(training.get("init_from"), dict) else training.get("init_from"))),
+    ]), ""]
+    lines += ["## Data", ""]
+    if index:
+        report = index.get("filter_report")
+        lines += [_table([
+            ("images", index.get("num_images")), ("source", _name_only(index.get("source"))),
+            ("image size (px)", index.get("image_size")), ("token grid", "x".join(map(str, index.get("grid") or []))
+                                                           or None),
+            ("augmented copies per image", index.get("num_augs")),
+            ("classes", index.get("num_classes") if index.get("kind") == "c2i" else None),
+            ("filter", f"`{index['filter']}`" if index.get("filter") else None),
+            ("kept by the filter", f"{report['kept']:,} of {report['seen']:,}" if report else None),
+        ]), ""]
+        if report:
+            lines += ["| criterion | passed | failed | unknown |", "| --- | --- | --- | --- |",
+                      *[f"| `{row['criterion']}` | {row['passed']:,} | {row['failed']:,} | {row['unknown']:,} |"
+                        for row in report.get("criteria", [])], ""]
+    elif training.get("data"):
+        lines += [str(training["data"]), ""]
+    else:
+        lines += ["Not recorded with the weights (the code shards were not found).", ""]
+    lines += ["## Metrics", ""]
+    if log:
+        losses = [row["loss"] for row in log]
+        lines += [_table([("logged steps", f"{log[0]['step']}..{log[-1]['step']}"),
+                          ("training loss, first logged", losses[0]), ("training loss, last logged", losses[-1]),
+                          ("training loss, lowest", min(losses)),
+                          ("tokens/s (last logged)", round(log[-1].get("tokens_per_s", 0)) or None)]), ""]
+    for name, result in evaluations:
+        keys = ("fid", "sfid", "inception_score", "precision", "recall", "clip_score", "num_samples",
+                "num_reference", "image_size")
+        rows = [(k, result.get(k) if not isinstance(result.get(k), list) else "x".join(map(str, result[k])))
+                for k in keys]
+        weights = result.get("inception_weights") or {}
+        if weights.get("random"):
+            rows.append(("warning", "random-weight Inception: not an FID"))
+        if result.get("clip_model"):
+            rows.append(("CLIP model", (result["clip_model"] or {}).get("name")))
+        lines += [f"`argen evaluate` ({name}):", "", _table(rows), ""]
+    if not log and not evaluations:
+        lines += ["None recorded.", ""]
+    lines += ["## Licence", "", f"`{license_id}`" + (" (not stated by the uploader)" if license_id == "other" else "")
+              + ". The training data's own terms apply as well.", ""]
+    return f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- staging
+def _grid(model: Model, given: str | None, tokenizer, tokenizer_ref: str, out: Path) -> bool:
+    """Write out/samples.png; False when there is no grid to be had (an adapter or a t2i generator without one)."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise ArgenError(f"--grid {given} does not exist")
+        shutil.copyfile(given, out / GRID)
+        return True
+    if model.run_dir is not None:
+        grids = sorted((model.run_dir / "samples").glob("step-*.png"))
+        if grids:
+            shutil.copyfile(grids[-1], out / GRID)
+            return True
+    if model.kind != "generator":
+        return False
+    gpt = load_gpt(model.weights)
+    if gpt.config.kind != "c2i":
+        return False
+    import torch
+
+    from argen.training.generator import sample_grid
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_ref)
+    classes = torch.arange(min(8, gpt.config.num_classes))
+    sample_grid(gpt, tokenizer, classes, None, (model.info.get("sampling") or {}).get("cfg_scale", 1.0), 0,
+                out / GRID)
+    return True
+
+
+def stage(model: Model, repo: str, out: str | Path, tokenizer: str | None = None, tokenizer_config: str | None = None,
+          license_id: str = "other", grid: str | None = None, metrics: list[str] | None = None) -> Path:
+    """Write the repository's files into `out` (created; it must not hold files). Returns `out`."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ArgenError(f"{out} is not empty; stage into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_ref, tok_model = tokenizer_for(model, tokenizer, tokenizer_config)
+    evaluations = find_evaluations(model, metrics)
+    kind = (model.info.get("config") or {}).get("kind") or model.info.get("kind")
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "kind": kind, "tokenizer": tokenizer_ref,
+                "generator": None}
+    if model.kind == "generator":
+        load_gpt(model.weights)  # only weights that load strictly are pushed
+        shutil.copyfile(model.weights, out / "gpt.safetensors")
+        atomic_write_json(out / "gpt.json", model.info)
+        manifest["generator"] = "gpt.safetensors"
+    else:
+        for file in sorted(model.weights.iterdir()):
+            if file.is_file() and file.suffix in (".json", ".safetensors") and file.name != MANIFEST:
+                shutil.copyfile(file, out / file.name)
+        manifest["adapter"] = {"files": list(ADAPTER_FILES), "base": model.info.get("base")
+                               or model.info.get("peft", {}).get("base_model_name_or_path")}
+    if tok_model is not None:
+        save_tokenizer(tok_model, out)
+    has_grid = _grid(model, grid, tok_model, tokenizer_ref, out)
+    atomic_write_json(out / MANIFEST, manifest)
+    (out / CARD).write_text(render_card(model, repo, tokenizer_ref, license_id, evaluations, has_grid),
+                            encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------- upload
+def check_repo_id(repo: str) -> str:
+    """`owner/name`, checked by huggingface_hub's own validator."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArgenError(f"--repo {repo!r} is not a valid Hub repository id: {first}") from None
+    if repo.count("/") != 1:
+        raise ArgenError(f"--repo {repo!r} is not a valid Hub repository id: use owner/name")
+    return repo
+
+
+def hub_token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise ArgenError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN (a token with write "
+                         "access) before pushing")
+    return token
+
+
+def upload(folder: Path, repo: str, token: str, private: bool = False, revision: str | None = None,
+           message: str | None = None) -> str:
+    """Create the repository if needed and commit `folder` to it in one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    step = "create the repository"
+    try:
+        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        if revision is not None:
+            step = f"create the branch {revision}"
+            api.create_branch(repo, branch=revision, exist_ok=True, repo_type="model")
+        step = "upload"
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", revision=revision,
+                                 commit_message=message or "argen push")
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArgenError(f"could not {step} on the Hub for {repo}: {first} (nothing was committed)") from None
+    return str(getattr(info, "commit_url", info))
+
+
+def push(path: str | Path, repo: str, private: bool = False, revision: str | None = None,
+         tokenizer: str | None = None, tokenizer_config: str | None = None, license_id: str = "other",
+         grid: str | None = None, metrics: list[str] | None = None, stage_dir: str | Path | None = None,
+         message: str | None = None) -> str:
+    """Stage `path` and upload it to `repo` (see the module docstring); with `stage_dir`, stage there only
+    (no token needed) and return that folder."""
+    check_repo_id(repo)
+    model = find_model(path)
+    args = (tokenizer, tokenizer_config, license_id, grid, metrics)
+    if stage_dir is not None:  # staged beside the target, renamed into place when complete
+        target = Path(stage_dir)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ArgenError(f"--stage {target} already holds files; stage into a new folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".argen-stage-", dir=target.parent) as tmp:
+            stage(model, repo, Path(tmp) / "repo", *args)
+            if target.exists():
+                target.rmdir()
+            (Path(tmp) / "repo").rename(target)
+        return str(target)
+    token = hub_token()
+    with tempfile.TemporaryDirectory(prefix="argen-push-") as tmp:
+        folder = stage(model, repo, Path(tmp) / "repo", *args)
+        return upload(folder, repo, token, private, revision, message)
