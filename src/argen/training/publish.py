@@ -187,11 +187,17 @@ def tokenizer_for(model: Model, given: str | None = None, config: str | None = N
 
 # ---------------------------------------------------------------------- card
 def _codes_index(model: Model) -> dict:
+    """The code shards' index.json (meta.json if unfinished), with `text_encoder` from their text features."""
     codes = (model.info.get("training") or {}).get("codes") or model.train.get("codes")
     if not codes:
         return {}
     folder = Path(codes)
-    return _read_json(folder / "index.json") or _read_json(folder / "meta.json")
+    index = _read_json(folder / "index.json") or _read_json(folder / "meta.json")
+    features = model.train.get("text_features") or index.get("text_features")
+    if features:
+        encoder = _read_json(folder / features / "meta.json").get("encoder")
+        index["text_encoder"] = _name_only(encoder)
+    return index
 
 
 def _training_log(model: Model) -> list[dict]:
@@ -280,8 +286,9 @@ def render_card(model: Model, repo: str, tokenizer_ref: str, license_id: str, ev
         lines += [f"# files: hf://{repo}/adapter_config.json, hf://{repo}/adapter_model.safetensors",
                   "# load the base generator and apply the adapter with argen's LoRA support"]
     else:
+        where = "in this repository" if tokenizer_ref == "tokenizer.safetensors" else tokenizer_ref
         lines += [f'gpt = argen.load_gpt("hf://{repo}")             # weights and config',
-                  f'tokenizer = argen.load_tokenizer("hf://{repo}")  # its tokenizer: {tokenizer_ref}']
+                  f'tokenizer = argen.load_tokenizer("hf://{repo}")  # its tokenizer ({where})']
     lines += ["```", ""]
     if model.kind == "generator":
         condition = "--prompts \"a photo of a cat\"" if kind == "t2i" else "--classes 0,1,2"
@@ -290,10 +297,11 @@ def render_card(model: Model, repo: str, tokenizer_ref: str, license_id: str, ev
                   "cached by huggingface_hub (`HF_HOME`), and `HF_HUB_OFFLINE=1` loads them from the cache "
                   "alone.", ""]
         if kind == "t2i":
-            encoder = index.get("text_encoder") or training.get("text_encoder")
+            encoder = index.get("text_encoder")
             lines += [f"Prompts are encoded with `--text-encoder` (default `minilm`); the generator takes "
                       f"{cfg.get('caption_dim')}-wide caption features"
-                      + (f" from `{encoder}`" if encoder else "") + ".", ""]
+                      + (f". Its training captions were encoded with `{encoder}`: pass that encoder" if encoder
+                         else "") + ".", ""]
         lines += ["## Model", "", _table([
             ("config", cfg.get("name")), ("kind", kind), ("layers", cfg.get("n_layer")), ("heads", cfg.get("n_head")),
             ("width", cfg.get("dim")), ("vocabulary (tokenizer codes)", cfg.get("vocab_size")),
@@ -324,6 +332,7 @@ def render_card(model: Model, repo: str, tokenizer_ref: str, license_id: str, ev
             ("image size (px)", index.get("image_size")), ("token grid", "x".join(map(str, index.get("grid") or []))
                                                            or None),
             ("augmented copies per image", index.get("num_augs")),
+            ("caption encoder", index.get("text_encoder") if index.get("kind") == "t2i" else None),
             ("classes", index.get("num_classes") if index.get("kind") == "c2i" else None),
             ("filter", f"`{index['filter']}`" if index.get("filter") else None),
             ("kept by the filter", f"{report['kept']:,} of {report['seen']:,}" if report else None),
