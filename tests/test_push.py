@@ -163,6 +163,15 @@ def test_a_token_the_hub_refuses_is_one_line(stand_in, run_dir, capsys, monkeypa
     assert not server.commits
 
 
+def test_an_unreachable_hub_is_one_line(stand_in, run_dir, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert main(["push", str(run_dir), "--repo", "me/x"]) == 2
+    err = one_line_error(capsys)
+    assert "could not create the repository on the Hub for me/x" in err and "nothing was committed" in err
+
+
 def test_a_bundled_generator_records_its_tokenizer_by_name(tmp_path):
     from argen.checkpoint.bundled import bundled_path
 

@@ -457,11 +457,26 @@ def hub_token() -> str:
     return token
 
 
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a failed Hub request raises: huggingface_hub's HTTP errors, and the transport errors (refused
+    connection, timeout) of the HTTP client its session is built on (httpx or a fork of it)."""
+    import importlib
+
+    from huggingface_hub import get_session
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError, ValueError]
+    client = importlib.import_module(type(get_session()).__module__.split(".")[0])
+    base = getattr(client, "HTTPError", None)
+    if isinstance(base, type) and issubclass(base, BaseException):
+        errors.append(base)
+    return tuple(errors)
+
+
 def upload(folder: Path, repo: str, token: str, private: bool = False, revision: str | None = None,
            message: str | None = None) -> str:
     """Create the repository if needed and commit `folder` to it in one commit; returns the commit URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
     step = "create the repository"
@@ -473,7 +488,7 @@ def upload(folder: Path, repo: str, token: str, private: bool = False, revision:
         step = "upload"
         info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", revision=revision,
                                  commit_message=message or "argen push")
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except _hub_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArgenError(f"could not {step} on the Hub for {repo}: {first} (nothing was committed)") from None
     return str(getattr(info, "commit_url", info))
