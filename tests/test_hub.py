@@ -278,18 +278,10 @@ class FakeHub:
         self.server.server_close()
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A loopback Hub with c2i_B_256.pt and vq_ds16_c2i.pt, and huggingface_hub pointed at it and at an
-    empty cache under tmp_path."""
+def point_at(server: FakeHub, cache: Path, monkeypatch) -> Path:
+    """huggingface_hub's endpoint, download URLs and cache -> `server` and `cache`, online, without Xet."""
     from huggingface_hub import constants
 
-    torch.manual_seed(0)
-    gpt = randomize(GPT(SMALL_GPT), seed=1)
-    vq = VQModel(SMALL_VQ).eval()
-    server = FakeHub({("FoundationVision/LlamaGen", "c2i_B_256.pt"): released_bytes(gpt),
-                      ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"): released_bytes(vq)})
-    cache = tmp_path / "hf" / "hub"
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                         server.url + "/{repo_id}/resolve/{revision}/{filename}")
@@ -297,6 +289,19 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # (10 MB) so the part before the break is kept
+    return cache
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A loopback Hub with c2i_B_256.pt and vq_ds16_c2i.pt, and huggingface_hub pointed at it and at an
+    empty cache under tmp_path."""
+    torch.manual_seed(0)
+    gpt = randomize(GPT(SMALL_GPT), seed=1)
+    vq = VQModel(SMALL_VQ).eval()
+    server = FakeHub({("FoundationVision/LlamaGen", "c2i_B_256.pt"): released_bytes(gpt),
+                      ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"): released_bytes(vq)})
+    cache = point_at(server, tmp_path / "hf" / "hub", monkeypatch)
     monkeypatch.setitem(GPT_CONFIGS, "GPT-B", SMALL_GPT)
     monkeypatch.setitem(VQ_CONFIGS, "VQ-16", SMALL_VQ)
     monkeypatch.setattr("time.sleep", lambda s: None)  # huggingface_hub waits 1 s before it resumes

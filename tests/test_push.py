@@ -26,7 +26,7 @@ from argen.training.generator import train
 from argen.training.publish import find_model, stage
 from argen.utils.errors import ArgenError
 from conftest import tiny_tokenizer
-from test_hub import FakeHub, run_offline
+from test_hub import FakeHub, point_at, run_offline
 from test_train import make_codes, quick
 
 TOKEN = "hf_stand_in_token"
@@ -40,13 +40,7 @@ def stand_in(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     server = FakeHub({})
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    cache = point_at(server, tmp_path / "hf" / "hub", monkeypatch)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
@@ -221,6 +215,9 @@ def test_an_argen_lora_adapter_is_recognised(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     with pytest.raises(ArgenError, match="without argen metadata"):
         find_model(adapter)
+    save_file({"lora_A.weight": torch.zeros(4, 128)}, str(adapter / "adapter_model.safetensors"),
+              metadata={"argen": json.dumps({"base": "demo-c2i"})})  # the metadata in the weights' header
+    assert find_model(adapter).info["base"] == "demo-c2i"
 
 
 def test_stage_refuses_a_folder_with_files_and_leaves_none_half_written(run_dir, tmp_path, capsys):

@@ -39,8 +39,9 @@ from pathlib import Path
 from argen.checkpoint import load_gpt, load_tokenizer, save_tokenizer
 from argen.checkpoint.bundled import BUNDLED, BUNDLED_TOKENIZER
 from argen.checkpoint.hub import MANIFEST, MANIFEST_FORMAT, is_hub_reference
+from argen.checkpoint.loading import _read_argen_meta
 from argen.training.model_card import GRID, find_evaluations, read_json, render_card
-from argen.utils.errors import ArgenError
+from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import atomic_write_json
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -85,18 +86,6 @@ def adapter_metadata(folder: Path) -> dict | None:
     return None
 
 
-def _generator_info(file: Path) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise ArgenError(f"cannot read {file}: the file is truncated or corrupt ({exc})") from None
-    info = json.loads(meta["argen"]) if "argen" in meta else read_json(file.with_suffix(".json"))
-    return info
-
-
 def find_model(path: str | Path) -> Model:
     """What `path` holds (see the module docstring); an `ArgenError` when it is not an argen run."""
     path = Path(path)
@@ -118,9 +107,10 @@ def find_model(path: str | Path) -> Model:
         file = path
     else:
         raise ArgenError(f"{path} is not an argen run; {what}")
-    info = _generator_info(file)
-    if info.get("format") != "argen" or info.get("family") != "gpt":
-        raise ArgenError(f"{file} is not an argen generator (its metadata says family {info.get('family')!r}); {what}")
+    try:
+        info = _read_argen_meta(file, "gpt")
+    except CheckpointError as exc:
+        raise ArgenError(f"{path} is not an argen run: {exc}; {what}") from None
     run_dir = file.parent if (file.parent / "train_config.json").is_file() else None
     train = read_json(run_dir / "train_config.json").get("train", {}) if run_dir else {}
     return Model(path, "generator", file, info, run_dir, train)
