@@ -1,0 +1,373 @@
+"""Lossless additions to speculative Jacobi decoding: draft trees, maximal-coupling redrafts, windows.
+
+Contract: `speculative_decode(gpt, cond, cond_mask, params, spec, generator=...)` returns (B, N)
+int64 tokens distributed exactly as autoregressive sampling with `params`
+(`argen.sampling.reference_generate`), with top_k=1 exactly the greedy tokens, and per-image counts
+(forward passes, tokens gained per pass). `Spec` picks the pieces:
+
+- window W: the spine, as in `argen.engine.jacobi` (W inputs: the last accepted token and W-1
+  drafts of the next positions).
+- candidates K, depth D (a draft tree at the first unverified position n, the position after the
+  last rejection): besides the spine's draft d_n, K-1 more candidates for token n, drawn from the
+  same proposal q_n without replacement, each followed by D-1 tokens (the spine's drafts of
+  n+1..n+D-1). All tree nodes go through the same forward (a tree attention mask: a node sees the
+  accepted prefix and its own ancestors; extra branches write their keys/values to scratch cache
+  slots after the grid, copied into place when their branch is accepted). Token n is decided by
+  recursive rejection sampling over the candidates (`first_token`); the accepted branch's later
+  tokens are verified against that branch's own outputs, which saw the accepted candidate.
+- coupling "gumbel" (argen's Jacobi: a redraft is argmax(log q + g) with noise g kept per position)
+  or "max" (SJD-PAC's adaptive continuation, as a coupling: past the new token, the old draft d_j
+  of each position is kept with probability min(1, p_j(d_j) / q_j(d_j)), where p_j is this
+  forward's output at j, else replaced by a draw from max(0, p_j - q_j); the result is a draw from
+  p_j, recorded as the new proposal). Either way nothing past the first rejection is committed:
+  p_j there was computed with a rejected draft in context (see docs/engine.md, "What cannot be
+  made exact").
+
+This module is the phase-A form of these pieces: pure functions (`tree_layout`, `tree_mask`,
+`extra_candidates`, `first_token`, `chain`, `couple`, `commit_branch_cache`) and one eager loop
+(`speculative_decode`) that tests and `benchmarks/bench_speculate.py` run; the pieces are meant to
+become the engine's Jacobi step policy.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from argen.engine.jacobi import _accept, _draw, _final_probs, _gumbel, _stacked_twins
+from argen.models.gpt import GPT
+from argen.sampling.logits import SamplingParams, guidance_scale_at
+from argen.sampling.reference import prepare_condition
+from argen.utils.errors import ArgenError
+
+COUPLINGS = ("gumbel", "max")
+
+
+@dataclass(frozen=True)
+class Spec:
+    window: int = 8
+    candidates: int = 1  # K: candidates for the first unverified token (1 = no tree)
+    depth: int = 1  # D: tokens on each extra branch (its candidate, then D-1 spine drafts)
+    coupling: str = "gumbel"
+
+    def check(self, num_tokens: int) -> Spec:
+        if self.coupling not in COUPLINGS:
+            raise ArgenError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
+        if self.window < 2 or self.candidates < 1 or self.depth < 1 or num_tokens < 3:
+            raise ArgenError(f"window >= 2, candidates >= 1, depth >= 1 and 3 tokens or more, got {self}")
+        window = min(int(self.window), num_tokens - 1)  # the moved-back window needs one accepted token
+        depth = min(self.depth, window - 1) if self.candidates > 1 else 1
+        return Spec(window, self.candidates, depth, self.coupling)
+
+
+@dataclass
+class SpecResult:
+    tokens: torch.Tensor  # (B, N) int64
+    forwards: torch.Tensor  # (B,) forward passes per image, prefill included
+    gained: torch.Tensor  # (W + 1,) int64: passes (after the prefill) that added 0..W tokens
+    first_accepts: torch.Tensor  # (K + 1,) int64: first-token decisions won by candidate k, or none (K)
+
+
+# ---------------------------------------------------------------- the tree
+def tree_layout(window: int, candidates: int, depth: int, device=None) -> dict:
+    """The fixed tree of one iteration: input 0 is the last accepted token (the root), inputs 1..W-1
+    the spine (depth 1..W-1), then branch b = 1..K-1 at depth 1..D (input W + (b-1) D + t-1).
+    Returns depth (T,), branch (T,) and ancestors (T, T) bool (a node is its own ancestor)."""
+    extra = (candidates - 1) * depth
+    size = window + extra
+    node_depth = torch.cat([torch.arange(window), torch.arange(1, depth + 1).repeat(candidates - 1)])
+    branch = torch.cat([torch.zeros(window, dtype=torch.long),
+                        torch.arange(1, candidates).repeat_interleave(depth)])
+    parent = torch.arange(size) - 1  # spine: the previous input; branch depth 1: the root
+    parent[window::depth] = 0 if depth else parent[window::depth]
+    ancestors = torch.eye(size, dtype=torch.bool)
+    for node in range(1, size):
+        ancestors[node] |= ancestors[parent[node]]
+    return dict(depth=node_depth.to(device), branch=branch.to(device), ancestors=ancestors.to(device))
+
+
+def tree_inputs(spine: torch.Tensor, extra: torch.Tensor, depth: int) -> torch.Tensor:
+    """Tokens of inputs 1..T-1: the spine drafts (A, W-1), then per extra candidate (A, K-1) the
+    candidate and the spine's drafts of the D-1 positions after it."""
+    count, branches = extra.shape
+    tails = spine[:, None, 1:depth].expand(count, branches, depth - 1)
+    return torch.cat([spine, torch.cat([extra[..., None], tails], dim=-1).flatten(1)], dim=1)
+
+
+def tree_slots(root: torch.Tensor, layout: dict, scratch: int, depth: int) -> torch.Tensor:
+    """Cache slot of every input (R, T) for roots at slot `root` (R,): the root and spine at their
+    positions, branch b depth t at scratch + (b-1) D + t-1."""
+    d, b = layout["depth"], layout["branch"]
+    spine = root[:, None] + d
+    return torch.where(b == 0, spine, scratch + (b - 1).clamp(min=0) * depth + d - 1)
+
+
+def tree_mask(key_valid: torch.Tensor, root: torch.Tensor, slots: torch.Tensor, ancestors: torch.Tensor,
+              kv_len: int) -> torch.Tensor:
+    """(R, 1, T, kv_len) bool: each input sees the valid keys before the root's slot and the slots of
+    its own ancestors (itself included), nothing else."""
+    keys = torch.arange(kv_len, device=root.device)
+    prefix = (keys < root[:, None]) & key_valid[:, :kv_len]  # (R, kv)
+    onehot = (slots[..., None] == keys).float()  # (R, T, kv)
+    tree = torch.einsum("ij,rjk->rik", ancestors.float(), onehot) > 0
+    return (prefix[:, None] | tree)[:, None]
+
+
+def commit_branch_cache(cache: list[torch.Tensor], branch_slots: torch.Tensor, target: torch.Tensor,
+                        copy: torch.Tensor) -> None:
+    """Move an accepted branch's keys/values into place: for each row, slots branch_slots (R, D)
+    -> target (R, D) where copy (R, D) is True."""
+    for layer in cache:  # (2, R, H, S, Dh)
+        _, rows, heads, _, dim = layer.shape
+        src = branch_slots[None, :, None, :, None].expand(2, rows, heads, -1, dim)
+        dst = target[None, :, None, :, None].expand(2, rows, heads, -1, dim)
+        moved = torch.where(copy[None, :, None, :, None], layer.gather(3, src), layer.gather(3, dst))
+        layer.scatter_(3, dst, moved)
+
+
+# ---------------------------------------------------------------- verification
+def extra_candidates(q0: torch.Tensor, first: torch.Tensor, count: int, gumbel: torch.Tensor):
+    """`count` more candidates (A, count) for a token whose first candidate `first` (A,) was drawn
+    from q0 (A, V): Gumbel-top-k over q0 without `first`, i.e. successive draws without
+    replacement. valid (A, count): the candidate has positive proposal mass (else it is not tested)."""
+    scores = (q0.log() + gumbel).scatter(-1, first[:, None], float("-inf"))
+    picked = scores.topk(count, dim=-1).indices
+    return picked, q0.gather(-1, picked) > 0
+
+
+def _reject_update(r: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The target after a candidate drawn from q is rejected: max(0, r - q), normalised."""
+    rest = (r - q).clamp(min=0.0)
+    total = rest.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, rest / total.clamp(min=1e-30), r)
+
+
+def first_token(p: torch.Tensor, q: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor,
+                uniforms: torch.Tensor):
+    """Recursive rejection sampling of one token from p (A, V) with candidates (A, K) drawn from q
+    (A, V) without replacement (candidate k from q without candidates 0..k-1). Candidate k is kept
+    with probability min(1, r_k(c) / q_k(c)); after a rejection r_{k+1} = norm(max(0, r_k - q_k)).
+    Returns (winner (A,) in 0..K-1, or K when all are rejected or none valid, the final target r
+    (A, V) to draw from when none won)."""
+    count, k_max = candidates.shape
+    r, qk = p, q
+    winner = torch.full((count,), k_max, dtype=torch.long, device=p.device)
+    for k in range(k_max):
+        c = candidates[:, k:k + 1]
+        test = valid[:, k] & (winner == k_max)
+        keep = test & _accept(uniforms[:, k], qk.gather(-1, c)[:, 0], r.gather(-1, c)[:, 0])
+        winner = torch.where(keep, k, winner)
+        rejected = (test & ~keep)[:, None]
+        r = torch.where(rejected, _reject_update(r, qk), r)
+        without = qk.scatter(-1, c, 0.0)
+        qk = torch.where(rejected, without / without.sum(dim=-1, keepdim=True).clamp(min=1e-30), qk)
+    return winner, r
+
+
+def chain(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, checked: torch.Tensor, uniforms: torch.Tensor,
+          draws: torch.Tensor):
+    """Left-to-right verification of a chain whose context is exact up to its first draft.
+
+    p (A, L+1, V): p[:, i] the distribution of draft i (i < L) and of the token after the last;
+    drafts (A, L) drawn from q (A, L, V); checked (A, L): drafts that may be tested (a leading run);
+    uniforms (A, L) tests, draws (A, L+1) uniforms for the closing draw. Returns (count (A,) tokens
+    committed, 1..L+1; tokens (A, L+1), valid up to count): the leading accepted drafts, then a draw
+    from max(0, p - q) at the first rejection, or from p after the last checked draft."""
+    count, length, vocab = p.shape[0], drafts.shape[1], p.shape[-1]
+    if length:
+        keep = _accept(uniforms, q.gather(-1, drafts[..., None])[..., 0],
+                       p[:, :length].gather(-1, drafts[..., None])[..., 0]) & checked
+        lead = keep.long().cumprod(dim=1).sum(dim=1)  # (A,)
+        rejected = lead < checked.long().sum(dim=1)
+        at = lead[:, None, None].expand(count, 1, vocab)
+        p_at = p.gather(1, at)[:, 0]
+        q_at = torch.cat([q, q.new_zeros(count, 1, vocab)], dim=1).gather(1, at)[:, 0]
+        weights = torch.where(rejected[:, None], _reject_update(p_at, q_at), p_at)
+    else:
+        lead = torch.zeros(count, dtype=torch.long, device=p.device)
+        weights = p[:, 0]
+    last = _draw(weights, draws.gather(1, lead[:, None])[:, 0])
+    tokens = torch.cat([drafts, drafts.new_zeros(count, 1)], dim=1).scatter(1, lead[:, None], last[:, None])
+    return lead + 1, tokens
+
+
+def couple(old: torch.Tensor, q_old: torch.Tensor, p_new: torch.Tensor, uniforms: torch.Tensor,
+           draws: torch.Tensor) -> torch.Tensor:
+    """Maximal coupling: a draw from p_new (..., V) that keeps `old` (...,), a draw from q_old, with
+    probability min(1, p_new(old) / q_old(old)) and else draws from max(0, p_new - q_old)."""
+    keep = _accept(uniforms, q_old.gather(-1, old[..., None])[..., 0], p_new.gather(-1, old[..., None])[..., 0])
+    return torch.where(keep, old, _draw(_reject_update(p_new, q_old), draws))
+
+
+# ---------------------------------------------------------------- the loop
+def _numbers(spec: Spec, vocab: int) -> dict:
+    """Sizes of one iteration's uniforms per image, in draw order."""
+    w, k = spec.window, spec.candidates
+    sizes = dict(first=k, head=1, chain=w - 2, draws=w - 1, couple=w - 1, couple_draws=w - 1,
+                 candidates=vocab if k > 1 else 0, noise=(w - 1) * vocab if spec.coupling == "gumbel" else 0)
+    return sizes
+
+
+def _split(u: torch.Tensor, sizes: dict) -> dict:
+    out, at = {}, 0
+    for name, size in sizes.items():
+        out[name] = u[:, at:at + size]
+        at += size
+    return out
+
+
+def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
+                       params: SamplingParams = SamplingParams(), spec: Spec = Spec(),
+                       generator: torch.Generator | None = None, max_new_tokens: int | None = None) -> SpecResult:
+    """Sample (B, max_new_tokens) tokens with draft trees and the chosen coupling (module docstring).
+    One batch, eager, one shared generator: the measurement and test loop of these pieces."""
+    cfg = gpt.config
+    num_tokens, cond_len, vocab = cfg.num_image_tokens, cfg.cond_len, cfg.vocab_size
+    max_new = num_tokens if max_new_tokens is None else int(max_new_tokens)
+    spec = spec.check(num_tokens)
+    w, k_max, depth = spec.window, spec.candidates, spec.depth
+    device = gpt.tok_embeddings.weight.device
+    with torch.inference_mode():
+        rows, key_mask = prepare_condition(gpt, cond, cond_mask, params.guided)
+        batch = cond.shape[0]
+        twins = 2 if params.guided else 1
+        repeat = functools.partial(_stacked_twins, twins)
+        probs = functools.partial(_final_probs, params,
+                                  torch.tensor([guidance_scale_at(params, i, num_tokens) for i in range(num_tokens)],
+                                               dtype=torch.float32, device=device))
+        scratch = cond_len + num_tokens
+        cache_len = scratch + (k_max - 1) * depth
+        cache = gpt.new_cache(rows.shape[0], cache_len)
+        key_valid = torch.ones(rows.shape[0], cache_len, dtype=torch.bool, device=device)
+        if key_mask is not None:
+            key_valid[:, :cond_len] = key_mask
+        layout = tree_layout(w, k_max, depth, device)
+        sizes = _numbers(spec, vocab)
+
+        def numbers(count: int) -> dict:
+            return _split(torch.rand(count, sum(sizes.values()), generator=generator, device=device), sizes)
+
+        # prefill: token 0 from p_0, the first drafts drawn from p_0
+        prefix = torch.arange(cond_len, device=device)
+        keys = torch.arange(cond_len, device=device)
+        mask = ((keys <= prefix[:, None])[None] & key_valid[:, None, :cond_len]) | (keys == prefix[:, None])[None]
+        logits = gpt.forward_cached(gpt.embed_condition(rows), prefix, cache, cond_len, mask[:, None])[:, -1:]
+        p0 = probs(logits, torch.zeros(batch, 1, dtype=torch.long, device=device))[:, 0]  # (B, V)
+        u = numbers(batch)
+        canvas = torch.zeros(batch, num_tokens + w, dtype=torch.long, device=device)
+        canvas[:, 0] = _draw(p0, u["draws"][:, 0])
+        q = p0[:, None].expand(batch, w - 1, vocab).contiguous()
+        noise = _gumbel(u["noise"]).view(batch, w - 1, vocab) if spec.coupling == "gumbel" else None
+        if w > 1:
+            canvas[:, 1:w] = (q.log() + noise).argmax(-1) if noise is not None else _draw(q, u["couple_draws"])
+        n = torch.ones(batch, dtype=torch.long, device=device)
+        out = torch.empty(batch, max_new, dtype=torch.long, device=device)
+        forwards = torch.ones(batch, dtype=torch.long)
+        gained = torch.zeros(w + 1, dtype=torch.long)
+        firsts = torch.zeros(k_max + 1, dtype=torch.long)
+        ids = torch.arange(batch, device=device)
+        steps = torch.arange(w, device=device)
+
+        while True:
+            done = n >= max_new
+            if bool(done.any()):
+                out[ids[done]] = canvas[done, :max_new]
+                keep = ~done
+                if not bool(keep.any()):
+                    break
+                row_keep = keep.repeat(twins)
+                cache = [layer[:, row_keep] for layer in cache]
+                key_valid = key_valid[row_keep]
+                canvas, q, n, ids = canvas[keep], q[keep], n[keep], ids[keep]
+                noise = None if noise is None else noise[keep]
+            count = ids.shape[0]
+            u = numbers(count)
+            start = n.clamp(max=num_tokens - w)
+            offset = n - start  # > 0 only where the window was moved back at the end of the grid
+            length = w - offset
+            tree = offset == 0
+            spine = canvas.gather(1, (n[:, None] + steps[:w - 1]).clamp(max=canvas.shape[1] - 1))  # d_n..
+            spine_in = canvas.gather(1, start[:, None] + steps[:w - 1])  # the window's inputs 1..W-1
+            if k_max > 1:
+                extra, valid = extra_candidates(q[:, 0], spine[:, 0], k_max - 1, _gumbel(u["candidates"]))
+                valid &= tree[:, None]
+            else:
+                extra = spine.new_zeros(count, 0)
+                valid = torch.zeros(count, 0, dtype=torch.bool, device=device)
+            inputs = torch.cat([canvas.gather(1, start[:, None] - 1), tree_inputs(spine_in, extra, depth)], dim=1)
+            root = repeat(cond_len + start - 1)  # (R,) slot and position of the root
+            positions = (root[:, None] + layout["depth"]).clamp(max=cache_len - 1)
+            slots = tree_slots(root, layout, scratch, depth)
+            mask = tree_mask(key_valid, root, slots, layout["ancestors"], cache_len)
+            h = repeat(gpt.embed_tokens(inputs))
+            logits = gpt.forward_cached(h, positions, cache, cache_len, mask, slots=slots)
+            index = (start[:, None] + layout["depth"]).clamp(max=num_tokens - 1)
+            p = probs(logits, index)  # (A, T, V): p of the token after each input
+            align = (offset[:, None] + steps).clamp(max=w - 1)
+            p_spine = p[:, :w].gather(1, align[..., None].expand(count, w, vocab))  # p_spine[:, i]: token n+i
+
+            # token n: recursive rejection over the spine draft and the extra candidates
+            first_valid = torch.cat([(length >= 2)[:, None], valid], dim=1)
+            winner, r = first_token(p_spine[:, 0], q[:, 0], torch.cat([spine[:, :1], extra], dim=1), first_valid,
+                                    u["first"])
+            # the spine's chain (after an accepted d_n), and each extra branch's
+            checked = (steps[None, 1:w - 1] < (length - 1)[:, None])
+            s_count, s_tokens = chain(p_spine[:, 1:], spine[:, 1:], q[:, 1:], checked, u["chain"], u["draws"])
+            counts, tokens = [s_count], [s_tokens]
+            branch_p = p[:, w:].view(count, k_max - 1, depth, vocab)
+            for b in range(k_max - 1):
+                b_count, b_tokens = chain(branch_p[:, b], spine[:, 1:depth], q[:, 1:depth],
+                                          torch.ones(count, depth - 1, dtype=torch.bool, device=device),
+                                          u["chain"][:, :depth - 1], u["draws"][:, :depth])
+                counts.append(b_count)
+                tokens.append(torch.cat([b_tokens, b_tokens.new_zeros(count, w - 1 - depth)], dim=1))
+            counts, tokens = torch.stack(counts, dim=1), torch.stack(tokens, dim=1)  # (A, K), (A, K, W-1)
+            won = winner < k_max
+            pick = winner.clamp(max=k_max - 1)
+            head = torch.cat([spine[:, :1], extra], dim=1).gather(1, pick[:, None])[:, 0]
+            head = torch.where(won, head, _draw(r, u["head"][:, 0]))
+            gain = torch.where(won, 1 + counts.gather(1, pick[:, None])[:, 0], torch.ones_like(n))
+            tail = tokens.gather(1, pick[:, None, None].expand(count, 1, w - 1))[:, 0]
+            new = torch.cat([head[:, None], tail], dim=1)  # (A, W): tokens n.., valid up to gain
+            canvas.scatter_(1, (n[:, None] + steps).clamp(max=canvas.shape[1] - 1),
+                            torch.where(steps < gain[:, None], new, canvas.gather(
+                                1, (n[:, None] + steps).clamp(max=canvas.shape[1] - 1))))
+
+            # an accepted extra branch: its keys/values into place
+            if k_max > 1:
+                on_branch = won & (winner > 0)
+                t = torch.arange(depth, device=device)
+                src = repeat(scratch + (pick - 1).clamp(min=0)[:, None] * depth + t)
+                dst = (root[:, None] + 1 + t).clamp(max=scratch - 1)
+                commit_branch_cache(cache, src, dst, repeat(on_branch[:, None] & (t < gain[:, None])))
+
+            # the next drafts, for tokens n' = n + gain onwards, from the accepted path's outputs
+            src = (gain[:, None] + steps[:w - 1]).clamp(max=w - 1)  # (A, W-1) index into p_spine
+            p_next = p_spine.gather(1, src[..., None].expand(count, w - 1, vocab))
+            if k_max > 1:
+                from_branch = (won & (winner > 0))[:, None] & (gain[:, None] + steps[:w - 1] <= depth)
+                b_index = (gain[:, None] + steps[:w - 1] - 1).clamp(max=depth - 1)
+                flat = branch_p[torch.arange(count, device=device)[:, None], pick.clamp(min=1)[:, None] - 1, b_index]
+                p_next = torch.where(from_branch[..., None], flat, p_next)
+            old_pos = gain[:, None] + steps[:w - 1]  # offset of position n'+i from n
+            has_old = old_pos < w - 1
+            old_index = old_pos.clamp(max=max(w - 2, 0))
+            if noise is not None:
+                kept = noise.gather(1, old_index[..., None].expand_as(noise))
+                fresh = _gumbel(u["noise"]).view(count, w - 1, vocab)
+                noise = torch.where(has_old[..., None], kept, fresh)
+                redraft = (p_next.log() + noise).argmax(-1)
+            else:
+                old = spine.gather(1, old_index)
+                q_old = q.gather(1, old_index[..., None].expand_as(q))
+                coupled = couple(old, q_old, p_next, u["couple"], u["couple_draws"])
+                redraft = torch.where(has_old, coupled, _draw(p_next, u["couple_draws"]))
+            q = p_next
+            n = n + gain
+            canvas.scatter_(1, (n[:, None] + steps[:w - 1]).clamp(max=canvas.shape[1] - 1), redraft)
+            forwards[ids.cpu()] += 1
+            gained += torch.bincount(gain.cpu(), minlength=w + 1)[:w + 1]
+            firsts += torch.bincount(torch.where(length >= 2, winner, k_max).cpu(), minlength=k_max + 1)
+    return SpecResult(out.clone(), forwards, gained, firsts)
