@@ -48,18 +48,20 @@ COUPLINGS = ("gumbel", "max")
 @dataclass(frozen=True)
 class Spec:
     window: int = 8
-    candidates: int = 1  # K: candidates for the first unverified token (1 = no tree)
-    depth: int = 1  # D: tokens on each extra branch (its candidate, then D-1 spine drafts)
+    candidates: int = 1  # K: candidates for a token (the spine's draft and K-1 alternatives; 1 = no tree)
+    depth: int = 1  # D: tokens on each alternative's branch (the alternative, then D-1 spine drafts)
+    groups: int = 1  # G: spine positions n..n+G-1 that carry alternatives (W-1: all)
     coupling: str = "gumbel"
 
     def check(self, num_tokens: int) -> Spec:
         if self.coupling not in COUPLINGS:
             raise ArgenError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
-        if self.window < 2 or self.candidates < 1 or self.depth < 1 or num_tokens < 3:
-            raise ArgenError(f"window >= 2, candidates >= 1, depth >= 1 and 3 tokens or more, got {self}")
+        if self.window < 2 or min(self.candidates, self.depth, self.groups) < 1 or num_tokens < 3:
+            raise ArgenError(f"window >= 2, candidates, depth, groups >= 1 and 3 tokens or more, got {self}")
         window = min(int(self.window), num_tokens - 1)  # the moved-back window needs one accepted token
-        depth = min(self.depth, window - 1) if self.candidates > 1 else 1
-        return Spec(window, self.candidates, depth, self.coupling)
+        tree = self.candidates > 1
+        return Spec(window, self.candidates, min(self.depth, window - 1) if tree else 1,
+                    min(self.groups, window - 1) if tree else 1, self.coupling)
 
 
 @dataclass
@@ -67,41 +69,50 @@ class SpecResult:
     tokens: torch.Tensor  # (B, N) int64
     forwards: torch.Tensor  # (B,) forward passes per image, prefill included
     gained: torch.Tensor  # (W + 1,) int64: passes (after the prefill) that added 0..W tokens
-    first_accepts: torch.Tensor  # (K + 1,) int64: first-token decisions won by candidate k, or none (K)
+    rescues: torch.Tensor  # (K + 1,) int64: passes with no rejection, a rejection no alternative
+    # rescued (or no alternatives there), and rescued by alternative 1..K-1
 
 
 # ---------------------------------------------------------------- the tree
-def tree_layout(window: int, candidates: int, depth: int, device=None) -> dict:
-    """The fixed tree of one iteration: input 0 is the last accepted token (the root), inputs 1..W-1
-    the spine (depth 1..W-1), then branch b = 1..K-1 at depth 1..D (input W + (b-1) D + t-1).
-    Returns depth (T,), branch (T,) and ancestors (T, T) bool (a node is its own ancestor)."""
-    extra = (candidates - 1) * depth
-    size = window + extra
-    node_depth = torch.cat([torch.arange(window), torch.arange(1, depth + 1).repeat(candidates - 1)])
-    branch = torch.cat([torch.zeros(window, dtype=torch.long),
-                        torch.arange(1, candidates).repeat_interleave(depth)])
-    parent = torch.arange(size) - 1  # spine: the previous input; branch depth 1: the root
-    parent[window::depth] = 0 if depth else parent[window::depth]
+def tree_layout(window: int, candidates: int, depth: int, groups: int, device=None) -> dict:
+    """The fixed tree of one iteration. Input 0 is the last accepted token (the root), inputs 1..W-1
+    the spine (the drafts of tokens n..n+W-2); then, for g < G and b = 1..K-1, branch (g, b): the
+    alternative for token n+g (a child of spine input g) and D-1 tokens after it, at inputs
+    W + ((g (K-1) + b-1) D + t. Returns depth (T,) (tokens after the root), branch (T,) (0 = spine,
+    else 1 + g (K-1) + b-1), step (T,) (t on a branch) and ancestors (T, T) bool (self included)."""
+    per = (candidates - 1) * depth
+    size = window + groups * per
+    g = torch.arange(groups).repeat_interleave(per)
+    t = torch.arange(depth).repeat(groups * (candidates - 1))
+    node_depth = torch.cat([torch.arange(window), g + 1 + t])
+    branch = torch.cat([torch.zeros(window, dtype=torch.long), 1 + torch.arange(groups * (candidates - 1))
+                        .repeat_interleave(depth)])
+    step = torch.cat([torch.zeros(window, dtype=torch.long), t])
+    parent = torch.arange(size) - 1
+    parent[window:] = torch.where(t == 0, g, parent[window:])
     ancestors = torch.eye(size, dtype=torch.bool)
     for node in range(1, size):
         ancestors[node] |= ancestors[parent[node]]
-    return dict(depth=node_depth.to(device), branch=branch.to(device), ancestors=ancestors.to(device))
+    return dict(depth=node_depth.to(device), branch=branch.to(device), step=step.to(device),
+                ancestors=ancestors.to(device))
 
 
-def tree_inputs(spine: torch.Tensor, extra: torch.Tensor, depth: int) -> torch.Tensor:
-    """Tokens of inputs 1..T-1: the spine drafts (A, W-1), then per extra candidate (A, K-1) the
-    candidate and the spine's drafts of the D-1 positions after it."""
-    count, branches = extra.shape
-    tails = spine[:, None, 1:depth].expand(count, branches, depth - 1)
-    return torch.cat([spine, torch.cat([extra[..., None], tails], dim=-1).flatten(1)], dim=1)
+def tree_inputs(spine: torch.Tensor, alternatives: torch.Tensor, depth: int) -> torch.Tensor:
+    """Tokens of inputs 1..T-1: the spine drafts (A, W-1), then for each alternative (A, G, K-1) of
+    token n+g the alternative and the spine's drafts of tokens n+g+1..n+g+D-1 (past the spine: its
+    last draft, never verified)."""
+    count, groups, others = alternatives.shape
+    later = (torch.arange(groups, device=spine.device)[:, None] + 1 + torch.arange(depth - 1, device=spine.device))
+    tails = spine[:, later.clamp(max=spine.shape[1] - 1)]  # (A, G, D-1)
+    tails = tails[:, :, None].expand(count, groups, others, depth - 1)
+    return torch.cat([spine, torch.cat([alternatives[..., None], tails], dim=-1).flatten(1)], dim=1)
 
 
 def tree_slots(root: torch.Tensor, layout: dict, scratch: int, depth: int) -> torch.Tensor:
     """Cache slot of every input (R, T) for roots at slot `root` (R,): the root and spine at their
-    positions, branch b depth t at scratch + (b-1) D + t-1."""
+    positions, branch k at scratch + (k-1) D + t."""
     d, b = layout["depth"], layout["branch"]
-    spine = root[:, None] + d
-    return torch.where(b == 0, spine, scratch + (b - 1).clamp(min=0) * depth + d - 1)
+    return torch.where(b == 0, root[:, None] + d, scratch + (b - 1).clamp(min=0) * depth + layout["step"])
 
 
 def tree_mask(key_valid: torch.Tensor, root: torch.Tensor, slots: torch.Tensor, ancestors: torch.Tensor,
@@ -129,10 +140,11 @@ def commit_branch_cache(cache: list[torch.Tensor], branch_slots: torch.Tensor, t
 
 # ---------------------------------------------------------------- verification
 def extra_candidates(q0: torch.Tensor, first: torch.Tensor, count: int, gumbel: torch.Tensor):
-    """`count` more candidates (A, count) for a token whose first candidate `first` (A,) was drawn
-    from q0 (A, V): Gumbel-top-k over q0 without `first`, i.e. successive draws without
-    replacement. valid (A, count): the candidate has positive proposal mass (else it is not tested)."""
-    scores = (q0.log() + gumbel).scatter(-1, first[:, None], float("-inf"))
+    """`count` more candidates (..., count) for a token whose first candidate `first` (...) was drawn
+    from q0 (..., V), with fresh Gumbel noise (..., V): Gumbel-top-k over q0 without `first`, i.e.
+    successive draws without replacement. valid (..., count): the candidate has positive proposal
+    mass (else it is not tested)."""
+    scores = (q0.log() + gumbel).scatter(-1, first[..., None], float("-inf"))
     picked = scores.topk(count, dim=-1).indices
     return picked, q0.gather(-1, picked) > 0
 
@@ -173,8 +185,9 @@ def chain(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, checked: torch
     p (A, L+1, V): p[:, i] the distribution of draft i (i < L) and of the token after the last;
     drafts (A, L) drawn from q (A, L, V); checked (A, L): drafts that may be tested (a leading run);
     uniforms (A, L) tests, draws (A, L+1) uniforms for the closing draw. Returns (count (A,) tokens
-    committed, 1..L+1; tokens (A, L+1), valid up to count): the leading accepted drafts, then a draw
-    from max(0, p - q) at the first rejection, or from p after the last checked draft."""
+    committed, 1..L+1; tokens (A, L+1), valid up to count: the leading accepted drafts, then a draw
+    from max(0, p - q) at the first rejection, or from p after the last checked draft; rejected (A,)
+    bool; the closing draw's distribution (A, V))."""
     count, length, vocab = p.shape[0], drafts.shape[1], p.shape[-1]
     if length:
         keep = _accept(uniforms, q.gather(-1, drafts[..., None])[..., 0],
@@ -190,7 +203,7 @@ def chain(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, checked: torch
         weights = p[:, 0]
     last = _draw(weights, draws.gather(1, lead[:, None])[:, 0])
     tokens = torch.cat([drafts, drafts.new_zeros(count, 1)], dim=1).scatter(1, lead[:, None], last[:, None])
-    return lead + 1, tokens
+    return lead + 1, tokens, rejected if length else torch.zeros_like(lead, dtype=torch.bool), weights
 
 
 def couple(old: torch.Tensor, q_old: torch.Tensor, p_new: torch.Tensor, uniforms: torch.Tensor,
@@ -201,13 +214,15 @@ def couple(old: torch.Tensor, q_old: torch.Tensor, p_new: torch.Tensor, uniforms
     return torch.where(keep, old, _draw(_reject_update(p_new, q_old), draws))
 
 
+
+
 # ---------------------------------------------------------------- the loop
 def _numbers(spec: Spec, vocab: int) -> dict:
     """Sizes of one iteration's uniforms per image, in draw order."""
-    w, k = spec.window, spec.candidates
-    sizes = dict(first=k, head=1, chain=w - 2, draws=w - 1, couple=w - 1, couple_draws=w - 1,
-                 candidates=vocab if k > 1 else 0, noise=(w - 1) * vocab if spec.coupling == "gumbel" else 0)
-    return sizes
+    w, k, g = spec.window, spec.candidates, spec.groups
+    return dict(chain=w - 1, draws=w, alternatives=k - 1, head=1, branch=spec.depth - 1, branch_draws=spec.depth,
+                couple=w - 1, couple_draws=w - 1, gumbel=g * vocab if k > 1 else 0,
+                noise=(w - 1) * vocab if spec.coupling == "gumbel" else 0)
 
 
 def _split(u: torch.Tensor, sizes: dict) -> dict:
@@ -216,6 +231,11 @@ def _split(u: torch.Tensor, sizes: dict) -> dict:
         out[name] = u[:, at:at + size]
         at += size
     return out
+
+
+def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (A, M, ...) at index (A,) -> (A, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device), index]
 
 
 def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
@@ -227,7 +247,7 @@ def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | N
     num_tokens, cond_len, vocab = cfg.num_image_tokens, cfg.cond_len, cfg.vocab_size
     max_new = num_tokens if max_new_tokens is None else int(max_new_tokens)
     spec = spec.check(num_tokens)
-    w, k_max, depth = spec.window, spec.candidates, spec.depth
+    w, k_max, depth, groups = spec.window, spec.candidates, spec.depth, spec.groups
     device = gpt.tok_embeddings.weight.device
     with torch.inference_mode():
         rows, key_mask = prepare_condition(gpt, cond, cond_mask, params.guided)
@@ -238,12 +258,12 @@ def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | N
                                   torch.tensor([guidance_scale_at(params, i, num_tokens) for i in range(num_tokens)],
                                                dtype=torch.float32, device=device))
         scratch = cond_len + num_tokens
-        cache_len = scratch + (k_max - 1) * depth
+        cache_len = scratch + groups * (k_max - 1) * depth
         cache = gpt.new_cache(rows.shape[0], cache_len)
         key_valid = torch.ones(rows.shape[0], cache_len, dtype=torch.bool, device=device)
         if key_mask is not None:
             key_valid[:, :cond_len] = key_mask
-        layout = tree_layout(w, k_max, depth, device)
+        layout = tree_layout(w, k_max, depth, groups, device)
         sizes = _numbers(spec, vocab)
 
         def numbers(count: int) -> dict:
@@ -251,24 +271,23 @@ def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | N
 
         # prefill: token 0 from p_0, the first drafts drawn from p_0
         prefix = torch.arange(cond_len, device=device)
-        keys = torch.arange(cond_len, device=device)
-        mask = ((keys <= prefix[:, None])[None] & key_valid[:, None, :cond_len]) | (keys == prefix[:, None])[None]
+        mask = ((prefix <= prefix[:, None])[None] & key_valid[:, None, :cond_len]) | (prefix == prefix[:, None])[None]
         logits = gpt.forward_cached(gpt.embed_condition(rows), prefix, cache, cond_len, mask[:, None])[:, -1:]
         p0 = probs(logits, torch.zeros(batch, 1, dtype=torch.long, device=device))[:, 0]  # (B, V)
         u = numbers(batch)
-        canvas = torch.zeros(batch, num_tokens + w, dtype=torch.long, device=device)
+        canvas = torch.zeros(batch, num_tokens + w + depth, dtype=torch.long, device=device)
         canvas[:, 0] = _draw(p0, u["draws"][:, 0])
         q = p0[:, None].expand(batch, w - 1, vocab).contiguous()
         noise = _gumbel(u["noise"]).view(batch, w - 1, vocab) if spec.coupling == "gumbel" else None
-        if w > 1:
-            canvas[:, 1:w] = (q.log() + noise).argmax(-1) if noise is not None else _draw(q, u["couple_draws"])
+        canvas[:, 1:w] = (q.log() + noise).argmax(-1) if noise is not None else _draw(q, u["couple_draws"])
         n = torch.ones(batch, dtype=torch.long, device=device)
         out = torch.empty(batch, max_new, dtype=torch.long, device=device)
         forwards = torch.ones(batch, dtype=torch.long)
         gained = torch.zeros(w + 1, dtype=torch.long)
-        firsts = torch.zeros(k_max + 1, dtype=torch.long)
+        rescues = torch.zeros(k_max + 1, dtype=torch.long)
         ids = torch.arange(batch, device=device)
-        steps = torch.arange(w, device=device)
+        steps = torch.arange(w + depth, device=device)
+        last_slot = canvas.shape[1] - 1
 
         while True:
             done = n >= max_new
@@ -283,91 +302,92 @@ def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | N
                 canvas, q, n, ids = canvas[keep], q[keep], n[keep], ids[keep]
                 noise = None if noise is None else noise[keep]
             count = ids.shape[0]
+            rows_of = torch.arange(count, device=device)
             u = numbers(count)
             start = n.clamp(max=num_tokens - w)
             offset = n - start  # > 0 only where the window was moved back at the end of the grid
             length = w - offset
             tree = offset == 0
-            spine = canvas.gather(1, (n[:, None] + steps[:w - 1]).clamp(max=canvas.shape[1] - 1))  # d_n..
+            spine = canvas.gather(1, n[:, None] + steps[:w - 1])  # drafts d_n..d_{n+W-2}
             spine_in = canvas.gather(1, start[:, None] + steps[:w - 1])  # the window's inputs 1..W-1
-            if k_max > 1:
-                extra, valid = extra_candidates(q[:, 0], spine[:, 0], k_max - 1, _gumbel(u["candidates"]))
-                valid &= tree[:, None]
+            if k_max > 1:  # K-1 alternatives per grouped position, without replacement after the draft
+                gumbel = _gumbel(u["gumbel"]).view(count, groups, vocab)
+                alternatives, valid = extra_candidates(q[:, :groups], spine[:, :groups], k_max - 1, gumbel)
+                valid &= tree[:, None, None]
             else:
-                extra = spine.new_zeros(count, 0)
-                valid = torch.zeros(count, 0, dtype=torch.bool, device=device)
-            inputs = torch.cat([canvas.gather(1, start[:, None] - 1), tree_inputs(spine_in, extra, depth)], dim=1)
+                alternatives = spine.new_zeros(count, groups, 0)
+            inputs = torch.cat([canvas.gather(1, start[:, None] - 1), tree_inputs(spine_in, alternatives, depth)], 1)
             root = repeat(cond_len + start - 1)  # (R,) slot and position of the root
-            positions = (root[:, None] + layout["depth"]).clamp(max=cache_len - 1)
+            positions = (root[:, None] + layout["depth"]).clamp(max=scratch - 1)
             slots = tree_slots(root, layout, scratch, depth)
             mask = tree_mask(key_valid, root, slots, layout["ancestors"], cache_len)
-            h = repeat(gpt.embed_tokens(inputs))
-            logits = gpt.forward_cached(h, positions, cache, cache_len, mask, slots=slots)
-            index = (start[:, None] + layout["depth"]).clamp(max=num_tokens - 1)
-            p = probs(logits, index)  # (A, T, V): p of the token after each input
-            align = (offset[:, None] + steps).clamp(max=w - 1)
+            logits = gpt.forward_cached(repeat(gpt.embed_tokens(inputs)), positions, cache, cache_len, mask,
+                                        slots=slots)
+            p = probs(logits, (start[:, None] + layout["depth"]).clamp(max=num_tokens - 1))  # (A, T, V)
+            align = (offset[:, None] + steps[:w]).clamp(max=w - 1)
             p_spine = p[:, :w].gather(1, align[..., None].expand(count, w, vocab))  # p_spine[:, i]: token n+i
 
-            # token n: recursive rejection over the spine draft and the extra candidates
-            first_valid = torch.cat([(length >= 2)[:, None], valid], dim=1)
-            winner, r = first_token(p_spine[:, 0], q[:, 0], torch.cat([spine[:, :1], extra], dim=1), first_valid,
-                                    u["first"])
-            # the spine's chain (after an accepted d_n), and each extra branch's
-            checked = (steps[None, 1:w - 1] < (length - 1)[:, None])
-            s_count, s_tokens = chain(p_spine[:, 1:], spine[:, 1:], q[:, 1:], checked, u["chain"], u["draws"])
-            counts, tokens = [s_count], [s_tokens]
-            branch_p = p[:, w:].view(count, k_max - 1, depth, vocab)
-            for b in range(k_max - 1):
-                b_count, b_tokens = chain(branch_p[:, b], spine[:, 1:depth], q[:, 1:depth],
-                                          torch.ones(count, depth - 1, dtype=torch.bool, device=device),
-                                          u["chain"][:, :depth - 1], u["draws"][:, :depth])
-                counts.append(b_count)
-                tokens.append(torch.cat([b_tokens, b_tokens.new_zeros(count, w - 1 - depth)], dim=1))
-            counts, tokens = torch.stack(counts, dim=1), torch.stack(tokens, dim=1)  # (A, K), (A, K, W-1)
-            won = winner < k_max
-            pick = winner.clamp(max=k_max - 1)
-            head = torch.cat([spine[:, :1], extra], dim=1).gather(1, pick[:, None])[:, 0]
-            head = torch.where(won, head, _draw(r, u["head"][:, 0]))
-            gain = torch.where(won, 1 + counts.gather(1, pick[:, None])[:, 0], torch.ones_like(n))
-            tail = tokens.gather(1, pick[:, None, None].expand(count, 1, w - 1))[:, 0]
-            new = torch.cat([head[:, None], tail], dim=1)  # (A, W): tokens n.., valid up to gain
-            canvas.scatter_(1, (n[:, None] + steps).clamp(max=canvas.shape[1] - 1),
-                            torch.where(steps < gain[:, None], new, canvas.gather(
-                                1, (n[:, None] + steps).clamp(max=canvas.shape[1] - 1))))
+            # the spine: leading accepted drafts, then a rejection at n + lead (or the bonus token)
+            checked = steps[None, :w - 1] < (length - 1)[:, None]
+            s_count, new, rejected, r = chain(p_spine, spine, q, checked, u["chain"], u["draws"])
+            lead = s_count - 1
+            gain = s_count
+            new = torch.cat([new, new.new_zeros(count, depth)], dim=1)  # (A, W + D): tokens n..
+            status = torch.where(rejected, 1, 0)
+            if k_max > 1:  # a rejection at a grouped position: its alternatives, by recursive rejection
+                at = lead.clamp(max=groups - 1)
+                tried = rejected & (lead < groups)
+                q_at = _pick(q, lead.clamp(max=w - 2))
+                q_rest = q_at.scatter(-1, _pick(spine, lead.clamp(max=w - 2))[:, None], 0.0)
+                q_rest = q_rest / q_rest.sum(-1, keepdim=True).clamp(min=1e-30)
+                winner, r_last = first_token(r, q_rest, _pick(alternatives, at), _pick(valid, at) & tried[:, None],
+                                             u["alternatives"])
+                won = winner < k_max - 1
+                b = winner.clamp(max=k_max - 2)
+                head = torch.where(won, _pick(alternatives, at).gather(1, b[:, None])[:, 0],
+                                   _draw(r_last, u["head"][:, 0]))
+                new = torch.where(tried[:, None], new.scatter(1, lead[:, None], head[:, None]), new)
+                # the winning branch: its later tokens against its own outputs
+                branch = 1 + at * (k_max - 1) + b  # (A,) branch id
+                nodes = w + (branch - 1)[:, None] * depth + steps[:depth]  # (A, D) its inputs
+                p_branch = p.gather(1, nodes[..., None].expand(count, depth, vocab))  # p of tokens n+lead+1..
+                later = (lead[:, None] + 1 + steps[:depth - 1]).clamp(max=w - 2)
+                b_checked = (lead[:, None] + 1 + steps[:depth - 1]) < (length - 1)[:, None]
+                b_count, b_tokens, _, _ = chain(p_branch, spine.gather(1, later),
+                                                q.gather(1, later[..., None].expand(count, depth - 1, vocab)),
+                                                b_checked, u["branch"], u["branch_draws"])
+                new = torch.where(won[:, None], new.scatter(1, lead[:, None] + 1 + steps[:depth], b_tokens), new)
+                gain = torch.where(won, gain + b_count, gain)
+                status = torch.where(won, 2 + b, status)
+                # its keys/values into place (tokens n+lead.. of the branch that were committed)
+                src = repeat(scratch + (branch - 1)[:, None] * depth + steps[:depth])
+                dst = (root[:, None] + 1 + repeat(lead)[:, None] + steps[:depth]).clamp(max=scratch - 1)
+                commit_branch_cache(cache, src, dst, repeat(won[:, None] & (steps[:depth] < b_count[:, None])))
+            index = (n[:, None] + steps).clamp(max=last_slot)
+            canvas.scatter_(1, index, torch.where(steps < gain[:, None], new, canvas.gather(1, index)))
 
-            # an accepted extra branch: its keys/values into place
+            # the next drafts, for tokens n + gain onwards, from the accepted path's outputs
+            ahead = gain[:, None] + steps[:w - 1]  # token n + ahead
+            p_next = p_spine.gather(1, ahead.clamp(max=w - 1)[..., None].expand(count, w - 1, vocab))
             if k_max > 1:
-                on_branch = won & (winner > 0)
-                t = torch.arange(depth, device=device)
-                src = repeat(scratch + (pick - 1).clamp(min=0)[:, None] * depth + t)
-                dst = (root[:, None] + 1 + t).clamp(max=scratch - 1)
-                commit_branch_cache(cache, src, dst, repeat(on_branch[:, None] & (t < gain[:, None])))
-
-            # the next drafts, for tokens n' = n + gain onwards, from the accepted path's outputs
-            src = (gain[:, None] + steps[:w - 1]).clamp(max=w - 1)  # (A, W-1) index into p_spine
-            p_next = p_spine.gather(1, src[..., None].expand(count, w - 1, vocab))
-            if k_max > 1:
-                from_branch = (won & (winner > 0))[:, None] & (gain[:, None] + steps[:w - 1] <= depth)
-                b_index = (gain[:, None] + steps[:w - 1] - 1).clamp(max=depth - 1)
-                flat = branch_p[torch.arange(count, device=device)[:, None], pick.clamp(min=1)[:, None] - 1, b_index]
-                p_next = torch.where(from_branch[..., None], flat, p_next)
-            old_pos = gain[:, None] + steps[:w - 1]  # offset of position n'+i from n
-            has_old = old_pos < w - 1
-            old_index = old_pos.clamp(max=max(w - 2, 0))
+                t = ahead - lead[:, None] - 1  # branch input t gives p of token n + lead + 1 + t
+                on_branch = won[:, None] & (t < depth)
+                p_next = torch.where(on_branch[..., None],
+                                     p_branch[rows_of[:, None], t.clamp(min=0, max=depth - 1)], p_next)
+            has_old = ahead < w - 1
+            old_index = ahead.clamp(max=w - 2)
             if noise is not None:
                 kept = noise.gather(1, old_index[..., None].expand_as(noise))
-                fresh = _gumbel(u["noise"]).view(count, w - 1, vocab)
-                noise = torch.where(has_old[..., None], kept, fresh)
+                noise = torch.where(has_old[..., None], kept, _gumbel(u["noise"]).view(count, w - 1, vocab))
                 redraft = (p_next.log() + noise).argmax(-1)
             else:
-                old = spine.gather(1, old_index)
-                q_old = q.gather(1, old_index[..., None].expand_as(q))
-                coupled = couple(old, q_old, p_next, u["couple"], u["couple_draws"])
+                coupled = couple(spine.gather(1, old_index), q.gather(1, old_index[..., None].expand_as(q)), p_next,
+                                 u["couple"], u["couple_draws"])
                 redraft = torch.where(has_old, coupled, _draw(p_next, u["couple_draws"]))
             q = p_next
             n = n + gain
-            canvas.scatter_(1, (n[:, None] + steps[:w - 1]).clamp(max=canvas.shape[1] - 1), redraft)
+            canvas.scatter_(1, (n[:, None] + steps[:w - 1]).clamp(max=last_slot), redraft)
             forwards[ids.cpu()] += 1
             gained += torch.bincount(gain.cpu(), minlength=w + 1)[:w + 1]
-            firsts += torch.bincount(torch.where(length >= 2, winner, k_max).cpu(), minlength=k_max + 1)
-    return SpecResult(out.clone(), forwards, gained, firsts)
+            rescues += torch.bincount(status.cpu(), minlength=k_max + 1)
+    return SpecResult(out.clone(), forwards, gained, rescues)
