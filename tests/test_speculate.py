@@ -1,7 +1,8 @@
 """Draft trees and maximal-coupling redrafts (`argen.engine.speculate`): greedy equality with the
 reference, tree outputs equal to plain causal outputs, the exact AR distribution by enumeration and a
-chi-square test, and three inexact rules that the same test rejects (candidates verified without the
-residual update, commits past a rejection, old drafts kept as samples of the new proposal)."""
+chi-square test, and three inexact rules that the same test rejects (alternatives verified against p
+instead of the residual the spine's rejection left, commits past a rejection, old drafts kept as
+samples of the new proposal)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from argen.utils.errors import ArgenError
 from test_engine import condition, tiny_gpt
 from test_jacobi import DISTRIBUTION_CASES, chi_square_pvalue, exact_joint, toy_gpt
 
-SPECS = [Spec(3), Spec(4, 3, 2, "max"), Spec(16, 4, 3, "max"), Spec(6, 3, 3, "gumbel")]
+SPECS = [Spec(3), Spec(4, 3, 2, 1, "max"), Spec(16, 4, 3, 15, "max"), Spec(6, 3, 3, 2, "gumbel")]
 
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
@@ -38,14 +39,14 @@ def test_tree_outputs_equal_plain_causal_outputs():
     causal forward of the accepted prefix + that branch gives."""
     model = tiny_gpt("c2i", seed=1)
     cfg = model.config
-    window, k, depth, n = 4, 3, 2, 5
+    window, k, depth, groups, n = 4, 3, 2, 2, 5
     prefix = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     spine = torch.randint(0, cfg.vocab_size, (1, window - 1), generator=torch.Generator().manual_seed(1))
-    extra = torch.tensor([[7, 9]])
-    layout = tree_layout(window, k, depth)
-    inputs = torch.cat([prefix[:, -1:], speculate.tree_inputs(spine, extra, depth)], dim=1)
+    alternatives = torch.tensor([[[7, 9], [11, 13]]])  # (1, G, K-1): for tokens n and n+1
+    layout = tree_layout(window, k, depth, groups)
+    inputs = torch.cat([prefix[:, -1:], speculate.tree_inputs(spine, alternatives, depth)], dim=1)
     scratch = cfg.cond_len + cfg.num_image_tokens
-    cache = model.new_cache(1, scratch + (k - 1) * depth)
+    cache = model.new_cache(1, scratch + groups * (k - 1) * depth)
     with torch.no_grad():
         cond = torch.tensor([2])
         model.forward_cached(model.embed_condition(cond), torch.arange(cfg.cond_len), cache, cfg.cond_len)
@@ -57,12 +58,16 @@ def test_tree_outputs_equal_plain_causal_outputs():
                          cache[0].shape[3])
         got = model.forward_cached(model.embed_tokens(inputs), root[:, None] + layout["depth"], cache,
                                    cache[0].shape[3], mask, slots=slots)
-        for branch, tokens in enumerate([spine[0], *[torch.cat([extra[0, b:b + 1], spine[0, 1:depth]])
-                                                     for b in range(k - 1)]]):
+        paths = [([1, 2, 3], spine[0])]  # (inputs after the root, their tokens)
+        for g in range(groups):
+            for b in range(k - 1):
+                first = window + (g * (k - 1) + b) * depth
+                paths.append((list(range(1, g + 1)) + [first, first + 1],
+                              torch.cat([spine[0, :g], alternatives[0, g, b:b + 1], spine[0, g + 1:g + depth]])))
+        for nodes, tokens in paths:
             seq = torch.cat([prefix[0], tokens, tokens[:1]])[None]  # + one token: its output is unused
             want = model.logits(seq, cond)[0, n:]  # predictions of token n (the root's output) onwards
-            nodes = [0] + ([1, 2, 3] if branch == 0 else [window + (branch - 1) * depth + t for t in range(depth)])
-            torch.testing.assert_close(got[0, nodes], want[:len(nodes)], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got[0, [0] + nodes], want[:len(nodes) + 1], atol=1e-4, rtol=1e-4)
 
 
 SAMPLES = 6000
@@ -107,7 +112,17 @@ def _naive_continuation(p, drafts, q, checked, uniforms, draws):
         tokens[:, j] = torch.where(stop, speculate._draw(p[:, j], draws[:, j]), tokens[:, j])
         committed += stop.long()
         rejections = torch.where(stop, 2, rejections)
-    return committed.clamp(min=1), tokens
+    return committed.clamp(min=1), tokens, torch.zeros(count, dtype=torch.bool), p[:, 0]
+
+
+def _alternatives_against_p(p, drafts, q, checked, uniforms, draws):
+    """Inexact: the alternatives after a spine rejection are tested against p itself, not against the
+    residual max(0, p - q) that the rejection left."""
+    count, tokens, rejected, _ = CHAIN(p, drafts, q, checked, uniforms, draws)
+    return count, tokens, rejected, p[torch.arange(p.shape[0]), count - 1]
+
+
+CHAIN = speculate.chain
 
 
 @pytest.mark.parametrize("kind,settings", DISTRIBUTION_CASES,
@@ -117,29 +132,26 @@ def test_trees_and_couplings_sample_the_exact_distribution_and_wrong_rules_are_c
     cond, mask = _case(kind)
     params = SamplingParams(**settings)
     joint = exact_joint(model, cond, mask, params)
-    for spec in (Spec(3, 3, 2, "max"), Spec(3, 2, 2, "gumbel")):
+    rescued = 0
+    for spec in (Spec(3, 3, 2, 1, "max"), Spec(3, 3, 2, 2, "gumbel")):
         right = _draw(model, cond, mask, params, spec)
-        assert right.first_accepts[1:spec.candidates].sum() > 0.05 * SAMPLES  # extra candidates do win
+        rescued += int(right.rescues[2:].sum())  # alternatives that won (none where top-p leaves one code)
         assert chi_square_pvalue(right.tokens, joint) > 1e-3, spec
-
-    def no_residual(p, q, candidates, valid, uniforms):  # each candidate tested against p itself
+    if "top_k" in settings:  # top-p 0.8 of this toy leaves one code: no alternative to verify
+        assert rescued > 0.05 * SAMPLES
         with monkeypatch.context() as m:
-            m.setattr(speculate, "_reject_update", lambda r, q: r)
-            return first_token(p, q, candidates, valid, uniforms)
-
-    first_token = speculate.first_token
-    with monkeypatch.context() as m:
-        m.setattr(speculate, "first_token", no_residual)
-        assert chi_square_pvalue(_draw(model, cond, mask, params, Spec(3, 3, 2, "max")).tokens, joint) < 1e-6
+            m.setattr(speculate, "chain", _alternatives_against_p)
+            wrong = _draw(model, cond, mask, params, Spec(3, 3, 2, 2, "max"))
+            assert chi_square_pvalue(wrong.tokens, joint) < 1e-6
     with monkeypatch.context() as m:
         m.setattr(speculate, "chain", _naive_continuation)
-        assert chi_square_pvalue(_draw(model, cond, mask, params, Spec(3, 1, 1, "max")).tokens, joint) < 1e-6
+        assert chi_square_pvalue(_draw(model, cond, mask, params, Spec(3, coupling="max")).tokens, joint) < 1e-6
     with monkeypatch.context() as m:
         m.setattr(speculate, "couple", lambda old, q_old, p_new, u, d: old)  # keeps drafts, records p as q
-        assert chi_square_pvalue(_draw(model, cond, mask, params, Spec(3, 1, 1, "max")).tokens, joint) < 1e-6
+        assert chi_square_pvalue(_draw(model, cond, mask, params, Spec(3, coupling="max")).tokens, joint) < 1e-6
 
 
-@pytest.mark.parametrize("spec", [Spec(8, 2, 3, "max"), Spec(12, 3, 4, "gumbel")], ids=str)
+@pytest.mark.parametrize("spec", [Spec(8, 2, 3, 7, "max"), Spec(12, 2, 4, 1, "gumbel")], ids=str)
 def test_long_windows_with_trees_keep_the_exact_distribution(spec):
     """9 binary tokens (512 sequences): drafts stay in the window over several iterations, branches
     are accepted and their keys moved into place, the window is moved back at the end of the grid."""
@@ -150,7 +162,7 @@ def test_long_windows_with_trees_keep_the_exact_distribution(spec):
     result = speculative_decode(model, cond.expand(samples), None, params, spec,
                                 generator=torch.Generator().manual_seed(spec.window))
     assert result.forwards.double().mean() < 0.4 * 9
-    assert result.first_accepts[1] > 0.02 * samples  # the second candidate wins sometimes
+    assert result.rescues[2] > 0.02 * samples  # the alternative wins sometimes
     assert chi_square_pvalue(result.tokens, joint, vocab=2) > 1e-3
     shifted = speculative_decode(model, torch.tensor([4]).expand(samples), None, params, spec,
                                  generator=torch.Generator().manual_seed(spec.window))
