@@ -3,6 +3,7 @@ tokens gained per pass (histogram), and wall time one image at a time against pl
 
     python benchmarks/bench_speculate.py                       # bundled demo-c2i and demo-t2i
     python benchmarks/bench_speculate.py --kinds c2i --per-item 4 --batch-one 10 --json out.json
+    python benchmarks/bench_speculate.py --kinds c2i --per-item 0 --quality-seeds 0,1,2,3 --quality-variant best
 
 Variants (name: Spec(window, candidates, depth, groups, coupling)):
 - base: Spec(8), the algorithm of `argen.engine.jacobi` (Gumbel-coupled redrafts, no tree);
@@ -103,6 +104,38 @@ def batch_one(name: str, gpt, variants: dict, images: int) -> list[dict]:
     return rows
 
 
+def quality(gpt, variant: str, seeds: list[int], per_item: int = 8) -> list[dict]:
+    """The bundled classifier's c2i accuracy (`training.demo.DemoScorer`, the demo report's score) of
+    plain samples and of the variant's, per seed, with the mean difference and its standard error."""
+    import numpy as np
+
+    from argen import load_tokenizer
+    from argen.data.datasets import DemoDataset
+    from argen.engine import decode_codes
+    from argen.training.demo import DemoScorer
+
+    tokenizer = load_tokenizer("demo-vq")
+    scorer = DemoScorer(DemoDataset("train"))
+    cond, _ = conditions(gpt, per_item)
+    labels = np.repeat(np.arange(gpt.config.num_classes), per_item)
+    params = SamplingParams.for_model(gpt)
+    rows = []
+    for seed in seeds:
+        plain = generate(gpt, cond, params=params, generator=torch.Generator().manual_seed(seed))
+        spec = speculative_decode(gpt, cond, None, params, VARIANTS[variant],
+                                  generator=torch.Generator().manual_seed(seed)).tokens
+        score = {name: scorer.c2i(decode_codes(tokenizer, codes), labels)["accuracy"]
+                 for name, codes in (("plain", plain), (variant, spec))}
+        rows.append(dict(seed=seed, **{k: round(v, 4) for k, v in score.items()}))
+        print(f"  seed {seed}: classifier plain {score['plain']:.1%}, {variant} {score[variant]:.1%}", flush=True)
+    diff = np.array([r[variant] - r["plain"] for r in rows])
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    print(f"c2i classifier over {len(seeds)} seeds x {len(cond)} images: plain "
+          f"{np.mean([r['plain'] for r in rows]):.1%}, {variant} {np.mean([r[variant] for r in rows]):.1%}, "
+          f"difference {diff.mean():+.1%} +- {se:.1%} (s.e.)", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="c2i,t2i")
@@ -110,6 +143,8 @@ def main() -> None:
     ap.add_argument("--per-item", type=int, default=4, help="images per class/prompt for the pass counts (0: none)")
     ap.add_argument("--batch-one", type=int, default=0, help="also time this many images one at a time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quality-seeds", default="", help="seeds for the c2i classifier check (none by default)")
+    ap.add_argument("--quality-variant", default="best")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -125,6 +160,8 @@ def main() -> None:
             results["passes"] += passes(f"demo-{kind}", gpt, variants, args.per_item, args.seed)
         if args.batch_one:
             results["batch_one"] += batch_one(f"demo-{kind}", gpt, variants, args.batch_one)
+        if args.quality_seeds and kind == "c2i":
+            results["quality"] = quality(gpt, args.quality_variant, [int(x) for x in args.quality_seeds.split(",")])
     if args.json:
         atomic_write_json(args.json, results)
 

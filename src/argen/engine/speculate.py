@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from argen.engine.jacobi import _accept, _draw, _final_probs, _gumbel, _stacked_twins
+from argen.engine.jacobi import _accept, _draw, _gumbel
 from argen.models.gpt import GPT
-from argen.sampling.logits import SamplingParams, guidance_scale_at
+from argen.sampling.logits import SamplingParams, guidance_scale_at, guided_logits, process_logits
 from argen.sampling.reference import prepare_condition
 from argen.utils.errors import ArgenError
 
@@ -233,6 +233,20 @@ def _split(u: torch.Tensor, sizes: dict) -> dict:
     return out
 
 
+def _twins(twins: int, x: torch.Tensor) -> torch.Tensor:
+    """(A, ...) -> (twins A, ...): the rows of the cond images, then those of their uncond twins."""
+    return x.repeat(twins, *[1] * (x.ndim - 1))
+
+
+def _probs(params: SamplingParams, scales: torch.Tensor, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(twins A, T, V) float32 logits of image tokens `index` (A, T) -> (A, T, V) sampling
+    probabilities: guided with the scale of each token's index, then temperature, top-k, top-p."""
+    if params.guided:
+        count = index.shape[0]
+        logits = guided_logits(logits[:count], logits[count:], scales[index][..., None])
+    return process_logits(logits, params.temperature, params.top_k, params.top_p).softmax(dim=-1)
+
+
 def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (A, M, ...) at index (A,) -> (A, ...)."""
     return x[torch.arange(x.shape[0], device=x.device), index]
@@ -253,8 +267,8 @@ def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | N
         rows, key_mask = prepare_condition(gpt, cond, cond_mask, params.guided)
         batch = cond.shape[0]
         twins = 2 if params.guided else 1
-        repeat = functools.partial(_stacked_twins, twins)
-        probs = functools.partial(_final_probs, params,
+        repeat = functools.partial(_twins, twins)
+        probs = functools.partial(_probs, params,
                                   torch.tensor([guidance_scale_at(params, i, num_tokens) for i in range(num_tokens)],
                                                dtype=torch.float32, device=device))
         scratch = cond_len + num_tokens
