@@ -34,6 +34,21 @@ def test_greedy_gives_the_reference_tokens(kind):
         speculative_decode(model, cond, mask, SamplingParams(), Spec(4, coupling="copy"))
 
 
+@pytest.mark.repro
+def test_row_generators_make_an_image_independent_of_its_batch():
+    model = tiny_gpt("t2i", seed=2)
+    cond, mask = condition("t2i", batch=3)
+    params, spec = SamplingParams(cfg_scale=3.0, top_k=40, temperature=1.3), Spec(6, 3, 2, 5, "max")
+    seeds = [11, 12, 13]
+    batch = speculative_decode(model, cond, mask, params, spec,
+                               row_generators=[torch.Generator().manual_seed(s) for s in seeds])
+    for i in (0, 2):
+        alone = speculative_decode(model, cond[i:i + 1], mask[i:i + 1], params, spec,
+                                   row_generators=[torch.Generator().manual_seed(seeds[i])])
+        assert torch.equal(batch.tokens[i], alone.tokens[0]) and batch.forwards[i] == alone.forwards[0], i
+    assert not torch.equal(batch.tokens[0], batch.tokens[1])
+
+
 def test_tree_outputs_equal_plain_causal_outputs():
     """Each branch of a tree forward (one pass, scratch slots, tree mask) gives the logits that a plain
     causal forward of the accepted prefix + that branch gives."""

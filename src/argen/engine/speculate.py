@@ -254,9 +254,12 @@ def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
                        params: SamplingParams = SamplingParams(), spec: Spec = Spec(),
-                       generator: torch.Generator | None = None, max_new_tokens: int | None = None) -> SpecResult:
+                       generator: torch.Generator | None = None, max_new_tokens: int | None = None,
+                       row_generators: list[torch.Generator] | None = None) -> SpecResult:
     """Sample (B, max_new_tokens) tokens with draft trees and the chosen coupling (module docstring).
-    One batch, eager, one shared generator: the measurement and test loop of these pieces."""
+    One batch, eager: the measurement and test loop of these pieces. Each pass draws every image's
+    numbers as one row of a draw from `generator`, or from the image's own generator
+    (`row_generators`: then an image's tokens do not depend on its batch)."""
     cfg = gpt.config
     num_tokens, cond_len, vocab = cfg.num_image_tokens, cfg.cond_len, cfg.vocab_size
     max_new = num_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -280,14 +283,22 @@ def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | N
         layout = tree_layout(w, k_max, depth, groups, device)
         sizes = _numbers(spec, vocab)
 
+        if row_generators is not None and len(row_generators) != batch:
+            raise ArgenError(f"{len(row_generators)} row generators for {batch} rows")
+
         def numbers(count: int) -> dict:
-            return _split(torch.rand(count, sum(sizes.values()), generator=generator, device=device), sizes)
+            size = sum(sizes.values())
+            if row_generators is None:
+                return _split(torch.rand(count, size, generator=generator, device=device), sizes)
+            return _split(torch.stack([torch.rand(size, generator=row_generators[i], device=device)
+                                       for i in ids.tolist()]), sizes)
 
         # prefill: token 0 from p_0, the first drafts drawn from p_0
         prefix = torch.arange(cond_len, device=device)
         mask = ((prefix <= prefix[:, None])[None] & key_valid[:, None, :cond_len]) | (prefix == prefix[:, None])[None]
         logits = gpt.forward_cached(gpt.embed_condition(rows), prefix, cache, cond_len, mask[:, None])[:, -1:]
         p0 = probs(logits, torch.zeros(batch, 1, dtype=torch.long, device=device))[:, 0]  # (B, V)
+        ids = torch.arange(batch, device=device)
         u = numbers(batch)
         canvas = torch.zeros(batch, num_tokens + w + depth, dtype=torch.long, device=device)
         canvas[:, 0] = _draw(p0, u["draws"][:, 0])
@@ -299,7 +310,6 @@ def speculative_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | N
         forwards = torch.ones(batch, dtype=torch.long)
         gained = torch.zeros(w + 1, dtype=torch.long)
         rescues = torch.zeros(k_max + 1, dtype=torch.long)
-        ids = torch.arange(batch, device=device)
         steps = torch.arange(w + depth, device=device)
         last_slot = canvas.shape[1] - 1
 
