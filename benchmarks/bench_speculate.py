@@ -1,4 +1,4 @@
-"""Jacobi decoding v2 pieces (`argen.engine.speculate`), each on its own: forward passes per image, the
+"""Jacobi decoding v2 pieces (`benchmarks/speculate.py`), each on its own: forward passes per image, the
 tokens gained per pass (histogram), and wall time one image at a time against plain decoding.
 
     python benchmarks/bench_speculate.py                       # bundled demo-c2i and demo-t2i
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import torch
+from speculate import Spec, speculative_decode
 
 from argen import generate, load_gpt
 from argen.engine.jacobi import jacobi_decode
-from argen.engine.speculate import Spec, speculative_decode
 from argen.sampling import SamplingParams
 from argen.utils.io import atomic_write_json
 

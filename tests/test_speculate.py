@@ -1,4 +1,4 @@
-"""Draft trees and maximal-coupling redrafts (`argen.engine.speculate`): greedy equality with the
+"""Draft trees and maximal-coupling redrafts (`benchmarks/speculate.py`): greedy equality with the
 reference, tree outputs equal to plain causal outputs, the exact AR distribution by enumeration and a
 chi-square test, and three inexact rules that the same test rejects (alternatives verified against p
 instead of the residual the spine's rejection left, commits past a rejection, old drafts kept as
@@ -7,10 +7,10 @@ samples of the new proposal)."""
 from __future__ import annotations
 
 import pytest
+import speculate
 import torch
+from speculate import Spec, speculative_decode, tree_layout, tree_mask, tree_slots
 
-import argen.engine.speculate as speculate
-from argen.engine.speculate import Spec, speculative_decode, tree_layout, tree_mask, tree_slots
 from argen.sampling import SamplingParams, reference_generate
 from argen.utils.errors import ArgenError
 from test_engine import condition, tiny_gpt

@@ -23,7 +23,8 @@ int64 tokens distributed exactly as autoregressive sampling with `params`
   p_j there was computed with a rejected draft in context (see docs/engine.md, "What cannot be
   made exact").
 
-This module is the phase-A form of these pieces: pure functions (`tree_layout`, `tree_mask`,
+It lives in benchmarks/, outside the package, so that argen keeps one decode loop (argen.engine's
+SlotDecoder); it is the phase-A form of these pieces: pure functions (`tree_layout`, `tree_mask`,
 `extra_candidates`, `first_token`, `chain`, `couple`, `commit_branch_cache`) and one eager loop
 (`speculative_decode`) that tests and `benchmarks/bench_speculate.py` run; the pieces are meant to
 become the engine's Jacobi step policy.
