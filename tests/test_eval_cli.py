@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -174,3 +176,60 @@ def test_precomputed_reference_statistics_are_used_unless_ignored(tmp_path, net,
                                       use_cache=False, progress=False, use_reference_stats=False)
     assert result["reference_statistics"] == "computed" and not np.array_equal(calls[0][0], ref_mu)
     assert calls[0][0].shape == (2048,) and calls[1][0].shape == (2023,)
+
+
+def _reference_folder(root):
+    """Tiny reference images of several sizes and modes, one in a subfolder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(root / "a.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA").save(root / "b.png")
+    Image.fromarray(rng.integers(0, 256, (18, 50), dtype=np.uint8), "L").save(root / "c.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (64, 33, 3), dtype=np.uint8)).save(root / "sub" / "d.jpeg")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "sub" / "e.webp", lossless=True)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_a_reference_image_folder_is_read_like_the_npz_of_its_center_crops(tmp_path, capsys):
+    from argen.data.images import load_image
+    from argen.data.transforms import center_crop
+
+    folder = _reference_folder(tmp_path / "coco")
+    files = ["a.png", "b.png", "c.jpg", "sub/d.jpeg", "sub/e.webp"]  # sorted by relative path
+    crops = np.stack([np.asarray(center_crop(load_image(folder / f), 16)) for f in files])
+    np.savez(tmp_path / "ref.npz", crops)
+    np.savez(tmp_path / "samples.npz", images(6, 16))
+    batch = open_batch(folder, "reference", size=16)
+    assert batch.count == 5 and batch.image_size == (16, 16)
+    assert np.array_equal(np.concatenate(list(batch.iter_batches(2))), crops)
+
+    results = {}
+    for ref in (folder, tmp_path / "ref.npz"):
+        out = tmp_path / f"{ref.name}.json"
+        code, _, _ = run_cli(["evaluate", str(ref), str(tmp_path / "samples.npz"), "--inception", "random",
+                              "--quiet", "--out", str(out)], capsys)
+        assert code == 0
+        results[ref.name] = json.loads(out.read_text())
+    assert results["coco"]["fid"] == results["ref.npz"]["fid"]  # the same images: the same activations
+    assert results["coco"]["num_reference"] == 5 and results["coco"]["reference_statistics"] == "computed"
+    again = batch_activations(open_batch(folder, "reference", size=16), random_inception(0), 8, True, "t", False)
+    assert again[1] == "cache"
+    (folder / "a.png").write_bytes((folder / "sub" / "e.webp").read_bytes())  # changed content: recomputed
+    assert batch_activations(open_batch(folder, "reference", size=16), random_inception(0), 8, True, "t",
+                             False)[1] == "computed"
+    assert open_batch(folder, "reference", limit=2, size=16).count == 2
+
+
+def test_bad_reference_folders_are_one_line(tmp_path, capsys):
+    np.savez(tmp_path / "samples.npz", images(6, 16))
+    (tmp_path / "empty").mkdir()
+    broken = _reference_folder(tmp_path / "broken")
+    (broken / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for folder, message in ((tmp_path / "empty", "holds no images"), (broken, "zz.png")):
+        code, _, err = run_cli(["evaluate", str(folder), str(tmp_path / "samples.npz"), "--inception", "random",
+                                "--quiet", "--no-cache"], capsys)
+        errors = [line for line in err.splitlines() if "error:" in line]  # after the random-weights warning
+        assert code == 2 and "Traceback" not in err and len(errors) == 1 and message in errors[0]

@@ -12,6 +12,7 @@ the layout and the hub path are the real ones.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import threading
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -93,8 +95,11 @@ def test_hub_references_parse_and_bad_ones_are_refused():
     assert parse_hub_ref("hf://FoundationVision/LlamaGen/c2i_L_384.pt") == ("FoundationVision/LlamaGen",
                                                                              "c2i_L_384.pt", None)
     assert parse_hub_ref("hf://me/repo@abc/sub/dir/w.pt") == ("me/repo", "sub/dir/w.pt", "abc")
-    with pytest.raises(ArgenError, match="hf://owner/repo/file"):
-        parse_hub_ref("hf://FoundationVision/c2i_L_384.pt")
+    assert parse_hub_ref("hf://me/repo") == ("me/repo", None, None)  # a whole repository written by argen push
+    assert parse_hub_ref("hf://me/repo@v1/") == ("me/repo", None, "v1")
+    for bad in ("hf://FoundationVision", "hf://me/@v1", "hf://me//w.pt"):
+        with pytest.raises(ArgenError, match="hf://owner/repo/file"):
+            parse_hub_ref(bad)
 
 
 def test_explicit_flags_win_where_the_weights_allow_and_contradictions_fail_loudly():
@@ -145,10 +150,21 @@ def released_bytes(model: torch.nn.Module) -> bytes:
 
 class FakeHub:
     """Serves `/{repo}/resolve/{revision}/{file}` as the Hub does (HEAD with commit, ETag and size; GET with
-    Range). The first GET of each file sends half of it and drops the connection."""
+    Range). The first GET of each file sends half of it and drops the connection.
+
+    It also takes what `HfApi.create_repo`, `create_branch` and `upload_folder` send (huggingface_hub's own
+    requests, answered as the Hub's API does): repository creation (409 when it exists), README metadata
+    validation, preupload (every file "regular", so the contents come base64-encoded in the commit) and the
+    NDJSON commit, whose files are then served on the branch it names under a new commit id. A request
+    without a bearer token (or with one in `refused`) is refused with 401. `commits` records (repo, revision,
+    message, {path: bytes}, token) of each commit; `created` the create_repo payloads."""
 
     def __init__(self, files: dict[tuple[str, str], bytes]):
         self.files, self.requests, self.cut = files, [], set()
+        self.branches: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, branch) -> files, other than main
+        self.heads: dict[tuple[str, str], str] = {}  # (repo, revision) -> commit id, once something was committed
+        self.repos: set[str] = {repo for repo, _ in files}
+        self.commits, self.created, self.refused = [], [], set()  # refused: tokens answered with 401
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -157,7 +173,12 @@ class FakeHub:
 
             def _file(self):
                 match = re.fullmatch(r"/(.+?/.+?)/resolve/([^/]+)/(.+)", self.path)
-                data = match and hub.files.get((match.group(1), match.group(3)))
+                data = None
+                if match:
+                    repo, revision, name = match.groups()
+                    self.commit = hub.heads.get((repo, revision), COMMIT)
+                    branch = hub.branches.get((repo, revision))
+                    data = branch.get(name) if branch is not None else hub.files.get((repo, name))
                 if data is None:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "EntryNotFound")
@@ -167,7 +188,7 @@ class FakeHub:
 
             def _headers(self, data: bytes, status: int = 200, start: int = 0):
                 self.send_response(status)
-                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("X-Repo-Commit", getattr(self, "commit", COMMIT))
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.send_header("Content-Length", str(len(data) - start))
                 if status == 206:
@@ -196,6 +217,58 @@ class FakeHub:
                     return
                 self.wfile.write(data[start:])
 
+            def _json(self, status: int, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+                hub.requests.append(("POST", self.path, token))
+                if not token or token in hub.refused:
+                    return self._json(401, {"error": "Invalid credentials in Authorization header"})
+                if self.path == "/api/validate-yaml":
+                    return self._json(200, {})
+                if self.path == "/api/repos/create":
+                    payload = json.loads(body)
+                    hub.created.append(payload)
+                    repo = f"{payload['organization']}/{payload['name']}"
+                    if repo in hub.repos:
+                        return self._json(409, {"error": "You already created this model repo"})
+                    hub.repos.add(repo)
+                    return self._json(200, {"url": f"{hub.url}/{repo}"})
+                match = re.fullmatch(r"/api/models/(.+?/.+?)/(preupload|commit|branch)/([^?]+)(\?.*)?", self.path)
+                if match is None or match.group(1) not in hub.repos:
+                    return self._json(404, {"error": "Repository not found"})
+                repo, action, revision = match.group(1), match.group(2), unquote(match.group(3))
+                if action == "branch":
+                    hub.branches.setdefault((repo, revision), {
+                        name: data for (r, name), data in hub.files.items() if r == repo})
+                    return self._json(200, {})
+                if action == "preupload":
+                    files = json.loads(body)["files"]
+                    return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                       "shouldIgnore": False} for f in files]})
+                lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                header = next(line["value"] for line in lines if line["key"] == "header")
+                added = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                         for line in lines if line["key"] == "file"}
+                commit = hashlib.sha1(body).hexdigest()
+                if revision == "main":
+                    hub.files.update({(repo, name): data for name, data in added.items()})
+                elif (repo, revision) in hub.branches:
+                    hub.branches[(repo, revision)].update(added)
+                else:
+                    return self._json(404, {"error": f"Invalid rev id: {revision}"})
+                hub.heads[(repo, revision)] = commit
+                hub.commits.append((repo, revision, header["summary"], added, token))
+                return self._json(200, {"commitUrl": f"{hub.url}/{repo}/commit/{commit}", "commitOid": commit,
+                                        "pullRequestUrl": None})
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -205,18 +278,10 @@ class FakeHub:
         self.server.server_close()
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A loopback Hub with c2i_B_256.pt and vq_ds16_c2i.pt, and huggingface_hub pointed at it and at an
-    empty cache under tmp_path."""
+def point_at(server: FakeHub, cache: Path, monkeypatch) -> Path:
+    """huggingface_hub's endpoint, download URLs and cache -> `server` and `cache`, online, without Xet."""
     from huggingface_hub import constants
 
-    torch.manual_seed(0)
-    gpt = randomize(GPT(SMALL_GPT), seed=1)
-    vq = VQModel(SMALL_VQ).eval()
-    server = FakeHub({("FoundationVision/LlamaGen", "c2i_B_256.pt"): released_bytes(gpt),
-                      ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"): released_bytes(vq)})
-    cache = tmp_path / "hf" / "hub"
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                         server.url + "/{repo_id}/resolve/{revision}/{filename}")
@@ -224,6 +289,19 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # (10 MB) so the part before the break is kept
+    return cache
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A loopback Hub with c2i_B_256.pt and vq_ds16_c2i.pt, and huggingface_hub pointed at it and at an
+    empty cache under tmp_path."""
+    torch.manual_seed(0)
+    gpt = randomize(GPT(SMALL_GPT), seed=1)
+    vq = VQModel(SMALL_VQ).eval()
+    server = FakeHub({("FoundationVision/LlamaGen", "c2i_B_256.pt"): released_bytes(gpt),
+                      ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"): released_bytes(vq)})
+    cache = point_at(server, tmp_path / "hf" / "hub", monkeypatch)
     monkeypatch.setitem(GPT_CONFIGS, "GPT-B", SMALL_GPT)
     monkeypatch.setitem(VQ_CONFIGS, "VQ-16", SMALL_VQ)
     monkeypatch.setattr("time.sleep", lambda s: None)  # huggingface_hub waits 1 s before it resumes

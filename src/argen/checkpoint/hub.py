@@ -4,6 +4,10 @@ Contract:
 - `resolve(ref)` -> (local Path, ReleasedName or None):
   * an existing local path is used as it is;
   * `hf://owner/repo/path/in/repo` (or `hf://owner/repo@revision/path`) is that file on the Hub;
+  * `hf://owner/repo` (or `hf://owner/repo@revision`) is a repository written by `argen push`: its manifest
+    `argen.json` (`MANIFEST`) names the generator file in it and its tokenizer (a file in it, or the reference
+    of a released or bundled one). For a generator it means the generator file; `--tokenizer hf://owner/repo`
+    means its tokenizer. A local folder with an `argen.json` (a staged `argen push --stage DIR`) reads the same;
   * a released name that is not a local path (`c2i_B_256`, `c2i_B_256.pt`, `vq_ds16_c2i`) is the published
     file in its repository (`argen.checkpoint.released.RELEASED_REPOS`);
   * a bundled name that is not a local path (`demo-c2i`, `demo-t2i`, `demo-vq`) is the file that ships
@@ -21,7 +25,9 @@ Contract:
   a given size wins (sampling a 384 px model at 256 px, as for argen files).
 - `default_tokenizer(gpt_ref)`: the released tokenizer of a released generator name (from the same hub
   repository for an hf:// reference, the file beside it for a local file when it is there), the bundled
-  tokenizer of a bundled generator, else None.
+  tokenizer of a bundled generator, the tokenizer a pushed repository's manifest names, else None.
+- `read_manifest(data)` checks a manifest's fields; an adapter repository's generator reference is refused with
+  the name of its base model.
 - `checkpoint_record(ref)`: the reference a run writes down (hf://... for hub files, else the absolute path).
 - `model_id(ref)`: the name a server reports for a checkpoint; `gpt_class_names(ref, num_classes)`: its class
   names (stored with an argen generator, or ImageNet's for a released 1000-class file), else None.
@@ -38,24 +44,123 @@ from argen.checkpoint.released import RELEASED_REPOS, ReleasedName, imagenet_cla
 from argen.utils.errors import ArgenError, CheckpointError
 
 HF_PREFIX = "hf://"
+MANIFEST = "argen.json"  # what a repository written by `argen push` holds
+MANIFEST_FORMAT = "argen-hub"
 
 
-def parse_hub_ref(ref: str) -> tuple[str, str, str | None]:
-    """`hf://owner/repo[@revision]/path` -> (repo id, path in the repo, revision or None)."""
+def parse_hub_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`hf://owner/repo[@revision]/path` -> (repo id, path in the repo, revision or None); the path is None for
+    a whole repository (`hf://owner/repo[@revision]`)."""
     parts = ref[len(HF_PREFIX):].strip("/").split("/")
-    if len(parts) < 3 or not all(parts):
-        raise ArgenError(f"{ref!r} is not a hub reference: use hf://owner/repo/file, e.g. "
-                         f"hf://FoundationVision/LlamaGen/c2i_B_256.pt")
+    if len(parts) < 2 or not all(parts) or parts[1].startswith("@"):
+        raise ArgenError(f"{ref!r} is not a hub reference: use hf://owner/repo/file (e.g. "
+                         f"hf://FoundationVision/LlamaGen/c2i_B_256.pt) or hf://owner/repo for a repository "
+                         f"written by argen push")
     repo, revision = parts[1], None
     if "@" in repo:
         repo, revision = repo.split("@", 1)
-    return f"{parts[0]}/{repo}", "/".join(parts[2:]), revision or None
+    return f"{parts[0]}/{repo}", "/".join(parts[2:]) or None, revision or None
+
+
+def _hub_url(repo: str, revision: str | None, filename: str | None = None) -> str:
+    return f"{HF_PREFIX}{repo}{'@' + revision if revision else ''}" + (f"/{filename}" if filename else "")
+
+
+def read_manifest(data: dict, where: str) -> dict:
+    """A checked `argen.json`: `generator` (a file in the repository, or None for an adapter), `tokenizer`
+    (a file in it, or a checkpoint reference), `kind`; an `adapter` entry names its `base` model."""
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{where} is not an argen push manifest (format {MANIFEST_FORMAT!r})")
+    for key in ("generator", "tokenizer"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise CheckpointError(f"{where}: `{key}` must be a string")
+    return data
+
+
+def _repo_manifest(repo: str, revision: str | None) -> dict:
+    where = _hub_url(repo, revision)
+    try:
+        path = _download(repo, MANIFEST, revision)
+    except CheckpointError as exc:
+        if "no such file" not in str(exc):
+            raise
+        raise CheckpointError(f"{where} has no {MANIFEST}, so it is not a repository written by argen push; "
+                              f"name a file in it: {where}/FILE") from None
+    try:
+        return read_manifest(json.loads(path.read_text(encoding="utf-8")), f"{where}/{MANIFEST}")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {where}/{MANIFEST}: {exc}") from None
+
+
+def _local_manifest(path: Path) -> dict | None:
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        return read_manifest(json.loads(file.read_text(encoding="utf-8")), str(file))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+
+
+def _generator_file(manifest: dict, where: str) -> str:
+    if manifest.get("generator") is None:
+        base = (manifest.get("adapter") or {}).get("base")
+        raise ArgenError(f"{where} holds a LoRA adapter, not a generator" + (f" (its base model: {base})" if base
+                                                                              else "")
+                         + "; load the base model with the adapter")
+    return manifest["generator"]
+
+
+def _manifest_tokenizer(manifest: dict, repo: str | None, revision: str | None, folder: Path | None) -> str | None:
+    """The manifest's tokenizer as a reference: a file of the repository (or folder), else as written."""
+    ref = manifest.get("tokenizer")
+    if ref is None or ref.startswith(HF_PREFIX) or "/" in ref:
+        return ref
+    if repo is not None and ref.endswith(".safetensors"):
+        return _hub_url(repo, revision, ref)
+    if folder is not None and (folder / ref).is_file():
+        return str(folder / ref)
+    return ref
+
+
+def _repo_ref(ref: str) -> tuple[str, str | None] | None:
+    """(repo, revision) when `ref` is a whole repository (`hf://owner/repo[@revision]`), else None."""
+    if not ref.startswith(HF_PREFIX):
+        return None
+    repo, filename, revision = parse_hub_ref(ref)
+    return None if filename is not None else (repo, revision)
+
+
+def repo_file_ref(ref: str | Path, role: str = "generator") -> str:
+    """A whole-repository reference (or a staged folder) -> the reference of its generator or tokenizer file;
+    any other reference unchanged."""
+    text = str(ref)
+    whole = _repo_ref(text)
+    if whole is not None:
+        repo, revision = whole
+        manifest = _repo_manifest(repo, revision)
+        if role == "tokenizer":
+            return _manifest_tokenizer(manifest, repo, revision, None) or text
+        return _hub_url(repo, revision, _generator_file(manifest, _hub_url(repo, revision)))
+    local = Path(text)
+    if role == "generator" and local.is_dir():
+        manifest = _local_manifest(local)
+        if manifest is not None:
+            return str(local / _generator_file(manifest, text))
+    if role == "tokenizer" and local.is_dir() and not (local / "tokenizer.safetensors").is_file():
+        manifest = _local_manifest(local)
+        if manifest is not None:
+            return _manifest_tokenizer(manifest, None, None, local) or text
+    return text
 
 
 def _hub_source(ref: str) -> tuple[str, str, str | None] | None:
-    """Where on the Hub `ref` lives, or None for a local path."""
+    """Where on the Hub the file `ref` names lives, or None for a local path (a whole repository: its generator)."""
     if ref.startswith(HF_PREFIX):
-        return parse_hub_ref(ref)
+        repo, filename, revision = parse_hub_ref(ref)
+        if filename is None:
+            return parse_hub_ref(repo_file_ref(ref))
+        return repo, filename, revision
     if Path(ref).exists() or "/" in ref or os.sep in ref:
         return None
     stem = ref[:-3] if ref.endswith(".pt") else ref
@@ -66,10 +171,12 @@ def _hub_source(ref: str) -> tuple[str, str, str | None] | None:
 
 def is_hub_reference(ref: str | Path) -> bool:
     """Whether `ref` names a file on the Hub (hf://... or a released name) rather than a local path."""
-    return _hub_source(str(ref)) is not None
+    return str(ref).startswith(HF_PREFIX) or _hub_source(str(ref)) is not None
 
 
 def _name(text: str) -> ReleasedName | None:
+    if _repo_ref(text) is not None:  # a pushed repository holds argen files, which carry their config
+        return None
     source = _hub_source(text)
     return released_name(source[1] if source else text)
 
@@ -154,6 +261,7 @@ def released_gpt_flags(ref: str | Path, config=None, kind: str | None = None, im
 def gpt_arguments(ref: str | Path, config=None, kind: str | None = None, image_size: int | None = None,
                   downsample: int | None = None) -> tuple[Path, object, str | None, int | None, int | None]:
     """(path, config, kind, image_size, downsample) for `load_gpt`, filled in from a released name."""
+    ref = repo_file_ref(ref)
     flags = released_gpt_flags(ref, config, kind, image_size, downsample)
     path, _ = resolve(ref)
     return (path, *flags)
@@ -161,7 +269,9 @@ def gpt_arguments(ref: str | Path, config=None, kind: str | None = None, image_s
 
 def tokenizer_arguments(ref: str | Path, config=None) -> tuple[Path, object]:
     """(path, config) for `load_tokenizer`, filled in from a released name."""
-    text = str(ref)
+    text = repo_file_ref(ref, "tokenizer")
+    if text != str(ref):
+        return tokenizer_arguments(text, config)
     name = _name(text)
     if name is not None and name.family == "gpt":
         raise ArgenError(f"{text} is a generator ({name.config} {name.kind}); pass it as --gpt, and a tokenizer "
@@ -180,6 +290,8 @@ def default_tokenizer(gpt_ref: str | Path) -> str | None:
     text = str(gpt_ref)
     if text in BUNDLED_TOKENIZER and not Path(text).exists():
         return BUNDLED_TOKENIZER[text]
+    if _repo_ref(text) is not None or (Path(text).is_dir() and (Path(text) / MANIFEST).is_file()):
+        return repo_file_ref(text, "tokenizer")
     source = _hub_source(text)
     name = released_name(source[1] if source else text)
     if name is None or name.family != "gpt":
@@ -197,16 +309,21 @@ def default_tokenizer(gpt_ref: str | Path) -> str | None:
 def checkpoint_record(ref: str | Path) -> str:
     """How a run records the checkpoint it used: the hub reference for a hub file, else the absolute path."""
     text = str(ref)
+    if _repo_ref(text) is not None:
+        return text.rstrip("/")
     source = _hub_source(text)
     if source is None:
         return str(Path(text).resolve())
     repo, filename, revision = source
-    return f"{HF_PREFIX}{repo}{'@' + revision if revision else ''}/{filename}"
+    return _hub_url(repo, revision, filename)
 
 
 def model_id(ref: str | Path) -> str:
     """A short model name: the released name, else the file or folder name without its suffix."""
     text = str(ref).rstrip("/")
+    whole = _repo_ref(text)
+    if whole is not None:
+        return whole[0].split("/")[1]
     source = _hub_source(text)
     name = released_name(source[1] if source else text)
     if name is not None:

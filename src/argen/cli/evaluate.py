@@ -3,9 +3,10 @@
   argen evaluate VIRTUAL_imagenet256_labeled.npz samples.npz \\
       --inception pt_inception-2015-12-05-6726825d.pth --out results.json
 
-Both npz files hold `arr_0` = uint8 (N, H, W, 3) images of one size. `--inception random` uses fixed random
-weights (for tests; the JSON then says so and the numbers are not FIDs). Statistics are cached next to
-each npz, keyed by the file's hash and the network's weights.
+Both npz files hold `arr_0` = uint8 (N, H, W, 3) images of one size; the reference may also be a folder of
+images (COCO val2014, say), center-cropped to the samples' size as argen's eval transform does.
+`--inception random` uses fixed random weights (for tests; the JSON then says so and the numbers are not
+FIDs). Statistics are cached next to each npz (or folder), keyed by its content and the network's weights.
 
 Text-to-image: `--clip DIR` (a local transformers CLIP folder) adds the CLIP score (torchmetrics'
 CLIPScore: mean of max(100 x cosine, 0)) of each image against its prompt: --prompts FILE (one per line,
@@ -23,8 +24,9 @@ from argen.cli.common import add_progress_argument, positive_int, show_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("reference", help="reference batch npz (e.g. VIRTUAL_imagenet256_labeled.npz), or `demo` "
-                                          "for the packaged 64x64 demo images")
+    parser.add_argument("reference", help="reference batch npz (e.g. VIRTUAL_imagenet256_labeled.npz), a folder of "
+                                          "images (e.g. COCO val2014; read with pillow and center-cropped to the "
+                                          "samples' size), or `demo` for the packaged 64x64 demo images")
     parser.add_argument("samples", help="sample batch npz (arr_0: uint8 N x H x W x 3)")
     parser.add_argument("--inception", required=True,
                         help="path to pt_inception-2015-12-05-6726825d.pth, `download` (fetch it once into "

@@ -33,6 +33,7 @@ SUBCOMMANDS = {
     "evaluate": "evaluate",
     "score-shards": "score_shards",
     "merge-lora": "merge_lora",
+    "push": "push",
 }
 
 

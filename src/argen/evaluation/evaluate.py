@@ -2,14 +2,17 @@
 
 Contract:
 - Both files are ADM-format npz batches (`argen.evaluation.npz`); their images must share one size. The
-  reference may be the word `demo` (the packaged emoji64 demo set) and may be cut to its first
-  `reference_limit` images.
+  reference may be the word `demo` (the packaged emoji64 demo set), or a folder of images
+  (`argen.evaluation.image_folder`: read with pillow and center-cropped to the samples' size), and may be cut
+  to its first `reference_limit` images.
 - The reference's precomputed `mu`/`sigma`/`mu_s`/`sigma_s` are used when all four are present (as the
   ADM evaluator does) unless `use_reference_stats=False`; its pool activations are always computed, for
   precision/recall.
 - Activations and statistics are cached as `<name>.<sha256[:16]>.<weights id>.stats.npz` (file content
   hash + network id, plus the member and image limit when not the whole `arr_0`), as ADM keeps its
-  reference npz: a batch goes through Inception once per network. The cache sits next to each npz; for
+  reference npz: a batch goes through Inception once per network. A reference folder is keyed by the
+  listing of its images and the crop size (`ImageFolderBatch.digest`). The cache sits next to each npz or
+  folder; for
   `demo`, and for an npz in a folder argen cannot write, it goes to `argen.utils.io.cache_dir()/stats`
   (`$ARGEN_CACHE` or `~/.cache/argen`). A cache that cannot be written or read only costs the recompute.
 - Returns the JSON-ready result dict; see `docs/evaluation.md` for its fields.
@@ -28,11 +31,12 @@ import torch
 
 from argen import __version__
 from argen.evaluation.fid import Activations, compute_activations
+from argen.evaluation.image_folder import ImageFolderBatch
 from argen.evaluation.metrics import frechet_distance, inception_score, precision_recall
 from argen.evaluation.npz import ImageBatchFile
 from argen.models.inception import FIDInception
 from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_write, cache_dir, sha256_file
+from argen.utils.io import atomic_write, cache_dir
 
 PROTOCOL = ("ADM (guided-diffusion evaluator): FID/precision/recall on pool_3 (2048), sFID on mixed_6/conv[..., :7] "
             "(2023), IS from unbiased logits over 10 splits, k-NN manifold k=3; TF1 bilinear resize to 299")
@@ -60,8 +64,11 @@ def demo_reference() -> tuple[Path, str]:
     return Path(str(resources.files("argen.data") / "demo" / DEMO_FILE)), "images"
 
 
-def open_batch(spec: str | Path, name: str, limit: int | None = None) -> ImageBatchFile:
-    """An npz path, or `demo` for the packaged demo images."""
+def open_batch(spec: str | Path, name: str, limit: int | None = None,
+               size: int | None = None) -> ImageBatchFile | ImageFolderBatch:
+    """An npz path, `demo` for the packaged demo images, or (given the samples' `size`) a folder of images."""
+    if size is not None and Path(spec).is_dir():
+        return ImageFolderBatch(spec, size, name, limit)
     if str(spec) == "demo":
         path, key = demo_reference()
         batch = ImageBatchFile(path, name, key=key, limit=limit)
@@ -95,12 +102,12 @@ def _save_cache(paths: list[Path], acts: Activations) -> None:
     print(f"argen evaluate: note: could not write the statistics cache: {'; '.join(problems)}", file=sys.stderr)
 
 
-def batch_activations(batch: ImageBatchFile, inception: FIDInception, batch_size: int, use_cache: bool,
-                      label: str, progress: bool = True) -> tuple[Activations, str]:
-    """Activations of one npz batch, from its cache when valid. Returns (activations, 'cache'|'computed')."""
+def batch_activations(batch: ImageBatchFile | ImageFolderBatch, inception: FIDInception, batch_size: int,
+                      use_cache: bool, label: str, progress: bool = True) -> tuple[Activations, str]:
+    """Activations of one npz batch or image folder, from its cache when valid: (activations, 'cache'|'computed')."""
     paths = []
     if use_cache and batch.cacheable:
-        digest = sha256_file(batch.path)
+        digest = batch.digest()
         folders = getattr(batch, "cache_folders", None) or [batch.path.parent, stats_cache_dir()]
         paths = [cache_path(batch.path, digest, inception.weights_id, batch.key, batch.limit, f) for f in folders]
         for path in paths:
@@ -120,8 +127,8 @@ def evaluate(ref_path: str | Path, sample_path: str | Path, inception: FIDIncept
              use_reference_stats: bool = True) -> dict:
     """All metrics of `sample_path` against `ref_path`; see the module docstring."""
     start = time.perf_counter()
-    ref = open_batch(ref_path, "reference batch", reference_limit)
     smp = open_batch(sample_path, "sample batch")
+    ref = open_batch(ref_path, "reference batch", reference_limit, size=smp.image_size[0])
     if ref.image_size != smp.image_size:
         raise ArgenError(f"the reference images are {ref.image_size[0]}x{ref.image_size[1]} but the samples are "
                                f"{smp.image_size[0]}x{smp.image_size[1]}; resize the samples to the reference size "

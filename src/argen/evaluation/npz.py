@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from argen.utils.errors import ArgenError
-from argen.utils.io import atomic_path
+from argen.utils.io import atomic_path, sha256_file
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -83,6 +83,10 @@ class ImageBatchFile:
 
     def has(self, key: str) -> bool:
         return key in self.members
+
+    def digest(self) -> str:
+        """sha256 of the file: the key of its statistics cache."""
+        return sha256_file(self.path)
 
     def load(self, key: str) -> np.ndarray:
         """Load a small member array (labels, statistics) whole."""

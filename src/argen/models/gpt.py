@@ -322,7 +322,8 @@ class GPT(nn.Module):
         return table
 
     def forward_cached(self, h: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], kv_len: int,
-                       mask: torch.Tensor | None = None, *, last_only: bool = False) -> torch.Tensor:
+                       mask: torch.Tensor | None = None, *, last_only: bool = False,
+                       slots: torch.Tensor | None = None) -> torch.Tensor:
         """The cached forward every sampler runs (prefill, one-token decode, multi-token verify).
 
         h: (B, T, C) embeddings (`embed_condition` / `embed_tokens`) at sequence `positions`:
@@ -333,6 +334,8 @@ class GPT(nn.Module):
         sees every slot < kv_len and T > 1 tokens are causal by position (each sees slots <= its
         own position). last_only: compute logits for the last token only. Returns float32 logits
         (B, T, V), or (B, 1, V) with last_only. No dropout, whatever the mode; no state kept.
+        slots: where the keys/values go instead of `positions` (same shape), for tokens that share a
+        sequence position (the candidates of a draft tree); the mask then decides who sees them.
         """
         seq = h.shape[1]
         if mask is None and seq > 1:
@@ -343,7 +346,7 @@ class GPT(nn.Module):
             mask = torch.zeros(mask.shape, dtype=cache[0].dtype, device=h.device).masked_fill_(~mask, float("-inf"))
         rotation = self.rotation_table(h.device)[positions]  # (T, D/2) or (B, T, D/2)
         for layer, layer_cache in zip(self.layers, cache):
-            h = layer.forward_cached(h, rotation, layer_cache, positions, kv_len, mask)
+            h = layer.forward_cached(h, rotation, layer_cache, positions if slots is None else slots, kv_len, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

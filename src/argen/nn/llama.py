@@ -88,8 +88,9 @@ class Attention(nn.Module):
     def forward_cached(self, x: torch.Tensor, rotation: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor,
                        kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, C) normed input; rotation (T, D/2) or (B, T, D/2) complex64 (cos + i sin of each
-        query's position); cache (2, B, H_kv, S, D); positions (T,) or (B, T) int64; mask None or
-        (B, 1, T, kv_len) bool (True = visible) or additive float. Returns (B, T, C), no dropout."""
+        query's position); cache (2, B, H_kv, S, D); positions (T,) or (B, T) int64: the cache slots
+        the keys/values are written to; mask None or (B, 1, T, kv_len) bool (True = visible) or
+        additive float. Returns (B, T, C), no dropout."""
         batch, seq, _ = x.shape
         n_head, n_kv, head_dim = self.n_head, self.n_kv_head, self.head_dim
         kv_dim = n_kv * head_dim
