@@ -1,5 +1,6 @@
 """Under torchrun with the gloo backend on the CPU, 2 processes (DDP, and FSDP2 with sharded optimizer
-state) train to the same weights as 1 process with the same global batch, and resume across strategies."""
+state) train to the same weights as 1 process with the same global batch, and resume across strategies; so do
+LoRA runs (their adapters)."""
 
 import os
 import subprocess
@@ -52,3 +53,32 @@ def test_two_processes_match_one(single, tmp_path, strategy):
     assert load_file(str(out / "raw" / "gpt.safetensors"))["output.weight"].abs().sum() > 0  # it trained
     assert _max_diff(root / "one", out) < 1e-5
     assert _max_diff(root / "one", out, "raw/gpt.safetensors") < 1e-5
+
+
+@pytest.fixture(scope="module")
+def single_lora(single):
+    import torch
+
+    from argen.checkpoint import save_gpt
+    from argen.models.gpt import GPT, GPT_CONFIGS
+    from conftest import randomize
+
+    root, codes = single
+    torch.manual_seed(0)
+    save_gpt(randomize(GPT(GPT_CONFIGS["GPT-tiny"])), root / "base")
+    # the finetune recipe (--init-from) has its own token dropout: off, as in ARGS, so ranks draw no dropout
+    extra = ["--init-from", str(root / "base"), "--lora-rank", "4", "--token-dropout", "0"]
+    _train(codes, root / "one-lora", 5, extra=extra)
+    return root, codes, extra
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_two_processes_match_one(single_lora, tmp_path, strategy):
+    root, codes, extra = single_lora
+    out = tmp_path / strategy
+    _train(codes, out, 3, nproc=2, extra=[*extra, "--strategy", strategy])
+    _train(codes, out, 5, nproc=2, extra=[*extra, "--strategy", strategy, "--resume"])
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter["base_model.model.layers.0.feed_forward.w2.lora_B.weight"].abs().sum() > 0  # it trained
+    assert _max_diff(root / "one-lora", out, "adapter_model.safetensors") < 1e-5
+    assert _max_diff(root / "one-lora", out, "raw/adapter_model.safetensors") < 1e-5

@@ -1,6 +1,7 @@
 """Exact resume with the default settings (no --deterministic, two CPU threads): a training process killed
 with SIGKILL (between steps, or in the middle of writing a checkpoint) and resumed ends with bit-identical
-weights to an uninterrupted run, and two uninterrupted runs are identical."""
+weights to an uninterrupted run, and two uninterrupted runs are identical; the same for a LoRA run (its
+adapter files)."""
 
 import os
 import random
@@ -22,6 +23,7 @@ SCRIPT = textwrap.dedent("""
 
     codes, out, kill_step, kill_in_save, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", \\
         sys.argv[5] == "1"
+    base = sys.argv[6] if len(sys.argv) > 6 else None  # a LoRA run on this base
 
     def die(step):
         if step == kill_step:
@@ -38,15 +40,16 @@ SCRIPT = textwrap.dedent("""
 
     cfg = TrainConfig(codes=codes, out=out, config="GPT-tiny", max_steps=10, batch_size=6, lr=1e-2, ema=True,
                       warmup=3, schedule="cosine", ckpt_every=2, keep=2, log_every=1,
-                      tensorboard=False, progress=False, resume=resume)
+                      tensorboard=False, progress=False, resume=resume, init_from=base, lora_rank=4 if base else None,
+                      lora_dropout=0.1 if base else 0.0)
     train(cfg, on_step=None if kill_in_save else die)
 """)
 
 
-def _run(script, codes, out, kill_step=-1, kill_in_save=False, resume=False):
+def _run(script, codes, out, kill_step=-1, kill_in_save=False, resume=False, base=None):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     args = [sys.executable, str(script), str(codes), str(out), str(kill_step), str(int(kill_in_save)),
-            str(int(resume))]
+            str(int(resume)), *([str(base)] if base else [])]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -61,8 +64,8 @@ def uninterrupted(tmp_path_factory):
     return root, codes, script
 
 
-def _assert_same_weights(a_dir, b_dir, what):
-    for name in ("gpt.safetensors", "raw/gpt.safetensors"):
+def _assert_same_weights(a_dir, b_dir, what, files=("gpt.safetensors", "raw/gpt.safetensors")):
+    for name in files:
         a, b = load_file(str(a_dir / name)), load_file(str(b_dir / name))
         assert a.keys() == b.keys()
         for key in a:
@@ -87,3 +90,28 @@ def test_sigkill_then_resume_is_exact(tmp_path, uninterrupted, kill_in_save):
     resumed = _run(script, codes, tmp_path / "cut", resume=True)
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_weights(root / "full", tmp_path / "cut", f"killed at step {kill_step}")
+
+
+def test_lora_sigkill_then_resume_is_exact(tmp_path, uninterrupted):
+    root, codes, script = uninterrupted
+    from argen.checkpoint import save_gpt
+    from argen.models.gpt import GPT, GPT_CONFIGS
+    from conftest import randomize
+
+    torch.manual_seed(0)
+    save_gpt(randomize(GPT(GPT_CONFIGS["GPT-tiny"])), tmp_path / "base")  # a nonzero output head: gradients flow
+    full = _run(script, codes, tmp_path / "full", base=tmp_path / "base")
+    assert full.returncode == 0, full.stderr
+    kill_step = random.Random().choice(range(1, 10))
+    killed = _run(script, codes, tmp_path / "cut", kill_step=kill_step, base=tmp_path / "base")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
+    resumed = _run(script, codes, tmp_path / "cut", resume=True, base=tmp_path / "base")
+    assert resumed.returncode == 0, resumed.stderr
+    files = ("adapter_model.safetensors", "raw/adapter_model.safetensors")
+    _assert_same_weights(tmp_path / "full", tmp_path / "cut", f"LoRA, killed at step {kill_step}", files)
+    lora_b = load_file(str(tmp_path / "cut" / files[0]))["base_model.model.layers.1.attention.wo.lora_B.weight"]
+    assert lora_b.abs().sum() > 0  # it trained
+    # the training checkpoints hold the adapters (and their optimizer state), not the frozen base again
+    newest = max((tmp_path / "cut" / "checkpoints").glob("step-*.pt"))
+    assert newest.stat().st_size < (tmp_path / "base" / "gpt.safetensors").stat().st_size

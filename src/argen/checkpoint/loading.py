@@ -188,7 +188,8 @@ def save_gpt(model: GPT, path: str | Path, extra: dict | None = None) -> Path:
 
 def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str | None = None,
              image_size: int | None = None, downsample: int | None = None, device=None,
-             dtype: torch.dtype | None = None, container: str | None = None, quantize: str | None = None) -> GPT:
+             dtype: torch.dtype | None = None, container: str | None = None, quantize: str | None = None,
+             lora=None) -> GPT:
     """Load a generator in eval mode. Released files need `config` and usually `kind`,
     `image_size` and `downsample`; argen files carry their own config (a different
     `image_size` may be given to sample at another resolution, since RoPE is not stored).
@@ -196,9 +197,15 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     or a bundled name (`demo-c2i`, `demo-t2i`). An argen file's recommended sampling settings (its
     metadata's `sampling`) become `model.sampling_defaults`.
     quantize: None/"none", or "int8" for int8 weight-only decoding (`quantize_gpt`; the weights are
-    quantised from the file's values, before the cast to `dtype`). Such a model is for inference only."""
+    quantised from the file's values, before the cast to `dtype`). Such a model is for inference only.
+    lora: LoRA adapters to merge into the weights (in float32, before quantising and casting): a directory,
+    `"DIR:SCALE"`, a (dir, scale) pair, or a list of them (`argen.checkpoint.adapters`); each must have been
+    trained on this base. The adapters' data shape (classes, image size) is the model's, unless
+    `image_size` is given; `model.class_names` holds their class names."""
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ArgenError(f"unknown quantize {quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
+    adapters = _read_adapters(lora)  # before the base is read: a bad adapter fails fast
+    ref, asked_size = path, image_size
     path, config, kind, image_size, downsample = gpt_arguments(path, config, kind, image_size, downsample)
     argen_file = _resolve_argen_file(path, "gpt")
     if argen_file is not None:
@@ -218,6 +225,7 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
         model = GPT(cfg)
         load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"generator config {cfg.name!r}")
         model.sampling_defaults = info.get("sampling")
+        model = _with_adapters(model, ref, adapters, asked_size)
         return _place_for_inference(quantize_gpt(model, quantize), device, dtype)
     if config is None:
         raise ArgenError(f"{path} is a released (torch) checkpoint: pass the generator config, e.g. "
@@ -227,4 +235,27 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     model = GPT(cfg)
     desc = f"generator config {cfg.name!r} (kind={cfg.kind}, image_size={cfg.image_size}, downsample={cfg.downsample})"
     load_strict(model, state, str(path), desc)
+    model = _with_adapters(model, ref, adapters, asked_size)
     return _place_for_inference(quantize_gpt(model, quantize), device, dtype)
+
+
+def _read_adapters(lora) -> list:
+    if lora is None or (isinstance(lora, (list, tuple)) and not lora):
+        return []
+    from argen.checkpoint.adapters import parse_lora, read_adapter
+
+    items = [lora] if isinstance(lora, (str, Path)) or (isinstance(lora, tuple) and len(lora) == 2
+                                                         and not isinstance(lora[1], (str, Path, tuple))) else lora
+    out = []
+    for item in items:
+        folder, scale = parse_lora(item)
+        out.append((read_adapter(folder), scale))
+    return out
+
+
+def _with_adapters(model: GPT, ref, adapters: list, image_size: int | None) -> GPT:
+    if not adapters:
+        return model
+    from argen.checkpoint.adapters import apply_adapters
+
+    return apply_adapters(model, ref, adapters, image_size=image_size)

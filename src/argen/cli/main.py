@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "sample-batch": "sample_batch",
     "evaluate": "evaluate",
     "score-shards": "score_shards",
+    "merge-lora": "merge_lora",
     "push": "push",
 }
 

@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
             "gpt_config": gpt.config.name, "tokenizer_config": tokenizer.config.name, "dtype": args.dtype}
     if args.quantize != "none":  # int8 samples differ from fp32 ones; the key is left out otherwise, as before
         info["quantize"] = args.quantize
+    if args.lora:  # merged adapters change the samples; the key is left out otherwise, as before
+        from argen.checkpoint.adapters import parse_lora
+
+        info["lora"] = [[checkpoint_record(folder), scale] for folder, scale in map(parse_lora, args.lora)]
     path = sample_batch(tokenizer, gpt, config, args.out, features, mask, rank=ranks.rank,
                         world_size=ranks.world_size, checkpoint_info=info, progress=show_progress(args))
     if path is not None and prompts is not None:

@@ -5,6 +5,7 @@
     curl -s localhost:8000/v1/generate -H 'content-type: application/json' -d '{"classes": [207], "seed": 1}'
 
     argen serve --gpt c2i_B_256 --port 8000      # a released name: the flags and the tokenizer follow from it
+    argen serve --gpt c2i_B_256 --lora runs/pets # a LoRA adapter merged in; served as c2i_B_256:pets
 
 The web page is at http://localhost:8000/, the OpenAI images API at /v1/images/generations and /v1/models
 (see argen.serving.app).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import errno
 import socket
+from pathlib import Path
 
 from argen.cli.common import (
     add_checkpoint_arguments,
@@ -116,8 +118,14 @@ def run(args: argparse.Namespace) -> int:
     from argen.checkpoint.hub import gpt_class_names, model_id
 
     service = GenerationService(tokenizer, gpt, config, encode_prompts=encode)
-    names = gpt_class_names(args.gpt, gpt.config.num_classes) if gpt.config.kind == "c2i" else None
-    app = create_app(service, model_id=model_id(args.gpt), class_names=names)
+    names = getattr(gpt, "class_names", None) or (gpt_class_names(args.gpt, gpt.config.num_classes)
+                                                  if gpt.config.kind == "c2i" else None)
+    served_id = model_id(args.gpt)
+    if args.lora:  # a merged adapter serves as BASE:ADAPTER (the adapter directory's name)
+        from argen.checkpoint.adapters import parse_lora
+
+        served_id += "".join(f":{Path(parse_lora(item)[0]).resolve().name}" for item in args.lora)
+    app = create_app(service, model_id=served_id, class_names=names)
     print(f"argen serve: {gpt.config.kind} {gpt.config.name} ({gpt.config.num_image_tokens} tokens) on {device}, "
           f"takes {conditions}; http://{args.host}:{args.port}/v1/generate, OpenAI API at "
           f"http://{args.host}:{args.port}/v1, web page at http://{args.host}:{args.port}/", flush=True)

@@ -79,7 +79,7 @@ def _world_size(args, recipe) -> int:
 
 
 def print_plan(args, cfg: TrainConfig, recipe: dict | None, world_size: int) -> None:
-    from argen.training.plan import fmt_bytes, fmt_count, generator_plan
+    from argen.training.plan import fmt_count, generator_plan
 
     plan = generator_plan(cfg, recipe, world_size)
     print_resolved(args, cfg, recipe)
@@ -97,12 +97,26 @@ def print_plan(args, cfg: TrainConfig, recipe: dict | None, world_size: int) -> 
     print(f"optimizer steps: {fmt_count(steps) if steps else 'not published; pass --max-steps'}")
     print(f"samples seen: {fmt_count(plan['samples_seen'])}; image tokens seen: {fmt_count(plan['image_tokens_seen'])}"
           + (f"; epochs: {plan['epochs']:.1f}" if plan["epochs"] else ""))
-    memory = plan["memory_per_rank"]
-    print(f"estimated GPU memory per rank: {fmt_bytes(memory['total'])} (see argen.training.plan for the model)")
+    lora = plan["lora"]
+    if lora is not None:
+        share = 100 * lora["trainable"] / plan["parameters"]
+        extra = " and the condition embedding" if lora["condition_embedding"] else ""
+        print(f"LoRA rank {lora['rank']} on {', '.join(lora['targets'])}{extra}: {fmt_count(lora['trainable'])} "
+              f"trainable parameters ({share:.2f}% of full fine-tuning's {fmt_count(plan['parameters'])})")
+        _print_memory("LoRA adapter", lora["memory_per_rank"])
+    _print_memory("full fine-tuning" if cfg.init_from else "", plan["memory_per_rank"])
+    print_recipe_notes(recipe)
+
+
+def _print_memory(what: str, memory: dict) -> None:
+    from argen.training.plan import fmt_bytes
+
+    label = f" ({what})" if what else ""
+    print(f"estimated GPU memory per rank{label}: {fmt_bytes(memory['total'])} (see argen.training.plan for the "
+          f"model)")
     for part, size in memory["parts"].items():
         if size:
             print(f"  {part:44s} {fmt_bytes(size)}")
-    print_recipe_notes(recipe)
 
 
 def run(args):
@@ -113,12 +127,13 @@ def run(args):
     from argen.training.generator import train
 
     result = train(cfg)
+    where = (f"adapter in {result['out']} (adapter_model.safetensors; use it with --lora {result['out']})"
+             if result["adapter"] else f"weights in {result['out']}/gpt.safetensors")
     if result["is_main"] and result["first_loss"] is None:
         print(f"nothing to train: {result['out']} is already at step {result['steps']} "
-              f"(--max-steps {cfg.max_steps}); weights in {result['out']}/gpt.safetensors")
+              f"(--max-steps {cfg.max_steps}); {where}")
     elif result["is_main"]:
         done = (f"trained {result['steps']} steps" if not result["start_step"] else
                 f"trained steps {result['start_step'] + 1}-{result['steps']} (resumed at step {result['start_step']})")
-        print(f"{done}; loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; "
-              f"weights in {result['out']}/gpt.safetensors")
+        print(f"{done}; loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; {where}")
     return 0

@@ -38,7 +38,6 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -64,6 +63,7 @@ from argen.data.transforms import crop_variants, to_tensor
 from argen.utils.dist_env import process_ranks
 from argen.utils.errors import ArgenError
 from argen.utils.io import atomic_path, atomic_save_npy, atomic_write_json
+from argen.utils.torch_utils import weights_sha256
 
 log = logging.getLogger("argen.data")
 
@@ -92,16 +92,6 @@ class VariantDataset(torch.utils.data.Dataset):
             return None, i, self.dataset.source(i), str(exc)
         crops, _ = crop_variants(image, self.image_size, self.ten_crop, self.flip, self.crop_range)
         return torch.stack([to_tensor(c) for c in crops]), i, int(self.labels[i]), None
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the model's state dict (names, shapes, dtypes, bytes): which weights made the codes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def check_caption_rows(dataset, text_features: str | Path) -> None:

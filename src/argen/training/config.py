@@ -101,6 +101,16 @@ class TrainConfig:
                                        "image patches, so the run starts from a model that predicts the wrong "
                                        "tokens and must unlearn them", flag="--allow-tokenizer-change",
                                 group="fine-tuning")
+    # LoRA adapters (argen.training.lora, docs/finetune.md)
+    lora_rank: int | None = _flag(None, "train LoRA adapters of this rank (peft) on the --init-from generator instead "
+                                        "of every weight; the run saves an adapter (adapter_config.json, "
+                                        "adapter_model.safetensors) for --lora DIR", type="positive_int",
+                                  group="LoRA")
+    lora_alpha: float | None = _flag(None, "LoRA alpha: the update is scaled by alpha / rank (default: the rank, "
+                                           "a scale of 1)", type="positive_float", group="LoRA")
+    lora_dropout: float = _flag(0.0, "dropout on the adapters' inputs", type="probability", group="LoRA")
+    lora_targets: str = _flag("attn,ffn", "the linears that get adapters: attn (wqkv, wo), ffn (w1, w2, w3), or "
+                                          "module names wqkv, wo, w1, w2, w3, output, comma separated", group="LoRA")
     # execution
     strategy: str = _flag("auto", "under torchrun: ddp, fsdp (sharded), or auto (fsdp above 1B parameters)",
                           choices=["auto", "none", "ddp", "fsdp"])

@@ -19,6 +19,11 @@
   (`argen.utils.io.run_lock`, one lock file per rank): a second writer is refused.
 - output: `out/gpt.safetensors` (+ .json, EMA weights when EMA is on; raw weights then in `out/raw/`),
   `out/log.jsonl`, TensorBoard events in `out/tb/`, sample grids in `out/samples/` when a tokenizer is given.
+- LoRA (`lora_rank`, with `init_from`; `argen.training.lora`): peft's LoRA layers are injected into the
+  initialised generator and only they (and rebuilt class rows or a new caption projection) train; the
+  checkpoints hold those weights only (the frozen ones come from the init again on resume), and the run
+  writes an adapter (`out/adapter_config.json` + `out/adapter_model.safetensors`, EMA'd when EMA is on,
+  raw in `out/raw/`; `argen.checkpoint.adapters`) instead of `gpt.safetensors`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from argen.checkpoint import load_tokenizer, save_gpt
+from argen.checkpoint.adapters import base_identity, merged_model
 from argen.checkpoint.init_weights import load_weights, read_init
 from argen.data.codes import CodeDataset
 from argen.data.text_features import TextFeatureStore
@@ -40,6 +46,7 @@ from argen.engine import generate
 from argen.models.gpt import GPT, GPTConfig
 from argen.training import distributed as D
 from argen.training import finetune as FT
+from argen.training import lora as L
 from argen.training import parts as P
 from argen.training.checkpointing import FORMAT, TrainingCheckpoint
 from argen.training.config import BASE_BATCH, TrainConfig
@@ -79,8 +86,9 @@ def lr_lambda(warmup: int, max_steps: int, schedule: str, min_ratio: float):
 
 
 def _identity(cfg: TrainConfig, ds: CodeDataset, world: int) -> dict:
+    lora = [cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets] if cfg.lora_rank else None
     return {"batch_size": cfg.batch_size, "seed": cfg.seed, "codebook_size": ds.codebook_size,
-            "grid": list(ds.grid), "num_images": len(ds), "num_augs": ds.num_augs}
+            "grid": list(ds.grid), "num_images": len(ds), "num_augs": ds.num_augs, "lora": lora}
 
 
 class _Logger:
@@ -110,11 +118,19 @@ class _Logger:
             self.tb.close()
 
 
-def _weights_model(gpt_cfg: GPTConfig, state: dict, ema_state: dict | None) -> GPT:
-    model = GPT(gpt_cfg)
+def _with_ema(state: dict, ema_state: dict | None) -> dict:
     state = {k: v.detach().cpu() for k, v in state.items()}
     if ema_state is not None:
         state.update({k: v.to(state[k].dtype) for k, v in ema_state.items()})
+    return state
+
+
+def _weights_model(gpt_cfg: GPTConfig, state: dict, ema_state: dict | None, lora_cfg=None) -> GPT:
+    """The plain generator a run's (full, gathered) state stands for; LoRA runs' adapters merged."""
+    state = _with_ema(state, ema_state)
+    if lora_cfg is not None:
+        return merged_model(gpt_cfg, lora_cfg, state)
+    model = GPT(gpt_cfg)
     state = {k: v for k, v in state.items() if k in model.state_dict()}
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -152,6 +168,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     if cfg.schedule not in ("constant", "cosine"):
         raise ArgenError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
     FT.check_flags(cfg)
+    L.check_flags(cfg)
     device = parse_device(cfg.device)
     amp_dtype = P.resolve_precision(cfg.precision, device, fp16_ok=True)
     info = D.init_distributed(device)
@@ -205,8 +222,11 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     # the same initial weights on every rank, then per-rank randomness for dropout
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_cfg)
+    lora_cfg = base = None
     if init is not None:
         load_weights(init)
+        if cfg.lora_rank:
+            base = base_identity(init.ref, init.state, init.record)  # the adapter records which weights it adapts
         table = FT.class_table(init, class_starts)
         if cfg.reinit == "caption-proj":
             notes.append(f"--reinit caption-proj: a new caption projection for {gpt_cfg.caption_dim}-wide "
@@ -214,6 +234,14 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
                          f"tokens are kept)")
         FT.apply_init(model, init, table, cfg.reinit)
         init.state = None  # the weights live in the model now
+        if cfg.lora_rank:
+            extra = table is not None or cfg.reinit == "caption-proj"
+            lora_cfg = L.add_adapters(model, cfg, extra, base["base"])
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+            notes.append(f"LoRA rank {cfg.lora_rank} on {', '.join(sorted(lora_cfg.target_modules))}: training "
+                         f"{trained:,} parameters ({100 * trained / total:.2f}% of {total:,})"
+                         + (" including the condition embedding" if extra else ""))
         if info.is_main:
             for note in notes:
                 print(f"argen train: {note}", file=sys.stderr, flush=True)
@@ -239,7 +267,7 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     # the inputs are valid: from here on the run writes into `out`, which no other process may write
     resources.enter_context(run_lock(out, "argen train", rank=info.rank))
     order = P.BatchOrder(len(ds), cfg.batch_size, cfg.seed)
-    model_part = P.ModelState(wrapped, info)
+    model_part = P.ModelState(wrapped, info, trainable_only=lora_cfg is not None)  # LoRA: the adapters only
     ckpt_dir = out / "checkpoints"
     model_config = {k: v for k, v in gpt_cfg.to_dict().items() if k != "name"}
     parts = {
@@ -272,10 +300,10 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
         sample_cond = _sample_conditions(ds, store, gpt_cfg, 16 if gpt_cfg.kind == "c2i" else 8)
 
     def save_samples(at: int) -> None:
-        full = model_part.state_dict()
+        full = model_part.full_state_dict()
         ema_state = ema.state_dict() if ema is not None else None
         if info.is_main:
-            eval_model = _weights_model(gpt_cfg, full, ema_state)
+            eval_model = _weights_model(gpt_cfg, full, ema_state, lora_cfg)
             cond, mask = sample_cond
             sample_grid(eval_model, tokenizer, cond, mask, cfg.sample_cfg, cfg.seed, out / "samples" /
                         f"step-{at:08d}.png")
@@ -349,19 +377,26 @@ def _train_generator(cfg: TrainConfig, info: D.DistInfo, device: torch.device, a
     bar.close()
 
     ckpt.save(step)
-    full = model_part.state_dict()
+    full = model_part.full_state_dict()
     ema_state = ema.state_dict() if ema is not None else None
     result = {"out": str(out), "steps": step, "start_step": start_step, "final_loss": last_loss,
-              "first_loss": first_loss, "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main}
+              "first_loss": first_loss, "kind": gpt_cfg.kind, "config": gpt_cfg.name, "is_main": info.is_main,
+              "adapter": lora_cfg is not None}
     if info.is_main:
         training = {"steps": step, "codes": str(cfg.codes), "ema": ema is not None}
         if init is not None:
             training["init_from"] = init.record
         extra = {"training": training, "tokenizer": tokenizer_record,
                  "class_names": ds.class_names if gpt_cfg.kind == "c2i" else None}  # served by argen serve
-        save_gpt(_weights_model(gpt_cfg, full, ema_state), out, extra=extra)
-        if ema is not None:
-            save_gpt(_weights_model(gpt_cfg, full, None), out / "raw", extra=extra)
+        if lora_cfg is not None:
+            extra.update(**base, config=gpt_cfg.to_dict())
+            L.save(model, lora_cfg, _with_ema(full, ema_state), out, extra)
+            if ema is not None:
+                L.save(model, lora_cfg, _with_ema(full, None), out / "raw", extra)
+        else:
+            save_gpt(_weights_model(gpt_cfg, full, ema_state), out, extra=extra)
+            if ema is not None:
+                save_gpt(_weights_model(gpt_cfg, full, None), out / "raw", extra=extra)
     D.barrier(info)
     logger.close()
     return result

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -224,20 +225,39 @@ def _options(info: D.DistInfo | None):
 
 
 class ModelState:
-    """A module's full (unsharded) state; plain, DDP and FSDP2 modules give the same file."""
+    """A module's full (unsharded) state; plain, DDP and FSDP2 modules give the same file. With
+    `trainable_only` the part holds only the parameters that train (a LoRA run's adapters: its frozen
+    weights come from the init again on resume); `full_state_dict()` is always the whole state."""
 
-    def __init__(self, module: torch.nn.Module, info: D.DistInfo | None = None):
-        self.module, self.info = module, info
+    def __init__(self, module: torch.nn.Module, info: D.DistInfo | None = None, trainable_only: bool = False):
+        self.module, self.info, self.trainable_only = module, info, trainable_only
 
-    def state_dict(self) -> dict:
+    def _trainable(self) -> set[str]:
+        return {n for n, p in D.unwrap(self.module).named_parameters() if p.requires_grad}
+
+    def full_state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(self.module, options=_options(self.info))
 
+    def state_dict(self) -> dict:
+        state = self.full_state_dict()
+        if self.trainable_only:
+            keep = self._trainable()
+            state = {k: v for k, v in state.items() if k in keep}
+        return state
+
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.module, state, options=_options(None))
+        options = _options(None)
+        if self.trainable_only:
+            wanted = self._trainable()
+            if set(state) != wanted:
+                raise CheckpointError(f"the checkpoint holds other trainable weights than this run "
+                                      f"({len(set(state) ^ wanted)} differ, e.g. {sorted(set(state) ^ wanted)[0]})")
+            options = dataclasses.replace(options, strict=False)
+        set_model_state_dict(self.module, state, options=options)
 
 
 class OptimizerState:

@@ -5,13 +5,17 @@ Contract:
   architecture of `cfg.init_from` when given, read without a download for released names; the data
   shape from `cfg.codes` when that directory exists, else from the recipe's `data.shape`, else the
   init's), parameter count, optimizer steps, samples and image tokens seen, epochs (when the dataset size is known), and
-  `memory`: an estimate of the GPU memory one rank needs at the given batch (`estimate_memory`).
+  `memory`: an estimate of the GPU memory one rank needs at the given batch (`estimate_memory`); with
+  `cfg.lora_rank`, `lora`: the adapter's trainable parameters (and whether the condition embedding trains
+  with it) and its memory estimate, beside the full fine-tune's.
 - `tokenizer_plan(cfg, recipe=None)` -> dict: the resolved tokenizer config, parameters (tokenizer and
   discriminator), steps, images seen, epochs, and the optimizer-state memory.
 - `estimate_memory(gpt_cfg, micro_batch, shards, precision, ema)` -> bytes by component. The model is
   built on the meta device (no memory, exact parameter count P). Components:
   - weights 4P, gradients 4P, AdamW moments 8P, EMA 4P (fp32), divided by `shards` (FSDP world size);
-  - autocast copies of the weights, 2P / shards in bf16/fp16;
+    with `trainable` = T (a LoRA run: the adapters and a copy of a retrained condition embedding), weights
+    4(P + T) and gradients, moments and EMA of T only;
+  - autocast copies of the weights, 2P (2(P + T)) / shards in bf16/fp16;
   - activations kept for backward, per sample of s = cond_len + N - 1 positions and N image tokens, with
     d = width, f = SwiGLU hidden size, a = 2 bytes (bf16/fp16) or 4 (fp32), V = vocabulary:
     per layer and position 18d (two fp32 residual inputs of the RMSNorms, the fp32 q and k that RoPE
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from argen.checkpoint.adapters import target_modules
 from argen.checkpoint.init_weights import read_init
 from argen.data.codes import CodeDataset
 from argen.data.text_features import TextFeatureStore
@@ -38,7 +43,8 @@ from argen.models.gpt import DATA_SHAPE_FIELDS, GPT, GPTConfig
 from argen.models.tokenizer import VQModel
 from argen.nn.llama import swiglu_hidden_dim
 from argen.training.config import BASE_BATCH, TokenizerTrainConfig, TrainConfig
-from argen.training.finetune import finetune_config
+from argen.training.finetune import finetune_config, plan_classes
+from argen.training.lora import trainable_parameters
 from argen.training.shape import build_model_config, data_shape
 from argen.training.tokenizer_shape import resolve_tokenizer
 from argen.utils.errors import ArgenError
@@ -52,8 +58,11 @@ def _count(build) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def estimate_memory(gpt_cfg: GPTConfig, micro_batch: int, shards: int, precision: str, ema: bool) -> dict:
+def estimate_memory(gpt_cfg: GPTConfig, micro_batch: int, shards: int, precision: str, ema: bool,
+                    trainable: int | None = None) -> dict:
     params = _count(lambda: GPT(gpt_cfg))
+    extra = trainable or 0  # a LoRA run's adapter (and condition-embedding copy) beside the frozen weights
+    trained = params if trainable is None else trainable
     a = 4 if precision == "fp32" else 2
     d, layers, vocab = gpt_cfg.dim, gpt_cfg.n_layer, gpt_cfg.vocab_size
     f = swiglu_hidden_dim(d, gpt_cfg.multiple_of, gpt_cfg.ffn_dim_multiplier)
@@ -61,11 +70,11 @@ def estimate_memory(gpt_cfg: GPTConfig, micro_batch: int, shards: int, precision
     positions = gpt_cfg.cond_len + tokens - 1
     per_sample = positions * (layers * (18 * d + a * (6 * d + 4 * f)) + 4 * d + a * d) + tokens * (a + 8) * vocab
     parts = {
-        "weights (fp32)": 4 * params / shards,
-        "gradients (fp32)": 4 * params / shards,
-        "AdamW moments (fp32)": 8 * params / shards,
-        "EMA (fp32)": 4 * params / shards if ema else 0,
-        "autocast weight copies": 0 if a == 4 else 2 * params / shards,
+        "weights (fp32)": 4 * (params + extra) / shards,
+        "gradients (fp32)": 4 * trained / shards,
+        "AdamW moments (fp32)": 8 * trained / shards,
+        "EMA (fp32)": 4 * trained / shards if ema else 0,
+        "autocast weight copies": 0 if a == 4 else 2 * (params + extra) / shards,
         f"activations ({micro_batch} samples x {positions} positions)": micro_batch * per_sample,
         "CUDA context and workspace": GIB,
     }
@@ -106,6 +115,13 @@ def generator_plan(cfg: TrainConfig, recipe: dict | None = None, world_size: int
     shards = world_size if strategy == "fsdp" else 1
     precision = cfg.precision or "bf16"
     memory = estimate_memory(gpt_cfg, micro, shards, precision, cfg.ema)
+    lora = None
+    if cfg.lora_rank:
+        extra = cfg.reinit == "caption-proj" or (gpt_cfg.kind == "c2i" and _classes_rebuilt(cfg, init, gpt_cfg))
+        adapter, _ = trainable_parameters(gpt_cfg, cfg, extra)
+        lora = {"rank": cfg.lora_rank, "targets": target_modules(cfg.lora_targets), "trainable": adapter,
+                "condition_embedding": extra,
+                "memory_per_rank": estimate_memory(gpt_cfg, micro, shards, precision, cfg.ema, trainable=adapter)}
     steps = cfg.max_steps
     samples = steps * cfg.batch_size if steps else None
     plan = {
@@ -115,9 +131,16 @@ def generator_plan(cfg: TrainConfig, recipe: dict | None = None, world_size: int
         "samples_seen": samples,
         "image_tokens_seen": samples * gpt_cfg.num_image_tokens if samples else None,
         "epochs": samples / num_images if samples and num_images else None,
-        "memory_per_rank": memory, "precision": precision,
+        "memory_per_rank": memory, "precision": precision, "lora": lora,
     }
     return plan
+
+
+def _classes_rebuilt(cfg: TrainConfig, init, gpt_cfg: GPTConfig) -> bool:
+    """Whether a fine-tune from `init` rebuilds the class table (then it trains beside the adapters)."""
+    names = CodeDataset(cfg.codes).class_names if cfg.codes and Path(cfg.codes).is_dir() else init.class_names
+    starts, _ = plan_classes(init, names, gpt_cfg.num_classes, cfg.class_init, cfg.class_map, str(cfg.codes))
+    return starts is not None
 
 
 def tokenizer_plan(cfg: TokenizerTrainConfig, recipe: dict | None = None) -> dict:

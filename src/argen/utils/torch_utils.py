@@ -4,10 +4,14 @@
 (plus the classes in `allowed`) and turns every failure into one-line `ArgenError`s: a file holding
 pickled objects that are not allowed names them (their code never runs); random bytes, truncated and
 foreign files say so; a missing file says it does not exist.
+
+`state_sha256(state)` / `weights_sha256(model)`: a sha256 naming a set of weights (names, shapes, dtypes,
+bytes), e.g. the tokenizer that made some codes or the base an adapter was trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import warnings
@@ -93,3 +97,18 @@ def load_torch_file(path: str | Path, allowed: Sequence[type] = (), what: str = 
     except Exception as exc:  # arbitrary bytes can stop the weights-only unpickler anywhere (IndexError, ...)
         raise ArgenError(f"cannot read {what} {path}: it is not a torch file, or it is truncated or corrupt "
                          f"({type(exc).__name__}: {_detail(exc)}){suffix}") from exc
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict (sorted names, shapes, dtypes, bytes): which weights these are."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """`state_sha256` of a model's state dict (e.g. which tokenizer made the codes)."""
+    return state_sha256(model.state_dict())
