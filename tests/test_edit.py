@@ -226,3 +226,14 @@ def test_cli_unreadable_image_is_one_line_and_exit_2(tmp_path, capsys):
     assert "cannot read the image" in err and len(err.splitlines()) == 1
     assert main(["edit", "--image", str(tmp_path / "missing.png"), "--box", "0,0,8,8", "--classes", "1"]) == 2
     assert "cannot read the image" in capsys.readouterr().err
+
+
+def test_cli_edits_under_a_prompt_with_the_bundled_t2i_generator(tmp_path, image_file, capsys):
+    assert main(["edit", "--image", str(image_file), "--box", "0,32,64,64", "--prompts", "an emoji of a red heart",
+                 "--n", "2", "--device", "cpu", "--out", str(tmp_path / "t2i")]) == 0
+    out = capsys.readouterr().out
+    assert "demo-t2i" in out and "32 of 64 tokens" in out
+    names = sorted(p.name for p in (tmp_path / "t2i").glob("0*.png"))
+    assert names == ["00000_an-emoji-of-a-red-heart.png", "00001_an-emoji-of-a-red-heart.png"]
+    first = np.asarray(Image.open(tmp_path / "t2i" / names[0]))
+    assert first.shape == (64, 64, 3) and not np.array_equal(first, np.asarray(Image.open(tmp_path / "t2i" / names[1])))

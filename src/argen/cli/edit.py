@@ -17,8 +17,9 @@ Contract:
 - The condition may differ from the image's own (conditional editing). Image i is seeded like
   `argen sample`'s image i (--seed, i): a mask of everything gives `argen sample`'s images. A mask that
   keeps everything is not an error: the images are the tokenizer's round trip, and the command says so.
-- Writes OUT/NNNNN_<tag>.png, OUT/input.png, OUT/mask.png and OUT/side_by_side.png (input, mask,
-  results). With no --gpt, the bundled demo generator for the kind of condition is used.
+- Writes OUT/NNNNN_<tag>.png, OUT/input.png, OUT/mask.png (white = regenerated) and OUT/side_by_side.png
+  (input, the regenerated pixels tinted on it, results). With no --gpt, the bundled demo generator for
+  the kind of condition is used.
 - Bad input (unreadable image or mask, mask of another size, box outside the image, extension <= 0 or
   up) is one line and exit 2, before the models load.
 """

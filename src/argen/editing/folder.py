@@ -10,7 +10,8 @@ Contract:
   everything, image i is `argen sample`'s image i for the same seed, conditions and settings.
 - Writes OUT/NNNNN_<tag>.png (the edited images, at the generator's resolution), OUT/input.png (the
   input as cropped and resized), OUT/mask.png (the mask that was used, rounded to whole tokens; white =
-  regenerated) and OUT/side_by_side.png (input, mask, results in one row). Returns an `EditSummary`.
+  regenerated) and OUT/side_by_side.png (input, the input with the regenerated pixels tinted magenta,
+  results in one row). Returns an `EditSummary`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def _mask_picture(mask: np.ndarray) -> np.ndarray:
     return np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
 
 
+def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with the edited pixels tinted magenta (the side-by-side's picture of the mask)."""
+    tinted = image.astype(np.float32)
+    tinted[mask] = 0.45 * tinted[mask] + 0.55 * np.array([230, 0, 160], np.float32)
+    return tinted.round().astype(np.uint8)
+
+
 def edit_to_folder(tokenizer: VQModel, gpt: GPT, image: Image.Image, target: EditTarget, conditions: Conditions,
                    params: SamplingParams, out: str | Path, *, n: int = 1, seed: int = 0,
                    stride: int | None = None, progress=None) -> EditSummary:
@@ -112,5 +120,5 @@ def edit_to_folder(tokenizer: VQModel, gpt: GPT, image: Image.Image, target: Edi
         save_png(picture, out / f"{i:05d}_{conditions.tags[which[i]]}.png")
     save_png(shown, out / "input.png")
     save_png(_mask_picture(used), out / "mask.png")
-    save_png(side_by_side([shown, _mask_picture(used), *images]), out / "side_by_side.png")
+    save_png(side_by_side([shown, _overlay(shown, used), *images]), out / "side_by_side.png")
     return EditSummary(total, regenerated, tokens, kept, seconds, out)
