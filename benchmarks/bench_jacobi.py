@@ -121,8 +121,7 @@ def batch_one(name: str, gpt: GPT, windows: list[int], images: int) -> list[dict
 
 def slots(name: str, gpt: GPT, windows: list[int], per_item: int, num_slots: int, repeats: int) -> list[dict]:
     """The continuous scheduler: plain slots against Jacobi slots on the same requests."""
-    from argen.engine.jacobi_slots import JacobiSlotDecoder
-    from argen.engine.slots import SlotDecoder, SlotRequest
+    from argen.engine import JacobiSlotDecoder, SlotDecoder, SlotRequest
 
     cond, mask = demo_conditions(gpt, per_item)
     params = SamplingParams(**DEMO_SETTINGS)

@@ -35,7 +35,7 @@ STAGES = {
                "argen.cli.evaluate", "argen.data.caption_files", "argen.evaluation.sample_batch",
                "argen.evaluation.evaluate", "argen.models.inception", "argen.checkpoint.hub",
                "argen.utils.dist_env", "argen.utils.io", "argen.utils.torch_utils", "scipy.linalg"],
-    "slots": ["argen.engine", "argen.engine.slots", "argen.engine.jacobi_slots", "argen.sampling"],
+    "slots": ["argen.engine", "argen.engine.slots", "argen.engine.jacobi", "argen.sampling"],
     "jacobi": ["argen.engine", "argen.engine.jacobi", "argen.sampling"],
     "int8": ["argen.checkpoint", "argen.engine", "argen.models.gpt", "argen.nn.quant", "argen.sampling",
              "argen.sampling.logits"],

@@ -162,9 +162,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def stage_slots(args) -> int:
-    from argen.engine import Engine
-    from argen.engine.jacobi_slots import JacobiSlotDecoder
-    from argen.engine.slots import SlotDecoder, SlotRequest
+    from argen.engine import Engine, JacobiSlotDecoder, SlotDecoder, SlotRequest
     from argen.models.gpt import GPT, gpt_config
     from argen.sampling import SamplingParams
 

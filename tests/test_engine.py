@@ -4,6 +4,7 @@ parameters, and a chi-square test of its sampled token distribution."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -300,7 +301,7 @@ def test_cuda_graph_greedy_tokens_are_the_argmax_on_gpu(kind, dtype):
     params = SamplingParams(cfg_scale=3.0, top_k=1)
     # seeded: with bf16 logits exact ties are common, and top_k=1 keeps ties (as the reference does)
     got = engine.generate(cond, mask, params, generator=torch.Generator("cuda").manual_seed(0))
-    assert any(session.graphs for session in engine._sessions.values())
+    assert any(decoder.graphs for decoder in engine._decoders.values())
     again = engine.generate(cond, mask, params, generator=torch.Generator("cuda").manual_seed(0))
     assert torch.equal(again, got)  # replayed graphs
     gaps, spread = guided_gaps(model, cond, mask, got, 3.0)
@@ -371,7 +372,7 @@ def test_evicted_sessions_are_recaptured_on_gpu():
             cond, mask = condition("t2i", batch=b)
             got = engine.generate(cond.cuda(), mask.cuda(), params, generator=torch.Generator("cuda").manual_seed(b))
             assert torch.equal(first.setdefault(b, got), got)
-            assert len(engine._sessions) <= 2
+            assert len(engine._decoders) <= 2
 
 
 @pytest.mark.gpu
@@ -589,6 +590,13 @@ def simulated_cuda_graphs(monkeypatch):
     return make
 
 
+def token_bucket(engine, t: int) -> int:
+    """The kv bucket of the step that samples token t (t >= 1): cond_len + t cache slots, rounded up."""
+    cfg = engine.gpt.config
+    full = engine.kv_bucket * math.ceil((cfg.cond_len + cfg.num_image_tokens) / engine.kv_bucket)
+    return min(full, engine.kv_bucket * math.ceil((cfg.cond_len + t) / engine.kv_bucket))
+
+
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
 def test_captured_graphs_replay_to_the_reference_tokens(kind, simulated_cuda_graphs):
     model = tiny_gpt(kind, seed=4, image_size=128)  # 64 tokens
@@ -599,7 +607,7 @@ def test_captured_graphs_replay_to_the_reference_tokens(kind, simulated_cuda_gra
     for s in settings:  # same static facts: the second and later calls replay the first call's graphs
         expected = reference_generate(model, cond, mask, **s)
         assert torch.equal(engine.generate(cond, mask, SamplingParams(**s)), expected), s
-    buckets = len({engine._bucket(t) for t in range(1, 64)})
+    buckets = len({token_bucket(engine, t) for t in range(1, 64)})
     assert _SimGraph.created == buckets
     assert {c["capture_error_mode"] for c in _SimCapture.calls} == {"thread_local"}
     assert len({id(c["stream"]) for c in _SimCapture.calls}) == 1 and _SimCapture.calls[0]["stream"] is not None
@@ -632,7 +640,7 @@ def test_captured_graphs_sample_like_the_uncaptured_step(simulated_cuda_graphs):
         got = captured.generate(cond, None, params, row_generators=[torch.Generator().manual_seed(s) for s in seeds])
         want = plain.generate(cond, None, params, row_generators=[torch.Generator().manual_seed(s) for s in seeds])
         assert torch.equal(got, want)
-    assert _SimGraph.created == len({captured._bucket(t) for t in range(1, 64)})  # one graph set for all calls
+    assert _SimGraph.created == len({token_bucket(captured, t) for t in range(1, 64)})  # one graph set for all calls
 
 
 def test_graphs_are_recaptured_when_the_weights_change(simulated_cuda_graphs):
@@ -649,7 +657,7 @@ def test_graphs_are_recaptured_when_the_weights_change(simulated_cuda_graphs):
 def test_simulator_catches_what_a_cuda_graph_cannot_hold(simulated_cuda_graphs, monkeypatch):
     """The simulator has teeth: a host read or a random draw in the step, or a captured input that is
     rebound (and so freed) after capture, fails."""
-    from argen.engine import engine as engine_module
+    from argen.engine import slots as engine_module
 
     model = tiny_gpt("c2i", seed=4)
     cond = torch.tensor([1, 2])
@@ -672,8 +680,8 @@ def test_simulator_catches_what_a_cuda_graph_cannot_hold(simulated_cuda_graphs, 
 
     engine = simulated_cuda_graphs(model)
     engine.generate(cond, None, params)
-    for session in engine._sessions.values():
-        session.uniforms = session.uniforms.clone()  # rebinding a static input instead of copying into it
+    for decoder in engine._decoders.values():
+        decoder.state.uniforms = decoder.state.uniforms.clone()  # rebinding a static input instead of copying into it
     with pytest.raises(AssertionError, match="freed since capture"):
         engine.generate(cond, None, params)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -14,9 +15,8 @@ from scipy.stats import chisquare
 
 import argen
 import argen.engine.jacobi as jacobi
+from argen.engine import JacobiSlotDecoder, SlotRequest
 from argen.engine.jacobi import jacobi_decode
-from argen.engine.jacobi_slots import JacobiSlotDecoder
-from argen.engine.slots import SlotRequest
 from argen.models.gpt import GPT, gpt_config
 from argen.sampling import SamplingParams, guidance_scale_at, guided_logits, process_logits, reference_generate
 from argen.utils.errors import ArgenError
@@ -390,22 +390,30 @@ def test_server_wide_jacobi_decoding(scheduler):
 
 # ---------------------------------------------------------------- the verify step captured (CUDA graphs)
 import test_engine  # noqa: E402
-from argen.engine.jacobi import JacobiGraphs  # noqa: E402
+from argen.engine import Batches, engine_for  # noqa: E402
+from argen.engine.jacobi import JacobiStep  # noqa: E402
 from test_engine import _SimCapture, _SimGraph, guided_gaps  # noqa: E402
 
 simulated_cuda_graphs = test_engine.simulated_cuda_graphs  # the fixture that patches torch.cuda's graph API
 
 
-def captured_decoder(model: GPT, **kwargs) -> JacobiGraphs:
-    """A decoder that captures its step as a CUDA device does (under the simulator, on the CPU)."""
-    decoder = JacobiGraphs(model, cuda_graphs=True, kv_bucket=16, **kwargs)
+def captured_decoder(model: GPT, **kwargs) -> Batches:
+    """Static batches whose decoders capture their step as a CUDA device does (under the simulator)."""
+    decoder = Batches(model, cuda_graphs=True, kv_bucket=16, **kwargs)
     decoder._capture_on_device = True
     return decoder
 
 
-def verify_buckets(decoder: JacobiGraphs, model: GPT, width: int) -> int:
+def decode(batches: Batches, cond, mask, params, window: int, **kwargs) -> jacobi.JacobiResult:
+    """A static batch of Jacobi steps through `batches` (the captured-step path)."""
+    return batches.run(cond, mask, params, step=JacobiStep(window), **kwargs)
+
+
+def verify_buckets(decoder: Batches, model: GPT, width: int) -> int:
     cfg = model.config
-    return len({decoder._bucket(cfg.cond_len + s + width - 1) for s in range(1, cfg.num_image_tokens - width + 1)})
+    full = decoder.kv_bucket * math.ceil((cfg.cond_len + cfg.num_image_tokens) / decoder.kv_bucket)
+    return len({min(full, decoder.kv_bucket * math.ceil((cfg.cond_len + s + width - 1) / decoder.kv_bucket))
+                for s in range(1, cfg.num_image_tokens - width + 1)})
 
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
@@ -419,13 +427,13 @@ def test_captured_verify_step_replays_to_the_reference_tokens(kind, simulated_cu
     settings = [dict(cfg_scale=4.0, cfg_schedule="linear"), dict(cfg_scale=2.0, cfg_interval=20)]
     for s in settings:
         expected = reference_generate(model, cond, mask, top_k=1, **s)
-        result = decoder.decode(cond, mask, SamplingParams(top_k=1, **s), window=4)
+        result = decode(decoder, cond, mask, SamplingParams(top_k=1, **s), window=4)
         assert torch.equal(result.tokens, expected), s
         assert int(result.forwards.max()) < 64  # drafts were accepted inside the graph
     buckets = verify_buckets(decoder, model, 4)
     assert _SimGraph.created == buckets >= 3
     assert {c["capture_error_mode"] for c in _SimCapture.calls} == {"thread_local"}
-    short = decoder.decode(cond, mask, SamplingParams(top_k=1), window=4, max_new_tokens=9)  # unguided: new graphs
+    short = decode(decoder, cond, mask, SamplingParams(top_k=1), window=4, max_new_tokens=9)  # unguided: new graphs
     assert torch.equal(short.tokens, reference_generate(model, cond, mask, top_k=1, max_new_tokens=9))
     assert _SimGraph.created > buckets
 
@@ -441,7 +449,7 @@ def test_captured_verify_step_samples_like_the_eager_jacobi_loop(simulated_cuda_
                            (SamplingParams(top_k=100, temperature=0.9), 3)):
         for kwargs in (lambda: dict(row_generators=[torch.Generator().manual_seed(s) for s in range(21, 26)]),
                        lambda: dict(generator=torch.Generator().manual_seed(8))):
-            got = decoder.decode(cond, mask, params, window=window, **kwargs())
+            got = decode(decoder, cond, mask, params, window=window, **kwargs())
             want = jacobi_decode(model, cond, mask, params, window=window, **kwargs())
             assert torch.equal(got.tokens, want.tokens), (params, window)
             assert torch.equal(got.forwards, want.forwards)
@@ -460,7 +468,7 @@ def test_simulator_refuses_a_host_read_in_the_verify_step(simulated_cuda_graphs,
 
     monkeypatch.setattr(jacobi, "verify", with_host_read)
     with pytest.raises(AssertionError, match="host sync"):
-        captured_decoder(model).decode(torch.tensor([1, 2]), None, SamplingParams(top_k=1), window=4)
+        decode(captured_decoder(model), torch.tensor([1, 2]), None, SamplingParams(top_k=1), window=4)
 
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
@@ -495,7 +503,7 @@ def test_jacobi_decode_uses_the_cached_graph_decoder_when_asked():
     expected = reference_generate(model, cond, cfg_scale=2.0, top_k=1)
     got = jacobi_decode(model, cond, None, SamplingParams(cfg_scale=2.0, top_k=1), window=4, cuda_graphs=True)
     assert torch.equal(got.tokens, expected)
-    assert jacobi.graphs_for(model)._sessions  # the fixed-shape step ran (uncaptured on a CPU)
+    assert engine_for(model, cuda_graphs=True)._decoders  # the fixed-shape step ran (uncaptured on a CPU)
 
 
 @pytest.mark.gpu
@@ -508,12 +516,12 @@ def test_captured_verify_step_on_gpu(kind):
     model = tiny_gpt(kind, head_std=2.0, image_size=128).cuda()
     cond, mask = condition(kind, batch=6) if kind == "t2i" else (torch.arange(6) % 10, None)
     cond, mask = cond.cuda(), None if mask is None else mask.cuda()
-    decoder = JacobiGraphs(model)
+    decoder = Batches(model)
     assert decoder.use_graphs and decoder._capture_on_device
     params = SamplingParams(cfg_scale=3.0, top_k=1)
-    got = decoder.decode(cond, mask, params, window=8)
-    assert any(s["graphs"] for s in decoder._sessions.values())
-    assert torch.equal(decoder.decode(cond, mask, params, window=8).tokens, got.tokens)
+    got = decode(decoder, cond, mask, params, window=8)
+    assert any(d.graphs for d in decoder._decoders.values())
+    assert torch.equal(decode(decoder, cond, mask, params, window=8).tokens, got.tokens)
     gaps, spread = guided_gaps(model, cond, mask, got.tokens, 3.0)
     assert float(gaps.max()) <= 1e-3 * spread, (float(gaps.max()), spread)
     sampled = SamplingParams(cfg_scale=2.0, top_k=50, temperature=1.2)
@@ -521,6 +529,6 @@ def test_captured_verify_step_on_gpu(kind):
     def gens():
         return [torch.Generator("cuda").manual_seed(s) for s in range(6)]
 
-    a = decoder.decode(cond, mask, sampled, window=4, row_generators=gens())
+    a = decode(decoder, cond, mask, sampled, window=4, row_generators=gens())
     b = jacobi_decode(model, cond, mask, sampled, window=4, row_generators=gens(), cuda_graphs=False)
     assert (a.tokens == b.tokens).float().mean() >= 0.5

@@ -1,17 +1,27 @@
 """Generation engine: the default sampling path of argen (`argen.generate`).
 
-- `generate(gpt, cond, ...)`: drop-in for the reference sampler, through a cached `Engine`.
-- `Engine`: static KV cache, lean decode loop, on-device sampling, CUDA graphs on GPUs; per-row
-  sampling parameters and generators for the server.
-- `SlotDecoder`, `SlotRequest`: continuous batching over a fixed number of cache slots (the server);
-  `JacobiSlotDecoder`: the same with a Jacobi iteration per step.
+One decode loop: `SlotDecoder` (argen.engine.slots) owns the KV cache, the slots and the step; what a
+request brings (`SlotRequest`: condition, SamplingParams, generator, length) is data on its slot, and
+how a step advances the slots is its step policy (`PlainStep`, or `JacobiStep` for Jacobi decoding).
+
+- `generate(gpt, cond, ...)`: drop-in for the reference sampler; a static batch through `engine_for(gpt)`.
+- `Batches` (also `Engine`, its earlier name): static batches over the loop (admit, step to the end).
+- `SlotDecoder`, `SlotRequest`: continuous batching (the server); `JacobiSlotDecoder(gpt, n, window)`
+  is `SlotDecoder(gpt, n, JacobiStep(window))`.
 - `decode_codes`: tokens -> uint8 images in bounded-memory chunks.
 """
 
+from argen.engine.batches import Batches, Engine, engine_for
 from argen.engine.decode import decode_codes
-from argen.engine.engine import Engine
-from argen.engine.generate import engine_for, generate
-from argen.engine.jacobi_slots import JacobiSlotDecoder
-from argen.engine.slots import SlotDecoder, SlotRequest
+from argen.engine.generate import generate
+from argen.engine.jacobi import DEFAULT_WINDOW, JacobiStep
+from argen.engine.slots import PlainStep, SlotDecoder, SlotRequest
 
-__all__ = ["Engine", "JacobiSlotDecoder", "SlotDecoder", "SlotRequest", "decode_codes", "engine_for", "generate"]
+
+def JacobiSlotDecoder(gpt, num_slots: int, window: int = DEFAULT_WINDOW, **kwargs) -> SlotDecoder:  # noqa: N802
+    """A `SlotDecoder` whose step policy is `JacobiStep(window)` (the earlier class's signature)."""
+    return SlotDecoder(gpt, num_slots, JacobiStep(window), **kwargs)
+
+
+__all__ = ["Batches", "Engine", "JacobiSlotDecoder", "JacobiStep", "PlainStep", "SlotDecoder", "SlotRequest",
+           "decode_codes", "engine_for", "generate"]

@@ -1,34 +1,22 @@
-"""`generate`: the public sampling entry point, backed by one cached `Engine` per model.
+"""`generate`: the public sampling entry point, a static batch over the one decode loop.
 
-Same signature and results as `argen.sampling.reference_generate` (bit-identical tokens in float32
-on the CPU for the same generator), but through the fast engine. The engine (cache, CUDA graphs)
-is kept per model, by weak reference, and rebuilt when the model's device or dtype changes.
+Same signature and results as `argen.sampling.reference_generate` (bit-identical greedy tokens in
+float32 on the CPU), through `argen.engine.batches.Batches`, kept per model by weak reference
+(`engine_for`, with its decoders' caches and CUDA graphs) and rebuilt when the model's device or
+dtype changes.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 
-from argen.engine.engine import Engine
+from argen.engine.batches import engine_for
 from argen.engine.jacobi import check_decode, jacobi_generate
 from argen.models.gpt import GPT
 from argen.sampling.logits import SamplingParams
 from argen.utils.errors import ArgenError
-
-_ENGINES: weakref.WeakKeyDictionary[GPT, Engine] = weakref.WeakKeyDictionary()
-
-
-def engine_for(gpt: GPT) -> Engine:
-    """The cached engine of `gpt` (created on first use)."""
-    weight = gpt.tok_embeddings.weight
-    engine = _ENGINES.get(gpt)
-    if engine is None or engine.device != weight.device or engine.dtype != weight.dtype:
-        engine = Engine(gpt, weak=True)
-        _ENGINES[gpt] = engine
-    return engine
 
 
 def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None, cfg_scale: float | None = None,
@@ -43,7 +31,7 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
 
     row_generators: one generator per image instead of `generator`, so that an image depends only on
     its own condition and seed, not on the batch it shares. progress: called with 1 after each token
-    step of each chunk of up to `Engine.max_batch` images (e.g. `tqdm.update`). params: a
+    step of each chunk of up to `Batches.max_batch` images (e.g. `tqdm.update`). params: a
     `SamplingParams`, instead of the keyword settings (unset keywords take SamplingParams' defaults).
     decode: "ar" (one token per forward, the engine) or "jacobi" (speculative Jacobi decoding with
     `window` positions per forward, default `argen.engine.jacobi.DEFAULT_WINDOW`; the same

@@ -93,24 +93,15 @@ def static_facts(params: Sequence[SamplingParams], vocab_size: int, k_bucket: in
 
 
 def combine_guidance_pairs(logits: torch.Tensor, rp: RowParams, scale: torch.Tensor) -> torch.Tensor:
-    """(2B, V) interleaved logits (row 2i cond, row 2i + 1 uncond of image i: the slot layout of
-    `argen.engine.slots`) -> (B, V) guided logits; unguided rows keep their conditional logits."""
+    """Guided logits (B, V) from the model's logits: (2B, V) interleaved twins (row 2i cond, row 2i + 1
+    uncond of image i: the slot layout of `argen.engine.slots`) when `rp.guided`, else (B, V) cond
+    logits, returned as they are. Unguided rows of a guided batch keep their conditional logits."""
+    if not rp.guided:
+        return logits
     pairs = logits.view(-1, 2, logits.shape[-1])  # (B, 2, V)
     cond, uncond = pairs[:, 0], pairs[:, 1]
     mixed = uncond + scale * (cond - uncond)
     return mixed if rp.all_guided else torch.where(rp.guided_rows, mixed, cond)
-
-
-def combine_guidance(logits: torch.Tensor, rp: RowParams, scale: torch.Tensor | float) -> torch.Tensor:
-    """(2B, V) cond-then-uncond logits -> (B, V) guided logits; `scale` is (B, 1) or a float."""
-    if not rp.guided:
-        return logits
-    batch = rp.batch
-    cond, uncond = logits[:batch], logits[batch:]
-    mixed = uncond + scale * (cond - uncond)
-    if rp.all_guided:
-        return mixed
-    return torch.where(rp.guided_rows, mixed, cond)
 
 
 def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -153,6 +144,7 @@ def filtered_weights(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(1, indices, weights)
 
 
-def sample_tokens(logits: torch.Tensor, rp: RowParams, scale: torch.Tensor | float, uniforms: torch.Tensor):
-    """Full sampling step: (B', V) model logits -> (B,) tokens. No host synchronisation."""
-    return sample_filtered(combine_guidance(logits.float(), rp, scale), rp, uniforms)
+def sample_tokens(logits: torch.Tensor, rp: RowParams, scale: torch.Tensor, uniforms: torch.Tensor):
+    """Full sampling step: model logits (2B or B, V; see `combine_guidance_pairs`), guidance scales
+    (B, 1) and uniforms (B,) -> (B,) tokens. No host synchronisation."""
+    return sample_filtered(combine_guidance_pairs(logits.float(), rp, scale), rp, uniforms)

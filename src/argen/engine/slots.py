@@ -1,48 +1,128 @@
-"""`SlotDecoder`: continuous batching over a fixed number of slots of one static KV cache.
+"""`SlotDecoder`: argen's one decode loop, over a fixed number of slots of one static KV cache.
 
 Contract:
-- The cache has `num_slots` slots of two rows each: row 2i holds image i's conditional sequence,
-  row 2i + 1 its unconditional twin (null class / learned null caption). Both are allocated,
-  prefilled and retired together; an unguided request still runs its twin (its logits are unused).
-- Each slot carries its own position, condition (class id, or caption features with their mask),
-  `SamplingParams` (guidance scale, interval and schedule, temperature, top-k, top-p), its
-  pre-drawn uniforms (from the request's own generator: `torch.rand(max_new_tokens)`, the numbers
-  `Engine.generate` draws for that image with `row_generators`) and its output row.
-- `admit(requests)` prefills new requests into free slots (between steps only) and samples their
-  first token; `step()` advances every active slot by one token, then retires the finished slots
-  and returns their tokens; `cancel(predicate)` frees slots at once. Freed slots are reused by the
-  next `admit`.
+- The decoder owns the cache: `num_slots` slots of two rows each; row 2i holds image i's conditional
+  sequence, row 2i + 1 its unconditional twin (null class / learned null caption). Both are
+  allocated, prefilled and retired together. A step (and a prefill) runs the twins only when some
+  slot it advances is guided; otherwise it runs the conditional rows alone (a strided view).
+- What a request brings is data on its slot: its condition (class id, or caption features with their
+  mask), `SamplingParams` (guidance scale, interval and schedule, temperature, top-k, top-p), its
+  generator (or pre-drawn uniforms), its position and its output row. No request feature is a class.
+- How a step advances the active slots is the decoder's step policy, chosen once per decoder:
+  `PlainStep` (one token a slot, one uniform per token drawn at admission: `torch.rand(max_new_tokens)`
+  from the request's generator, or the request's own `uniforms`) or `argen.engine.jacobi.JacobiStep`
+  (a Jacobi iteration of a window). A policy is a set of functions on the decoder's tensors, not a
+  decoder: it starts new slots from their prefill logits, runs a graph-safe step, and keeps the host
+  bookkeeping.
+- `admit(requests)` prefills new requests into free slots (between steps only) and starts them;
+  `step()` advances every active slot, then retires the finished slots and returns their tokens;
+  `cancel(predicate)` frees slots at once; `run(requests)` does it all. Static batching is a
+  scheduling choice on top (`argen.engine.batches`): admit a batch, step it to the end.
 - A slot's tokens do not depend on the other slots: its rows attend only to their own cache rows,
-  masked by their own position (`key <= position`) and caption mask, and its token is drawn from
-  its own logits, parameters and uniform. Greedy decoding gives the reference sampler's tokens.
+  masked by their own position and caption mask, and its tokens are drawn from its own logits,
+  parameters and numbers. Greedy decoding gives the reference sampler's tokens.
 - CPU (eager): active slots are kept in slots [0, n) (a retired slot is filled by moving the last
-  one into it, cache rows included) and a step runs rows [0, 2n) only, attending over
-  max(position) + 1 cache slots. CUDA (`cuda_graphs`): the step runs all slots with per-slot
-  positions and parameters held in tensors, captured once per (64-slot kv bucket, top-k width,
-  top-p use) and replayed; inactive slots are masked out of nothing but compute.
+  one into it, cache rows included) and a step runs rows [0, 2n) only, over max(position) + 1 cache
+  slots (no position mask when every slot sits at one position). CUDA (`cuda_graphs`): the policy's
+  all-slots step, with per-slot positions and parameters in static tensors, is captured once per
+  (64-slot kv bucket, the static sampling facts: top-k width, top-p use, guidance) and replayed;
+  graphs are dropped and recaptured when the model's weights change. Inactive slots cost compute only.
 Not thread-safe: one thread drives a decoder.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from argen.engine.engine import KV_BUCKET, additive_mask, capture_graphs, changed_weights, check_compute_dtype
-from argen.engine.sampler import RowParams, build_row_params, combine_guidance_pairs, sample_filtered, static_facts
+from argen.engine.sampler import RowParams, build_row_params, sample_tokens, static_facts
 from argen.models.gpt import GPT, prefix_attention_mask
 from argen.sampling.logits import SamplingParams
 from argen.utils.errors import ArgenError
 
-K_BUCKET = 64
+KV_BUCKET = 64  # cache slots per captured attention length
+K_BUCKET = 64  # top-k candidates are rounded up to this in captured steps
+
+
+def weights_signature(gpt: GPT) -> tuple:
+    """Changes whenever a parameter is rebound, edited in place, cast or moved."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in gpt.parameters())
+
+
+def changed_weights(gpt: GPT, device: torch.device, signature: tuple | None, owner: str) -> tuple | None:
+    """The model's new `weights_signature` if it differs from `signature` (the caller then drops what
+    holds the old weights' addresses), else None. A model moved off `device` is an error naming `owner`."""
+    new = weights_signature(gpt)
+    if new == signature:
+        return None
+    if gpt.tok_embeddings.weight.device != device:
+        raise ArgenError(f"the model moved to {gpt.tok_embeddings.weight.device}; build a new {owner}")
+    return new
+
+
+def check_compute_dtype(gpt: GPT, dtype: torch.dtype | None) -> None:
+    weight = gpt.tok_embeddings.weight
+    if dtype is not None and dtype != weight.dtype:
+        name = str(dtype).replace("torch.", "")
+        raise ArgenError(f"the model is {str(weight.dtype).replace('torch.', '')} but {name} was asked for; cast "
+                         f"the model (gpt.to(torch.{name}) or load_gpt(..., dtype=torch.{name}))")
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool visibility -> 0 / -inf in `dtype` (what attention adds to its scores)."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+def draw_uniforms(batch: int, num_tokens: int, device, generator: torch.Generator | None,
+                  row_generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """(B, N) float32 U[0, 1): one number per image and token, from one generator for the batch or
+    one per row (a row's numbers then do not depend on the batch)."""
+    if row_generators is None:
+        return torch.rand(batch, num_tokens, generator=generator, device=device)
+    return torch.stack([torch.rand(num_tokens, generator=gen, device=device) for gen in row_generators])
+
+
+def capture_graphs(device, pool_holder, steps: dict, before_each: Callable[[], None]) -> dict:
+    """Capture one CUDA graph per entry of `steps` (key -> callable running the step).
+
+    `before_each()` resets the state a step reads before its warm-up and before its capture.
+    Everything happens on `device` (which need not be the current one: under torchrun each rank's
+    model sits on its own GPU) and on one side stream, so that kernels, cuBLAS workspaces and
+    allocations are set up for that stream by the warm-up, outside capture. "thread_local"
+    capture: the server decodes images on another thread meanwhile, and the default ("global")
+    mode would turn that thread's allocations and copies into capture errors. `pool_holder` is
+    the owner's dict holding the one graph memory pool and side stream (replays never overlap).
+    """
+    with torch.cuda.device(device):
+        if pool_holder.get("pool") is None:
+            pool_holder["pool"] = torch.cuda.graph_pool_handle()
+        if pool_holder.get("stream") is None:
+            pool_holder["stream"] = torch.cuda.Stream(device=device)
+        side = pool_holder["stream"]
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for step in steps.values():  # kernels are selected and workspaces allocated outside capture
+                before_each()
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graphs = {}
+        for key, step in steps.items():
+            graph = torch.cuda.CUDAGraph()
+            before_each()
+            with torch.cuda.graph(graph, pool=pool_holder["pool"], stream=side, capture_error_mode="thread_local"):
+                step()
+            graphs[key] = graph
+        torch.cuda.synchronize(device)
+    return graphs
 
 
 @dataclass
 class SlotRequest:
-    """One image: its condition, settings and generator; `tag` is the caller's handle."""
+    """One image: its condition, settings and randomness; `tag` is the caller's handle."""
 
     cond: torch.Tensor  # () int64 class id (c2i) or (L, D) float caption features (t2i), left padded
     cond_mask: torch.Tensor | None = None  # (L,) 1 on real caption tokens; None = all real
@@ -50,14 +130,17 @@ class SlotRequest:
     generator: torch.Generator | None = None
     max_new_tokens: int | None = None  # default: the whole grid
     tag: object = None
+    uniforms: torch.Tensor | None = None  # (max_new_tokens,) pre-drawn U[0, 1) of a plain step; None: drawn
 
 
 @dataclass
 class _Slot:
     request: SlotRequest
-    total: int  # tokens to sample
-    steps: int  # tokens sampled so far
+    total: int  # tokens to produce
+    steps: int  # tokens produced so far
     pos: int  # sequence position of the next input token (cache slots < pos are filled)
+    order: int  # admission order (slots sharing one generator draw in this order)
+    masked: bool  # the caption has padding (attention needs a key mask)
 
 
 class _State:
@@ -71,7 +154,7 @@ class _State:
         self.pos = torch.zeros(n, dtype=torch.long, device=device)  # its position
         self.step = torch.zeros(n, dtype=torch.long, device=device)  # index of the token it predicts
         self.live = torch.zeros(n, dtype=torch.long, device=device)  # 1 = active (advances)
-        self.uniforms = torch.full((n, tokens), 0.5, device=device)
+        self.uniforms = torch.full((n, tokens), 0.5, device=device)  # a plain step's numbers
         self.scales = torch.ones(n, tokens, device=device)
         self.temperature = torch.ones(n, 1, device=device)
         self.top_k = torch.zeros(n, 1, dtype=torch.long, device=device)
@@ -79,7 +162,7 @@ class _State:
         self.guided_rows = torch.zeros(n, 1, dtype=torch.bool, device=device)
         self.key_valid = torch.ones(rows, cache_len, dtype=torch.bool, device=device)
         self.out = torch.zeros(n, tokens, dtype=torch.long, device=device)
-        self.extra: tuple[torch.Tensor, ...] = ()  # a subclass's own per-slot tensors (moved with the slot)
+        self.extra: tuple[torch.Tensor, ...] = ()  # the step policy's own per-slot tensors (moved with the slot)
 
     def per_slot(self):
         return (self.pos, self.step, self.live, self.uniforms, self.scales, self.temperature, self.top_k,
@@ -89,19 +172,101 @@ class _State:
         return self.tokens, self.key_valid
 
 
+def row_slice(n: int, guided: bool) -> slice:
+    """Cache rows of slots [0, n): both twins when guided, else the conditional rows only."""
+    return slice(0, 2 * n, 1 if guided else 2)
+
+
+class PlainStep:
+    """Step policy: every active slot samples one token (autoregressive decoding)."""
+
+    key = ("plain",)
+
+    def bind(self, decoder: SlotDecoder) -> None:
+        self.decoder = decoder
+
+    def start(self, first: int, requests: list[SlotRequest], totals: list[int], logits: torch.Tensor,
+              rp: RowParams) -> None:
+        """Token 0 of the new slots [first, first + k) from their prefill logits (rows, V)."""
+        d = self.decoder
+        st, k = d.state, len(requests)
+        s = slice(first, first + k)
+        for i, (r, total) in enumerate(zip(requests, totals)):
+            drawn = r.uniforms if r.uniforms is not None else torch.rand(total, generator=r.generator, device=d.device)
+            st.uniforms[first + i, :total] = drawn
+        token = sample_tokens(logits, rp, st.scales[s, :1], st.uniforms[s, 0])
+        st.out[s, 0] = token
+        st.tokens[2 * first:2 * (first + k)] = token.repeat_interleave(2)
+
+    def kv_len(self) -> int:
+        return max(slot.pos for slot in self.decoder.slots) + 1
+
+    def before_step(self) -> None:
+        """Host work before a step (eager or replayed): none, the uniforms are pre-drawn."""
+
+    def step_state(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a step changes (besides the cache), put back after a capture."""
+        st = self.decoder.state
+        return st.tokens, st.pos, st.step, st.out
+
+    def run(self, n: int, kv: int, rp: RowParams, shared_pos: int | None) -> None:
+        """One step of slots [0, n): reads tokens/pos/step, writes out[:, step], advances live slots.
+        Graph-safe when shared_pos is None: no host reads, shapes fixed by (n, kv, rp's static facts).
+        shared_pos (eager only): every slot's input sits at this position."""
+        d = self.decoder
+        gpt, st = d.gpt, d.state
+        twins = 2 if rp.guided else 1
+        rows = row_slice(n, rp.guided)
+        cache = [c[:, rows] for c in st.cache]
+        if shared_pos is not None:
+            positions = d.positions[shared_pos:shared_pos + 1]  # (1,) shared by every row
+            masked = any(slot.masked for slot in d.slots[:n])
+            mask = additive_mask(st.key_valid[rows, :kv], st.cache[0].dtype)[:, None, None, :] if masked else None
+        else:
+            pos = st.pos[:n, None].expand(n, twins).reshape(-1)  # (rows,) the rows of a slot at its position
+            visible = (d.positions[:kv] <= pos[:, None]) & st.key_valid[rows, :kv]  # (rows, kv)
+            mask = additive_mask(visible, st.cache[0].dtype)[:, None, None, :]  # (rows, 1, 1, kv)
+            positions = pos[:, None]
+        h = gpt.embed_tokens(st.tokens[rows, None])  # (rows, 1, C)
+        logits = gpt.forward_cached(h, positions, cache, kv, mask)[:, 0]  # (rows, V)
+
+        def first(t: torch.Tensor) -> torch.Tensor:  # no view when the step covers every slot (graphs)
+            return t if n == t.shape[0] else t[:n]
+
+        index = first(st.step).clamp(max=d.num_tokens - 1)[:, None]  # (n, 1)
+        token = sample_tokens(logits, rp, first(st.scales).gather(1, index), first(st.uniforms).gather(1, index)[:, 0])
+        first(st.out).scatter_(1, index, token[:, None])
+        st.tokens[:2 * n].copy_(token[:, None].expand(n, 2).reshape(2 * n))
+        live = first(st.live)
+        first(st.pos).add_(live)
+        first(st.step).add_(live)
+
+    def advance(self) -> None:
+        """Host-side bookkeeping after a step: every slot sampled one token."""
+        for slot in self.decoder.slots:
+            slot.steps += 1
+            slot.pos += 1
+
+    def tokens(self, i: int, slot: _Slot) -> torch.Tensor:
+        """The finished slot i's (total,) tokens."""
+        return self.decoder.state.out[i, :slot.total]
+
+
 class SlotDecoder:
-    """Continuous-batching decoder for one `GPT` with `num_slots` image slots.
+    """The decoder of one `GPT` with `num_slots` image slots; `step` is its step policy (default
+    `PlainStep()`; `argen.engine.jacobi.JacobiStep(window)` for Jacobi decoding).
 
     cuda_graphs: None = on for CUDA devices; True on a CPU runs the same fixed-shape step eagerly
-    (or captured, under a graph simulator) to test the graph path.
+    (or captured, under a graph simulator) to test the graph path. weak: hold the model by weak
+    reference (the per-model caches of `argen.engine.batches` never keep a model alive).
     """
 
-    def __init__(self, gpt: GPT, num_slots: int, cuda_graphs: bool | None = None, kv_bucket: int = KV_BUCKET,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, gpt: GPT, num_slots: int, step=None, cuda_graphs: bool | None = None,
+                 kv_bucket: int = KV_BUCKET, dtype: torch.dtype | None = None, weak: bool = False):
         if num_slots < 1:
             raise ArgenError(f"the number of slots must be >= 1, got {num_slots}")
         check_compute_dtype(gpt, dtype)
-        self.gpt = gpt
+        self._gpt = weakref.ref(gpt) if weak else (lambda: gpt)
         cfg = gpt.config
         self.device = gpt.tok_embeddings.weight.device
         self.num_slots = num_slots
@@ -119,7 +284,17 @@ class SlotDecoder:
         self.graphs: dict[tuple, object] = {}
         self._graph_pool: dict = {}
         self._signature = None
+        self._admitted = 0
         self.counters = {"prefills": 0, "decode_steps": 0, "slot_steps": 0}
+        self.policy = step if step is not None else PlainStep()
+        self.policy.bind(self)
+
+    @property
+    def gpt(self) -> GPT:
+        gpt = self._gpt()
+        if gpt is None:
+            raise RuntimeError("the decoder's model has been garbage-collected")
+        return gpt
 
     # ------------------------------------------------------------------ public
     @property
@@ -131,7 +306,7 @@ class SlotDecoder:
         return self.num_slots - len(self.slots)
 
     def admit(self, requests: Sequence[SlotRequest]) -> None:
-        """Prefill `requests` into free slots and sample their first token (call between steps)."""
+        """Prefill `requests` into free slots and start them (call between steps)."""
         if not requests:
             return
         if len(requests) > self.free:
@@ -141,15 +316,17 @@ class SlotDecoder:
             self._prefill(list(requests))
 
     def step(self) -> list[tuple[SlotRequest, torch.Tensor]]:
-        """Advance every active slot by one token; return (request, (max_new_tokens,) int64 tokens on
-        the device) of each slot that finished (at this step or at its prefill), and free those slots."""
+        """Advance every active slot; return (request, (max_new_tokens,) int64 tokens on the device)
+        of each slot that finished (at this step or at its prefill), and free those slots."""
         done = self._retire_finished()
         if not self.slots:
             return done
-        self._check_weights()
+        if self.use_graphs:  # only graphs hold the weights' addresses (an eager step reads them anew)
+            self._check_weights()
         with torch.inference_mode():
-            self._decode()
-        self._advance()
+            self.policy.before_step()
+            self._run_step()
+        self.policy.advance()
         self.counters["decode_steps"] += 1
         self.counters["slot_steps"] += len(self.slots)
         return done + self._retire_finished()
@@ -173,17 +350,11 @@ class SlotDecoder:
                 results[id(request)] = tokens
         return [results[id(r)] for r in requests]
 
+    def bucket(self, kv_len: int) -> int:
+        """The captured attention length that covers `kv_len` cache slots."""
+        return min(self.cache_len, self.kv_bucket * math.ceil(kv_len / self.kv_bucket))
+
     # ------------------------------------------------------------------ internals
-    def _advance(self) -> None:
-        """Host-side bookkeeping after a step: every slot sampled one token."""
-        for slot in self.slots:
-            slot.steps += 1
-            slot.pos += 1
-
-    def _tokens(self, i: int, slot: _Slot) -> torch.Tensor:
-        """The finished slot i's (total,) tokens."""
-        return self.state.out[i, :slot.total]
-
     def _check_weights(self) -> None:
         signature = changed_weights(self.gpt, self.device, self._signature, "decoder")
         if signature is not None:
@@ -207,110 +378,82 @@ class SlotDecoder:
         rows = torch.stack([cond, null], dim=1).reshape(2 * k, *cond.shape[1:])  # (2k, L, D)
         return rows, mask.repeat_interleave(2, dim=0)
 
-    def _prefill(self, requests: list[SlotRequest]) -> None:
-        gpt, st, k = self.gpt, self.state, len(requests)
-        first, length = len(self.slots), self.cond_len
+    def _totals(self, requests: list[SlotRequest]) -> list[int]:
         totals = []
         for r in requests:
             total = self.num_tokens if r.max_new_tokens is None else int(r.max_new_tokens)
             if not 1 <= total <= self.num_tokens:
                 raise ArgenError(f"max_new_tokens must lie in [1, {self.num_tokens}], got {total}")
             if r.generator is not None and r.generator.device.type != self.device.type:
-                raise ArgenError(f"the generator is on {r.generator.device} but the model is on {self.device}")
+                raise ArgenError(f"the generator is on {r.generator.device} but the model is on {self.device}; "
+                                 f"create it with torch.Generator(device={str(self.device)!r})")
+            if r.uniforms is not None and tuple(r.uniforms.shape) != (total,):
+                raise ArgenError(f"a request's uniforms must have shape ({total},), got {tuple(r.uniforms.shape)}")
             totals.append(total)
+        return totals
+
+    def _prefill(self, requests: list[SlotRequest]) -> None:
+        gpt, st, k = self.gpt, self.state, len(requests)
+        first, length = len(self.slots), self.cond_len
+        totals = self._totals(requests)
         rows, key_mask = self._rows(requests)
-        s, r0, r1 = slice(first, first + k), 2 * first, 2 * (first + k)
-        cache = [c[:, r0:r1] for c in st.cache]  # (2, 2k, H_kv, S, D) views of these slots' rows
-        mask = None if key_mask is None else prefix_attention_mask(key_mask, length)
-        logits = gpt.forward_cached(gpt.embed_condition(rows), self.positions[:length], cache, length, mask,
-                                    last_only=True)[:, 0]  # (2k, V)
+        params = [r.params for r in requests]
+        rp = self._row_params(k, first, params)
+        pick = slice(None, None, 1 if rp.guided else 2)  # the twins only when some request is guided
+        r0, r1 = 2 * first, 2 * (first + k)
+        cache = [c[:, r0:r1:pick.step] for c in st.cache]  # views of these slots' rows
+        mask = None if key_mask is None else prefix_attention_mask(key_mask[pick], length)
+        logits = gpt.forward_cached(gpt.embed_condition(rows[pick]), self.positions[:length], cache, length, mask,
+                                    last_only=True)[:, 0]  # (rows, V)
         st.key_valid[r0:r1] = True
         if key_mask is not None:
             st.key_valid[r0:r1, :length] = key_mask
-        params = [r.params for r in requests]
-        rp = build_row_params(params, k, self.num_tokens, self.vocab_size, self.device)
+        built = build_row_params(params, k, self.num_tokens, self.vocab_size, self.device)
+        s = slice(first, first + k)
         for name in ("temperature", "top_k", "top_p", "guided_rows", "scales"):
-            getattr(st, name)[s] = getattr(rp, name)
-        self._start(requests, totals, first, logits)
+            getattr(st, name)[s] = getattr(built, name)
+        self.policy.start(first, requests, totals, logits, rp)
         st.pos[s] = length
         st.step[s] = 1
         st.live[s] = 1
-        self.slots.extend(_Slot(r, total, 1, length) for r, total in zip(requests, totals))
+        masked = [key_mask is not None and not bool(key_mask[2 * i].all()) for i in range(k)]
+        for r, total, m in zip(requests, totals, masked):
+            self.slots.append(_Slot(r, total, 1, length, self._admitted, m))
+            self._admitted += 1
         self.counters["prefills"] += k
-
-    def _start(self, requests: list[SlotRequest], totals: list[int], first: int, logits: torch.Tensor) -> None:
-        """Sample the first token of the new slots [first, first + k) from their prefill logits (2k, V)."""
-        st, k = self.state, len(requests)
-        s = slice(first, first + k)
-        for i, (r, total) in enumerate(zip(requests, totals)):
-            st.uniforms[first + i, :total] = torch.rand(total, generator=r.generator, device=self.device)
-        rp = self._row_params(k, first, [r.params for r in requests])
-        token = sample_filtered(combine_guidance_pairs(logits, rp, st.scales[s, :1]), rp, st.uniforms[s, 0])
-        st.out[s, 0] = token
-        st.tokens[2 * first:2 * (first + k)] = token.repeat_interleave(2)
 
     def _row_params(self, n: int, first: int, params: Sequence[SamplingParams], k_bucket: int = 1,
                     static: bool = False) -> RowParams:
-        """Slots [first, first + n) with these parameters; static (a graph): the per-row tensors
-        only, never the shortcuts for batches that share one setting."""
+        """Slots [first, first + n) with these parameters (those of the slots a step advances; the
+        static facts follow from them). static (a graph): never the shortcut for batches that share
+        one setting, which bakes the setting into the step."""
         st = self.state
         s = slice(first, first + n)
         k_max, use_top_p = static_facts(params, self.vocab_size, k_bucket)
         uniform = params[0] if not static and all(p == params[0] for p in params) else None
-        all_guided = not static and all(p.guided for p in params)
-        return RowParams(st.temperature[s], st.top_k[s], st.top_p[s], st.guided_rows[s], st.scales[s], guided=True,
-                         all_guided=all_guided, k_max=k_max, use_top_p=use_top_p, uniform=uniform)
+        return RowParams(st.temperature[s], st.top_k[s], st.top_p[s], st.guided_rows[s], st.scales[s],
+                         guided=any(p.guided for p in params), all_guided=all(p.guided for p in params),
+                         k_max=k_max, use_top_p=use_top_p, uniform=uniform)
 
-    def _kv_len(self) -> int:
-        """Cache slots the next step attends over (before bucketing)."""
-        return max(slot.pos for slot in self.slots) + 1
-
-    def _before_step(self) -> None:
-        """Host work before a step (eager or replayed): none here; the uniforms are pre-drawn."""
-
-    def _step_state(self) -> tuple[torch.Tensor, ...]:
-        """The tensors a step changes (besides the cache), put back after a capture."""
-        st = self.state
-        return st.tokens, st.pos, st.step, st.out
-
-    def _decode(self) -> None:
+    def _run_step(self) -> None:
         params = [slot.request.params for slot in self.slots]
-        kv = self._kv_len()
-        self._before_step()
+        kv = self.policy.kv_len()
+        n = len(self.slots)
         if not self.use_graphs:
-            self._decode_step(len(self.slots), kv, self._row_params(len(self.slots), 0, params))
+            shared = self.slots[0].pos if all(slot.pos == self.slots[0].pos for slot in self.slots) else None
+            self.policy.run(n, kv, self._row_params(n, 0, params), shared)
             return
-        kv = min(self.cache_len, self.kv_bucket * math.ceil(kv / self.kv_bucket))
+        kv = self.bucket(kv)
         rp = self._row_params(self.num_slots, 0, params, K_BUCKET, static=True)
-        key = (kv, rp.k_max, rp.use_top_p)
+        key = (kv, rp.k_max, rp.use_top_p, rp.guided, rp.all_guided)
         if key not in self.graphs:
             self.graphs[key] = (self._capture(kv, rp), rp)  # the graph reads rp's tensors: keep them
         self.graphs[key][0].replay()
 
-    def _decode_step(self, n: int, kv: int, rp: RowParams) -> None:
-        """One step of slots [0, n): reads tokens/pos/step, writes out[:, step], advances live slots.
-        Graph-safe: no host reads, shapes fixed by (n, kv, rp's static facts)."""
-        gpt, st = self.gpt, self.state
-        rows = 2 * n
-        pos = st.pos[:n, None].expand(n, 2).reshape(rows)  # (2n,) both rows of a slot at its position
-        visible = (self.positions[:kv] <= pos[:, None]) & st.key_valid[:rows, :kv]  # (2n, kv)
-        mask = additive_mask(visible, st.cache[0].dtype)[:, None, None, :]  # (2n, 1, 1, kv)
-        cache = [c[:, :rows] for c in st.cache]
-        h = gpt.embed_tokens(st.tokens[:rows, None])  # (2n, 1, C)
-        logits = gpt.forward_cached(h, pos[:, None], cache, kv, mask)[:, 0]  # (2n, V)
-        index = st.step[:n].clamp(max=self.num_tokens - 1)[:, None]  # (n, 1)
-        scale = st.scales[:n].gather(1, index)
-        token = sample_filtered(combine_guidance_pairs(logits, rp, scale), rp, st.uniforms[:n].gather(1, index)[:, 0])
-        st.out[:n].scatter_(1, index, token[:, None])
-        st.tokens[:rows].copy_(token[:, None].expand(n, 2).reshape(rows))
-        live = st.live[:n]
-        st.pos[:n].add_(live)
-        st.step[:n].add_(live)
-
     def _capture(self, kv: int, rp: RowParams):
-        """A graph of the all-slots step for this kv bucket and these static facts (the state it
-        changes is put back afterwards, so capturing mid-run is safe)."""
-        changed = self._step_state()
+        """A graph of the policy's all-slots step for this kv bucket and these static facts (the state
+        it changes is put back afterwards, so capturing mid-run is safe)."""
+        changed = self.policy.step_state()
         saved = [t.clone() for t in changed]
 
         def restore():
@@ -318,7 +461,7 @@ class SlotDecoder:
                 t.copy_(copy)
 
         def run():
-            self._decode_step(self.num_slots, kv, rp)
+            self.policy.run(self.num_slots, kv, rp, None)
 
         if not self._capture_on_device:
             return _EagerGraph(run)
@@ -332,7 +475,7 @@ class SlotDecoder:
             for i in reversed(range(len(self.slots))):
                 slot = self.slots[i]
                 if slot.steps >= slot.total:
-                    done.append((slot.request, self._tokens(i, slot).clone()))
+                    done.append((slot.request, self.policy.tokens(i, slot).clone()))
                     self._free(i)
         done.reverse()
         return done

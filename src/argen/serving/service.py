@@ -10,14 +10,16 @@ Contract:
   exceed `max_queue`, `ShuttingDown` after `close()` began.
 - Every image has its own generator seeded with `image_seed(request seed, image index)` and its
   own `SamplingParams`, so a request's images do not depend on what else runs with them.
-- `scheduler="continuous"` (default): a `SlotDecoder` with `max_batch_size` slots (with
-  `decode="jacobi"` a `JacobiSlotDecoder`, whose step is a Jacobi iteration of `window` positions
-  per slot). At every step boundary the worker frees the slots of cancelled requests, admits the
-  oldest queued images into the free slots (prefill), runs one decode step of all active slots, and
-  hands the images that finished to decoding. A request waits only for a free slot, never for a
-  whole batch.
+- Both schedulers run the engine's one decode loop (`argen.engine.slots.SlotDecoder`); its step
+  policy is `PlainStep` or, with `decode="jacobi"`, `JacobiStep(window)` (a Jacobi iteration of
+  `window` positions per slot). They differ only in when images are admitted.
+- `scheduler="continuous"` (default): a `SlotDecoder` with `max_batch_size` slots. At every step
+  boundary the worker frees the slots of cancelled requests, admits the oldest queued images into
+  the free slots (prefill), runs one decode step of all active slots, and hands the images that
+  finished to decoding. A request waits only for a free slot, never for a whole batch.
 - `scheduler="static"`: the worker takes the oldest rows, waits up to `max_wait_ms` for more (never
-  past `max_batch_size` images), and runs them as one `Engine.generate` call to the end.
+  past `max_batch_size` images), admits them together and steps them to the end before taking more
+  (`argen.engine.Batches`: static batching over the same loop).
 - With `overlap_decode` a decoder thread turns codes into PNGs while generation goes on; otherwise
   the generator thread decodes. Default: on for the continuous scheduler (decoding on the step
   thread would stall every slot; images that finish while a decode runs are decoded together
@@ -49,10 +51,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from argen.engine import Engine, decode_codes
-from argen.engine.jacobi import check_decode, jacobi_generate
-from argen.engine.jacobi_slots import JacobiSlotDecoder
-from argen.engine.slots import SlotDecoder, SlotRequest
+from argen.engine import Batches, JacobiStep, PlainStep, SlotDecoder, SlotRequest, decode_codes
+from argen.engine.jacobi import check_decode
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
 from argen.sampling.logits import SamplingParams
@@ -155,19 +155,19 @@ def png_bytes(image: np.ndarray) -> bytes:
 class GenerationService:
     def __init__(self, tokenizer: VQModel, gpt: GPT, config: ServeConfig = ServeConfig(),
                  encode_prompts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 engine: Engine | None = None):
+                 engine: Batches | None = None):
         self.tokenizer = tokenizer
         self.gpt = gpt
         self.config = config
         self.encode_prompts = encode_prompts
         self.device = gpt.tok_embeddings.weight.device
         self.continuous = config.scheduler == "continuous"
+        self._step_policy = (lambda: PlainStep()) if config.decode == "ar" else (lambda: JacobiStep(config.window))
         if self.continuous:
             self.engine = None
-            self.decoder = (SlotDecoder(gpt, config.max_batch_size) if config.decode == "ar" else
-                            JacobiSlotDecoder(gpt, config.max_batch_size, config.window))
-        else:  # many sessions: every power-of-two batch size, guided or not, keeps its CUDA graphs
-            self.engine = engine or Engine(gpt, max_batch=config.max_batch_size, max_sessions=16)
+            self.decoder = SlotDecoder(gpt, config.max_batch_size, self._step_policy())
+        else:  # many decoders: every power-of-two batch size keeps its cache and CUDA graphs
+            self.engine = engine or Batches(gpt, max_batch=config.max_batch_size, max_sessions=16)
             self.decoder = None
         self._queue: deque[_Row] = deque()
         self._lock = threading.Condition()
@@ -442,14 +442,8 @@ class GenerationService:
         cond, mask = self._conditions(batch)
         params = [row.job.spec.params for row in batch]
         gens = [torch.Generator(device=self.device).manual_seed(row.job.spec.row_seed(row.index)) for row in batch]
-        if self.config.decode == "jacobi":  # one call per distinct SamplingParams; row generators keep rows apart
-            codes = torch.empty(len(batch), self.gpt.config.num_image_tokens, dtype=torch.long)
-            for setting in dict.fromkeys(params):
-                rows = [i for i, p in enumerate(params) if p == setting]
-                codes[rows] = jacobi_generate(self.gpt, cond[rows], None if mask is None else mask[rows], setting,
-                                              self.config.window, row_generators=[gens[i] for i in rows]).cpu()
-        else:
-            codes = self.engine.generate(cond, mask, params, row_generators=gens).cpu()  # (B, N); waits for the device
+        result = self.engine.run(cond, mask, params, row_generators=gens, step=self._step_policy())
+        codes = result.tokens.cpu()  # (B, N); waits for the device
         return batch, codes, start, time.perf_counter()
 
     def _complete_batch(self, batch: list[_Row], codes: torch.Tensor, start: float | None, generated: float) -> None:
