@@ -37,8 +37,8 @@ from argen.utils.errors import ArgenError
 @dataclass
 class BatchResult:
     tokens: torch.Tensor  # (B, N) int64
-    forwards: torch.Tensor  # (B,) int64: forward passes each image took, prefill included
-    model_calls: int  # batched forward passes of the model
+    forwards: torch.Tensor  # (B,) int64: forward passes each image took (prefill, steps, extends of kept runs)
+    model_calls: int  # forward passes of the model (prefill, batched steps, extends of kept runs)
     drafted: int  # drafts verified (Jacobi)
     accepted: int  # drafts accepted (Jacobi)
 
@@ -88,21 +88,24 @@ class Batches:
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                  generator: torch.Generator | None = None,
                  row_generators: Sequence[torch.Generator] | None = None,
-                 max_new_tokens: int | None = None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                 max_new_tokens: int | None = None, progress: Callable[[int], None] | None = None,
+                 forced: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) class ids or (B, L, D) captions -> (B, max_new_tokens) int64 tokens on the model's device.
 
         params: one SamplingParams for all rows or one per row. generator: one generator for the
         whole batch; row_generators: one per row (the server), so that each row's randomness is its own.
         progress: called after each step of each chunk with the tokens by which its slowest image
-        advanced (plain steps: 1 per token), from the host loop.
+        advanced (plain steps: 1 per token), from the host loop. forced: (B, max_new_tokens) int64 kept
+        tokens (-1 where sampled; see `argen.engine.slots`).
         """
-        return self.run(cond, cond_mask, params, generator, row_generators, max_new_tokens, progress).tokens
+        return self.run(cond, cond_mask, params, generator, row_generators, max_new_tokens, progress,
+                        forced=forced).tokens
 
     def run(self, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
             params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
             generator: torch.Generator | None = None, row_generators: Sequence[torch.Generator] | None = None,
             max_new_tokens: int | None = None, progress: Callable[[int], None] | None = None,
-            step=None, max_batch: int | None = None) -> BatchResult:
+            step=None, max_batch: int | None = None, forced: torch.Tensor | None = None) -> BatchResult:
         """`generate` with a step policy (default `PlainStep()`), returning the tokens and counts."""
         gpt = self.gpt
         num_tokens = gpt.config.num_image_tokens
@@ -120,6 +123,9 @@ class Batches:
         if len(rows) != batch:
             raise ArgenError(f"{len(rows)} SamplingParams for {batch} rows")
         gpt.check_condition(cond, cond_mask)
+        if forced is not None and (not isinstance(forced, torch.Tensor) or tuple(forced.shape) != (batch, total)):
+            raise ArgenError(f"forced tokens must be a ({batch}, {total}) int64 tensor, got "
+                             f"{tuple(getattr(forced, 'shape', ()))}")
         step = step if step is not None else PlainStep()
         results = []
         chunk = max_batch or self.max_batch
@@ -128,7 +134,7 @@ class Batches:
             gens = None if row_generators is None else list(row_generators)[start:stop]
             results.append(self._chunk(cond[start:stop], None if cond_mask is None else cond_mask[start:stop],
                                        rows[start:stop], generator, gens, total, progress or _no_progress, step,
-                                       chunk))
+                                       chunk, None if forced is None else forced[start:stop].cpu()))
         if not results:
             return BatchResult(torch.empty(0, total, dtype=torch.long, device=self.device),
                                torch.zeros(0, dtype=torch.long), 0, 0, 0)
@@ -151,7 +157,7 @@ class Batches:
         return decoder
 
     def _chunk(self, cond, cond_mask, params, generator, row_generators, total, progress, step,
-               chunk) -> BatchResult:
+               chunk, forced) -> BatchResult:
         batch = cond.shape[0]
         slots = min(chunk, 1 << (batch - 1).bit_length()) if self.use_graphs else batch
         decoder = self._decoder(slots, step)
@@ -161,16 +167,13 @@ class Batches:
             uniforms = draw_uniforms(count, total, self.device, generator, row_generators)
         requests = [SlotRequest(cond[i], None if cond_mask is None else cond_mask[i], params[i],
                                 generator if row_generators is None else row_generators[i], total, tag=i,
-                                uniforms=None if uniforms is None else uniforms[i]) for i in range(batch)]
+                                uniforms=None if uniforms is None else uniforms[i],
+                                forced=None if forced is None else forced[i]) for i in range(batch)]
         counters = dict(decoder.counters)
-        forwards = torch.ones(batch, dtype=torch.long)
         decoder.admit(requests)
         progress(1)
         done_before, out = 1, {}
         while len(out) < batch:
-            for slot in decoder.slots:
-                if slot.steps < slot.total:
-                    forwards[slot.request.tag] += 1
             for request, tokens in decoder.step():
                 out[request.tag] = tokens
             done_now = min([slot.steps for slot in decoder.slots] + [total])
@@ -178,7 +181,9 @@ class Batches:
                 progress(done_now - done_before)
                 done_before = done_now
         gained = {k: decoder.counters.get(k, 0) - counters.get(k, 0) for k in decoder.counters}
-        return BatchResult(torch.stack([out[i] for i in range(batch)]), forwards, 1 + gained["decode_steps"],
+        forwards = torch.tensor([r.forwards for r in requests], dtype=torch.long)
+        return BatchResult(torch.stack([out[i] for i in range(batch)]), forwards,
+                           1 + gained["decode_steps"] + gained["extends"],
                            gained.get("drafted", 0), gained.get("accepted", 0))
 
 

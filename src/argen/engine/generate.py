@@ -26,7 +26,7 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
              cfg_schedule: str | None = None, cfg_power: float | None = None,
              row_generators: Sequence[torch.Generator] | None = None,
              progress: Callable[[int], None] | None = None, decode: str = "ar",
-             window: int | None = None) -> torch.Tensor:
+             window: int | None = None, forced_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Sample (B, max_new_tokens) int64 image tokens (default: the full grid) on the model's device.
 
     row_generators: one generator per image instead of `generator`, so that an image depends only on
@@ -35,7 +35,10 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
     `SamplingParams`, instead of the keyword settings (unset keywords take SamplingParams' defaults).
     decode: "ar" (one token per forward, the engine) or "jacobi" (speculative Jacobi decoding with
     `window` positions per forward, default `argen.engine.jacobi.DEFAULT_WINDOW`; the same
-    distribution, fewer forward passes; see `argen.engine.jacobi`).
+    distribution, fewer forward passes; see `argen.engine.jacobi`). forced_tokens: (B, max_new_tokens)
+    int64, the token to keep at each position or -1 where it is sampled (editing: a kept token is given,
+    a run of kept tokens costs one forward pass, a sampled token draws the number it would draw
+    without forced tokens; see `argen.engine.slots`).
     """
     window = check_decode(decode, window)
     settings = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
@@ -47,6 +50,7 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
         raise ArgenError(f"pass the sampling settings as params= or as keywords, not both (got {sorted(given)})")
     if decode == "jacobi":
         return jacobi_generate(gpt, cond, cond_mask, params, window, generator=generator,
-                               row_generators=row_generators, max_new_tokens=max_new_tokens, progress=progress)
+                               row_generators=row_generators, max_new_tokens=max_new_tokens, progress=progress,
+                               forced_tokens=forced_tokens)
     return engine_for(gpt).generate(cond, cond_mask, params, generator=generator, row_generators=row_generators,
-                                    max_new_tokens=max_new_tokens, progress=progress)
+                                    max_new_tokens=max_new_tokens, progress=progress, forced=forced_tokens)

@@ -102,11 +102,14 @@ def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return _inverse_cdf(weights.reshape(-1, weights.shape[-1]), uniforms.reshape(-1))[:, 0].view(shape)
 
 
-def verify(p: torch.Tensor, length: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, uniforms: torch.Tensor):
+def verify(p: torch.Tensor, length: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, uniforms: torch.Tensor,
+           forced: torch.Tensor | None = None):
     """One verification step for A images.
 
     p (A, W, V): p[:, i] is the final distribution of token n+i, valid for i < length (A,) >= 1;
     drafts (A, W-1) for tokens n..n+W-2 with their proposals q (A, W-1, V); uniforms (A, >= W).
+    forced (A, W): kept tokens n..n+W-1 (-1: sampled); a kept draft (the kept token itself) is
+    always accepted and a kept token at n+a is given, not drawn.
     Returns (accepted drafts a (A,), the token at n+a (A,), the proposals (A, W-1, V) of the next
     drafts, tokens n+a+1..n+a+W-1).
     """
@@ -117,7 +120,10 @@ def verify(p: torch.Tensor, length: torch.Tensor, drafts: torch.Tensor, q: torch
         p_draft = p[:, :n_drafts].gather(-1, drafts[..., None])[..., 0]  # (A, W-1)
         q_draft = q.gather(-1, drafts[..., None])[..., 0]
         checked = index[None, :n_drafts] < (length - 1)[:, None]
-        keep = _accept(uniforms[:, :n_drafts], q_draft, p_draft) & checked
+        keep = _accept(uniforms[:, :n_drafts], q_draft, p_draft)
+        if forced is not None:
+            keep |= forced[:, :n_drafts] >= 0
+        keep &= checked
         accepted = keep.long().cumprod(dim=1).sum(dim=1)  # (A,) leading accepted drafts
     else:
         accepted = torch.zeros(count, dtype=torch.long, device=p.device)
@@ -131,6 +137,9 @@ def verify(p: torch.Tensor, length: torch.Tensor, drafts: torch.Tensor, q: torch
     else:
         residual = p_at
     token = _draw(residual, uniforms[:, n_drafts])
+    if forced is not None:
+        given = forced.gather(1, accepted[:, None])[:, 0]
+        token = torch.where(given >= 0, given, token)
     source = (accepted[:, None] + 1 + index[None, :n_drafts]).minimum(length[:, None] - 1)  # (A, W-1)
     return accepted, token, p.gather(1, source[..., None].expand(count, n_drafts, vocab))
 
@@ -162,14 +171,15 @@ def open_window(p0: torch.Tensor, width: int, uniforms: torch.Tensor, noise: tor
 def iterate(gpt: GPT, canvas: torch.Tensor, n: torch.Tensor, q: torch.Tensor, noise: torch.Tensor,
             uniforms: torch.Tensor, fresh: torch.Tensor, cache, key_valid: torch.Tensor, kv_len: int,
             repeat_rows: Callable[[torch.Tensor], torch.Tensor],
-            probs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+            probs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], forced: torch.Tensor | None = None):
     """One Jacobi iteration of A images (the module docstring's steps 1-4); graph-safe (no host reads).
 
     canvas (A, N + W): accepted tokens, then the drafts; q, noise (A, W-1, V): the drafts' proposals
     and Gumbel noise; canvas, q and noise are updated in place. n (A,): accepted tokens per image;
     uniforms (A, W) and fresh Gumbel noise (A, W-1, V): this iteration's numbers. repeat_rows maps
     (A, ...) to the cache's rows (the guidance twins); probs(logits (rows, W, V), token index (A, W))
-    gives the final sampling probabilities (A, W, V). Returns (the new n, drafts verified, drafts
+    gives the final sampling probabilities (A, W, V). forced (A, N + W): kept tokens (-1: sampled),
+    accepted without a test and drafted as themselves. Returns (the new n, drafts verified, drafts
     accepted), each (A,).
     """
     cfg = gpt.config
@@ -186,12 +196,19 @@ def iterate(gpt: GPT, canvas: torch.Tensor, n: torch.Tensor, q: torch.Tensor, no
     align = (offset[:, None] + steps).clamp(max=width - 1)
     p = p.gather(1, align[..., None].expand_as(p))
     drafts = canvas.gather(1, n[:, None] + steps[:width - 1])
-    accepted, token, q_next = verify(p, length, drafts, q, uniforms)
+    window = None if forced is None else forced.gather(1, n[:, None] + steps)  # (A, W)
+    accepted, token, q_next = (verify(p, length, drafts, q, uniforms) if window is None else
+                               verify(p, length, drafts, q, uniforms, window))
     new = n + accepted
     noise.copy_(shift_noise(noise, fresh, accepted + 1))
     q.copy_(q_next)
     canvas.scatter_(1, new[:, None], token[:, None])
-    canvas.scatter_(1, new[:, None] + 1 + steps[:width - 1], draft(q, noise))
+    ahead = new[:, None] + 1 + steps[:width - 1]
+    drafted = draft(q, noise)
+    if forced is not None:
+        kept = forced.gather(1, ahead)
+        drafted = torch.where(kept >= 0, kept, drafted)
+    canvas.scatter_(1, ahead, drafted)
     return new + 1, length - 1, accepted
 
 
@@ -234,6 +251,7 @@ class JacobiStep:
         self.kept = torch.zeros(n, dtype=torch.long, device=device)  # and accepted
         decoder.state.extra = (self.canvas, self.q, self.noise, self.accepted)
         decoder.counters.update(drafted=0, accepted=0)
+        self.forcing = False  # some active slot has kept tokens (set before each step)
 
     def start(self, first: int, requests: list[SlotRequest], totals: list[int], logits: torch.Tensor,
               rp: RowParams) -> None:
@@ -245,6 +263,9 @@ class JacobiStep:
         u = draw_grouped([r.generator for r in requests], self.u.shape[1], d.device)
         noise = _gumbel(u[:, width:]).view(k, width - 1, vocab)
         token, q, drafts = open_window(p[:, 0], width, u[:, :width], noise)
+        kept = d.state.forced[s, :width]  # a kept token is given and drafted as itself
+        token = torch.where(kept[:, 0] >= 0, kept[:, 0], token)
+        drafts = torch.where(kept[:, 1:] >= 0, kept[:, 1:], drafts)
         self.canvas[s] = 0
         self.canvas[s, 0] = token
         self.canvas[s, 1:width] = drafts
@@ -258,9 +279,14 @@ class JacobiStep:
     def before_step(self) -> None:
         """Draw each active slot's numbers for this iteration from its request's generator."""
         slots = self.decoder.slots
+        self.forcing = any(slot.runs is not None for slot in slots)
         order = sorted(range(len(slots)), key=lambda i: slots[i].order)
         drawn = draw_grouped([slots[i].request.generator for i in order], self.u.shape[1], self.decoder.device)
         self.u[torch.tensor(order, device=self.u.device)] = drawn
+
+    def facts(self) -> tuple:
+        """What the step's shape depends on besides the sampling facts: whether some slot has kept tokens."""
+        return (self.forcing,)
 
     def step_state(self) -> tuple[torch.Tensor, ...]:
         return self.canvas, self.q, self.noise, self.accepted, self.checked, self.kept
@@ -275,12 +301,13 @@ class JacobiStep:
         cur = torch.where(live, accepted, torch.ones_like(accepted))
         scales = st.scales[:n]
         rows = row_slice(n, rp.guided)
+        forced = torch.nn.functional.pad(st.forced[:n], (0, width), value=-1) if self.forcing else None  # (n, N + W)
         new, checked, kept = iterate(
             d.gpt, self.canvas[:n], cur, self.q[:n], self.noise[:n], self.u[:n, :width],
             _gumbel(self.u[:n, width:]).view(n, width - 1, d.vocab_size), [c[:, rows] for c in st.cache],
             st.key_valid[rows], kv,
             (lambda x: x.repeat_interleave(2, dim=0)) if rp.guided else (lambda x: x),  # slot i's rows
-            lambda logits, index: self.probs(logits, rp, scales.gather(1, index)))
+            lambda logits, index: self.probs(logits, rp, scales.gather(1, index)), forced)
         accepted.copy_(torch.where(live, new, accepted))
         self.checked[:n].copy_(torch.where(live, checked, 0))
         self.kept[:n].copy_(torch.where(live, kept, 0))
@@ -322,7 +349,7 @@ def jacobi_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None =
                   row_generators: Sequence[torch.Generator] | None = None,
                   max_new_tokens: int | None = None,
                   progress: Callable[[int], None] | None = None, max_batch: int | None = None,
-                  cuda_graphs: bool | None = None) -> JacobiResult:
+                  cuda_graphs: bool | None = None, forced_tokens: torch.Tensor | None = None) -> JacobiResult:
     """Sample (B, max_new_tokens) tokens with Jacobi iterations of `window` positions per forward.
 
     A static batch (`argen.engine.batches`) with `JacobiStep(window)`, through the model's cached
@@ -330,12 +357,13 @@ def jacobi_decode(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None =
     progress: called, per chunk, with the number of tokens by which the slowest image advanced (so
     the calls of a chunk add up to max_new_tokens). cuda_graphs: None = on for CUDA devices; True on
     a CPU runs the fixed-shape step uncaptured. The tokens are the same either way.
+    forced_tokens: (B, max_new_tokens) int64 kept tokens, -1 where sampled (always accepted, never drafted).
     """
     if not isinstance(params, SamplingParams):
         raise ArgenError("Jacobi decoding takes one SamplingParams for the whole batch")
     step = JacobiStep(window)
     return engine_for(gpt, cuda_graphs).run(cond, cond_mask, params, generator, row_generators, max_new_tokens,
-                                            progress, step=step, max_batch=max_batch)
+                                            progress, step=step, max_batch=max_batch, forced=forced_tokens)
 
 
 def jacobi_generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,

@@ -7,7 +7,17 @@ Contract:
   slot it advances is guided; otherwise it runs the conditional rows alone (a strided view).
 - What a request brings is data on its slot: its condition (class id, or caption features with their
   mask), `SamplingParams` (guidance scale, interval and schedule, temperature, top-k, top-p), its
-  generator (or pre-drawn uniforms), its position and its output row. No request feature is a class.
+  generator (or pre-drawn uniforms), its forced tokens, its position and its output row. No request
+  feature is a class.
+- Forced tokens (`SlotRequest.forced`, (max_new_tokens,) int64, -1 where the token is sampled): a
+  kept token is given, never sampled, and both rows of a guided slot are fed it. With `PlainStep` a
+  run of k kept tokens that a sampled token follows is fed in one forward pass of the slot's rows
+  (an extend of k positions into its cache, outside any graph), so an edit takes about as many
+  forward passes as it has tokens to regenerate plus runs of kept tokens; a run that ends the image
+  takes none. A sampled token uses the uniform plain sampling draws for its index, so a request whose
+  forced tokens are all -1 gives the tokens it gives without them. `JacobiStep` always accepts and
+  never drafts a kept position. `SlotRequest.forwards` counts the forward passes a request took
+  (prefill, steps and extends).
 - How a step advances the active slots is the decoder's step policy, chosen once per decoder:
   `PlainStep` (one token a slot, one uniform per token drawn at admission: `torch.rand(max_new_tokens)`
   from the request's generator, or the request's own `uniforms`) or `argen.engine.jacobi.JacobiStep`
@@ -131,6 +141,8 @@ class SlotRequest:
     max_new_tokens: int | None = None  # default: the whole grid
     tag: object = None
     uniforms: torch.Tensor | None = None  # (max_new_tokens,) pre-drawn U[0, 1) of a plain step; None: drawn
+    forced: torch.Tensor | None = None  # (max_new_tokens,) int64: >= 0 a kept token, -1 sampled; None: all sampled
+    forwards: int = 0  # set by the decoder: forward passes this request took (prefill, steps, extends)
 
 
 @dataclass
@@ -141,6 +153,7 @@ class _Slot:
     pos: int  # sequence position of the next input token (cache slots < pos are filled)
     order: int  # admission order (slots sharing one generator draw in this order)
     masked: bool  # the caption has padding (attention needs a key mask)
+    runs: list[int] | None = None  # kept tokens from each index on (a run's remaining length); None: none kept
 
 
 class _State:
@@ -162,14 +175,23 @@ class _State:
         self.guided_rows = torch.zeros(n, 1, dtype=torch.bool, device=device)
         self.key_valid = torch.ones(rows, cache_len, dtype=torch.bool, device=device)
         self.out = torch.zeros(n, tokens, dtype=torch.long, device=device)
+        self.forced = torch.full((n, tokens), -1, dtype=torch.long, device=device)  # kept tokens, -1 sampled
         self.extra: tuple[torch.Tensor, ...] = ()  # the step policy's own per-slot tensors (moved with the slot)
 
     def per_slot(self):
         return (self.pos, self.step, self.live, self.uniforms, self.scales, self.temperature, self.top_k,
-                self.top_p, self.guided_rows, self.out) + self.extra
+                self.top_p, self.guided_rows, self.out, self.forced) + self.extra
 
     def per_row(self):
         return self.tokens, self.key_valid
+
+
+def kept_runs(forced: list[int]) -> list[int]:
+    """For each index, how many kept tokens (>= 0) start there in a row (0 where the token is sampled)."""
+    runs = [0] * (len(forced) + 1)
+    for i in range(len(forced) - 1, -1, -1):
+        runs[i] = runs[i + 1] + 1 if forced[i] >= 0 else 0
+    return runs[:-1]
 
 
 def row_slice(n: int, guided: bool) -> slice:
@@ -195,14 +217,22 @@ class PlainStep:
             drawn = r.uniforms if r.uniforms is not None else torch.rand(total, generator=r.generator, device=d.device)
             st.uniforms[first + i, :total] = drawn
         token = sample_tokens(logits, rp, st.scales[s, :1], st.uniforms[s, 0])
+        kept = st.forced[s, 0]
+        token = torch.where(kept >= 0, kept, token)
         st.out[s, 0] = token
         st.tokens[2 * first:2 * (first + k)] = token.repeat_interleave(2)
+        for i in range(first, first + k):
+            self.feed_kept(i)
 
     def kv_len(self) -> int:
         return max(slot.pos for slot in self.decoder.slots) + 1
 
     def before_step(self) -> None:
         """Host work before a step (eager or replayed): none, the uniforms are pre-drawn."""
+
+    def facts(self) -> tuple:
+        """What the step's shape depends on besides the sampling facts (part of a graph's key)."""
+        return ()
 
     def step_state(self) -> tuple[torch.Tensor, ...]:
         """The tensors a step changes (besides the cache), put back after a capture."""
@@ -242,10 +272,41 @@ class PlainStep:
         first(st.step).add_(live)
 
     def advance(self) -> None:
-        """Host-side bookkeeping after a step: every slot sampled one token."""
-        for slot in self.decoder.slots:
+        """Host-side bookkeeping after a step: every slot sampled one token; then kept runs are fed."""
+        for i, slot in enumerate(self.decoder.slots):
             slot.steps += 1
             slot.pos += 1
+            self.feed_kept(i)
+
+    def feed_kept(self, i: int) -> None:
+        """If slot i's next tokens are kept, write them; unless they end the image, feed its last input
+        and all of them but the last in one forward (the last is the next step's input). Eager."""
+        d = self.decoder
+        slot = d.slots[i]
+        j = slot.steps
+        if slot.runs is None or j >= slot.total or not slot.runs[j]:
+            return
+        gpt, st = d.gpt, d.state
+        k = min(slot.runs[j], slot.total - j)
+        kept = st.forced[i, j:j + k]
+        st.out[i, j:j + k] = kept
+        slot.steps += k
+        st.step[i] += k
+        if slot.steps >= slot.total:
+            return
+        guided = slot.request.params.guided
+        rows = slice(2 * i, 2 * i + 2, 1 if guided else 2)
+        inputs = torch.cat([st.tokens[2 * i:2 * i + 1], kept[:-1]])  # (k,) tokens j-1 .. j+k-2
+        positions = d.positions[slot.pos:slot.pos + k]  # (k,)
+        kv = slot.pos + k
+        visible = (d.positions[:kv] <= positions[:, None]) & st.key_valid[rows, None, :kv]  # (rows, k, kv)
+        h = gpt.embed_tokens(inputs[None].expand(2 if guided else 1, k))  # (rows, k, C)
+        gpt.forward_cached(h, positions, [c[:, rows] for c in st.cache], kv, visible[:, None], last_only=True)
+        st.tokens[2 * i:2 * i + 2] = kept[-1]
+        slot.pos += k
+        st.pos[i] += k
+        slot.request.forwards += 1
+        d.counters["extends"] += 1
 
     def tokens(self, i: int, slot: _Slot) -> torch.Tensor:
         """The finished slot i's (total,) tokens."""
@@ -285,7 +346,7 @@ class SlotDecoder:
         self._graph_pool: dict = {}
         self._signature = None
         self._admitted = 0
-        self.counters = {"prefills": 0, "decode_steps": 0, "slot_steps": 0}
+        self.counters = {"prefills": 0, "decode_steps": 0, "slot_steps": 0, "extends": 0}
         self.policy = step if step is not None else PlainStep()
         self.policy.bind(self)
 
@@ -323,10 +384,12 @@ class SlotDecoder:
             return done
         if self.use_graphs:  # only graphs hold the weights' addresses (an eager step reads them anew)
             self._check_weights()
+        for slot in self.slots:
+            slot.request.forwards += 1
         with torch.inference_mode():
             self.policy.before_step()
             self._run_step()
-        self.policy.advance()
+            self.policy.advance()
         self.counters["decode_steps"] += 1
         self.counters["slot_steps"] += len(self.slots)
         return done + self._retire_finished()
@@ -389,6 +452,13 @@ class SlotDecoder:
                                  f"create it with torch.Generator(device={str(self.device)!r})")
             if r.uniforms is not None and tuple(r.uniforms.shape) != (total,):
                 raise ArgenError(f"a request's uniforms must have shape ({total},), got {tuple(r.uniforms.shape)}")
+            if r.forced is not None:
+                forced = torch.as_tensor(r.forced)
+                if tuple(forced.shape) != (total,) or forced.dtype not in (torch.int32, torch.int64):
+                    raise ArgenError(f"forced tokens must be a ({total},) integer tensor, got "
+                                     f"{tuple(forced.shape)} {forced.dtype}")
+                if forced.numel() and (int(forced.min()) < -1 or int(forced.max()) >= self.vocab_size):
+                    raise ArgenError(f"forced tokens must lie in [0, {self.vocab_size - 1}] (or -1: sampled)")
             totals.append(total)
         return totals
 
@@ -412,14 +482,21 @@ class SlotDecoder:
         s = slice(first, first + k)
         for name in ("temperature", "top_k", "top_p", "guided_rows", "scales"):
             getattr(st, name)[s] = getattr(built, name)
-        self.policy.start(first, requests, totals, logits, rp)
+        st.forced[s] = -1
         st.pos[s] = length
         st.step[s] = 1
         st.live[s] = 1
         masked = [key_mask is not None and not bool(key_mask[2 * i].all()) for i in range(k)]
-        for r, total, m in zip(requests, totals, masked):
-            self.slots.append(_Slot(r, total, 1, length, self._admitted, m))
+        for i, (r, total, m) in enumerate(zip(requests, totals, masked)):
+            runs = None
+            if r.forced is not None:
+                forced = torch.as_tensor(r.forced).long()
+                st.forced[first + i, :total] = forced.to(self.device)
+                runs = kept_runs(forced.tolist())
+            r.forwards = 1
+            self.slots.append(_Slot(r, total, 1, length, self._admitted, m, runs))
             self._admitted += 1
+        self.policy.start(first, requests, totals, logits, rp)
         self.counters["prefills"] += k
 
     def _row_params(self, n: int, first: int, params: Sequence[SamplingParams], k_bucket: int = 1,
@@ -445,7 +522,7 @@ class SlotDecoder:
             return
         kv = self.bucket(kv)
         rp = self._row_params(self.num_slots, 0, params, K_BUCKET, static=True)
-        key = (kv, rp.k_max, rp.use_top_p, rp.guided, rp.all_guided)
+        key = (kv, rp.k_max, rp.use_top_p, rp.guided, rp.all_guided) + self.policy.facts()
         if key not in self.graphs:
             self.graphs[key] = (self._capture(kv, rp), rp)  # the graph reads rp's tensors: keep them
         self.graphs[key][0].replay()

@@ -52,8 +52,12 @@ def reference_generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor |
                        cfg_scale: float = 1.0, cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0, generator: torch.Generator | None = None,
                        max_new_tokens: int | None = None, cfg_schedule: str = "constant",
-                       cfg_power: float = 1.0) -> torch.Tensor:
-    """Sample (B, max_new_tokens) image tokens (default: the full grid)."""
+                       cfg_power: float = 1.0, forced_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample (B, max_new_tokens) image tokens (default: the full grid).
+
+    forced_tokens: (B, max_new_tokens) int64, a token to keep (>= 0) or -1 where it is sampled; a kept
+    token replaces the draw at its position (one token per forward, the plain loop: the oracle of
+    the engine's forced tokens)."""
     params = SamplingParams(cfg_scale, cfg_interval, cfg_schedule, cfg_power, temperature, top_k, top_p)
     cfg = model.config
     num_tokens = cfg.num_image_tokens
@@ -75,6 +79,9 @@ def reference_generate(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor |
             logits = guided_logits(cond_logits, uncond_logits, guidance_scale_at(params, step, num_tokens))
         probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
         token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        if forced_tokens is not None:
+            kept = forced_tokens[:, step:step + 1].to(device)
+            token = torch.where(kept >= 0, kept, token)
         out[:, step] = token[:, 0]
         tokens = torch.cat([token, token]) if params.guided else token
         h = model.embed_tokens(tokens)
