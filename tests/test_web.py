@@ -111,3 +111,52 @@ def test_text_to_image_page_takes_a_prompt(checkpoints, browser):  # noqa: F811
         wait.until(lambda d: len(d.find_elements("css selector", "figure.done img.result")) == 2)
         captions = [f.text for f in browser.find_elements("css selector", "figure.done figcaption")]
         assert all(c.startswith("a green heart") for c in captions)
+
+
+def test_edit_mode_paints_a_mask_with_pointer_events_and_edits(checkpoints, browser, tmp_path):  # noqa: F811
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from forced_standin import engine_has_forced_tokens
+
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(picture)
+    wait = WebDriverWait(browser, 60)
+    with live_server(make_app(checkpoints, max_images_per_request=8)) as url:
+        browser.get(url + "/")
+        wait.until(lambda d: d.find_element("id", "generate").is_enabled())
+        browser.find_element("id", "mode-edit").click()
+        assert browser.find_element("id", "generate").text == "Edit"
+        browser.find_element("id", "generate").click()
+        wait.until(lambda d: "choose an image" in d.find_element("id", "error").text)
+        browser.find_element("id", "edit-image").send_keys(str(picture))
+        wait.until(lambda d: d.execute_script("return edit.image !== null"))
+        canvas = browser.find_element("id", "edit-canvas")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+        width = canvas.size["width"]
+        assert browser.execute_script("return maskedFraction()") == 0
+        actions = ActionChains(browser)  # a stroke across the bottom quarter, as a mouse or a finger would paint
+        actions.move_to_element_with_offset(canvas, -width // 2 + 4, width // 4 + 20).click_and_hold()
+        for _ in range(11):
+            actions.move_by_offset(width // 12, 0)
+        actions.release().perform()
+        painted = browser.execute_script("return maskedFraction()")
+        assert 0.02 < painted < 0.5
+        rows = browser.execute_script("""
+            const d = edit.mask.getContext('2d').getImageData(0, 0, 64, 64).data, rows = [];
+            for (let y = 0; y < 64; y++) { let any = 0; for (let x = 0; x < 64; x++) any |= d[(y * 64 + x) * 4 + 3] > 0;
+                                           rows.push(any); }
+            return rows;""")
+        assert not any(rows[:32]) and any(rows[40:60])  # painted where the pointer went, at the image's scale
+        _set(browser, "condition", "Flags")
+        _set(browser, "n", 2)
+        browser.find_element("id", "generate").click()
+        if not engine_has_forced_tokens():
+            return
+        wait.until(lambda d: len(d.find_elements("css selector", "figure.done img.result")) == 2)
+        sizes = browser.execute_script("return [...document.querySelectorAll('img.result')]"
+                                       ".map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        assert sizes == [[True, 64, 64]] * 2
+        assert not browser.find_element("id", "error").is_displayed()
+        browser.save_screenshot(str(tmp_path / "edit.png"))

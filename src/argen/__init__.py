@@ -7,6 +7,8 @@ Public API (imported lazily so that `import argen` stays cheap):
     generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
              top_k=0, top_p=1.0, generator=None) -> (B, N) LongTensor
              (or params=SamplingParams(...); decode="jacobi", window=W)
+    edit(gpt, tokenizer, images, mask, cond, params=..., generator=...) -> EditResult (inpainting;
+         argen.editing also has extend: outpainting)
     SamplingParams: the one carrier of sampling settings (SamplingParams.for_kind for the defaults)
 """
 
@@ -22,6 +24,7 @@ _EXPORTS = {
     "save_tokenizer": "argen.checkpoint",
     "save_gpt": "argen.checkpoint",
     "generate": "argen.engine",
+    "edit": "argen.editing",
     "reference_generate": "argen.sampling",
     "SamplingParams": "argen.sampling",
     "ArgenError": "argen.utils.errors",
@@ -33,6 +36,6 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in {"evaluation", "engine", "sampling", "checkpoint", "data", "models", "training", "serving"}:
+    if name in {"evaluation", "editing", "engine", "sampling", "checkpoint", "data", "models", "training", "serving"}:
         return importlib.import_module(f"argen.{name}")
     raise AttributeError(f"module 'argen' has no attribute {name!r}")

@@ -22,6 +22,7 @@ from argen.utils.errors import ArgenError
 # subcommand -> module under argen.cli that defines add_arguments(parser) and run(args)
 SUBCOMMANDS = {
     "sample": "sample",
+    "edit": "edit",
     "serve": "serve",
     "train-tokenizer": "train_tokenizer",
     "eval-tokenizer": "eval_tokenizer",

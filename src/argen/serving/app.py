@@ -17,6 +17,11 @@ Endpoints:
   answers `{"created", "data": [{"b64_json", "revised_prompt"}]}`, errors `{"error": {"message", "type",
   "param", "code"}}`; `GET /v1/models` lists the loaded model (`GET /v1/models/{id}`: that one). Images
   go through the same validation, queue and batching as `/v1/generate`.
+- Editing (`argen.serving.edits`): `POST /v1/images/edits`, OpenAI's multipart form (`image`, `mask`,
+  `prompt`, `n`, `size`, `response_format`, `model`, argen's sampling fields), answered like generations;
+  `POST /v1/edit`, argen's JSON (`image` base64, `mask` base64 or `box`, and the `/v1/generate` fields),
+  answered like `/v1/generate` plus `mask` (the token mask used), `regenerated_tokens` and
+  `kept_everything`. Bad images or masks are 422, uploads over `max_body_bytes` 413, a full queue 503.
 - `GET /`: the web page (`argen/serving/static/index.html`, plain HTML + JS that calls the endpoints above).
 The app starts the service's worker on startup and drains it on shutdown.
 """
@@ -33,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from argen.serving.edits import parse_argen_edit, parse_openai_edit, prepare_edit, read_upload
 from argen.serving.openai_images import (
     ImagesRequest,
     OpenAIError,
@@ -43,7 +49,7 @@ from argen.serving.openai_images import (
     to_generate_body,
 )
 from argen.serving.request import GenerateRequest, RequestError, parse_request, wants_png
-from argen.serving.service import GenerationService, Overloaded, ShuttingDown
+from argen.serving.service import GenerationService, JobSpec, Overloaded, ShuttingDown
 from argen.utils.errors import ArgenError
 
 _ERRORS = {406: "PNG-only Accept for several images", 413: "too many images or too large a body",
@@ -63,17 +69,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if kind != "application/json" and not kind.endswith("+json"):
         raise RequestError(415, f"send the request as JSON with content-type: application/json, not {kind}")
-    declared = request.headers.get("content-length", "")
-    too_big = f"the request body is over {limit} bytes, the limit of this server (--max-body-mb)"
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, too_big)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, too_big)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_upload(request, limit)
 
 
 def _defaults(service: GenerationService) -> dict:
@@ -152,6 +148,8 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
             job = service.submit(spec)
         except (Overloaded, ShuttingDown) as exc:
             return RequestError(503, str(exc))
+        except ArgenError as exc:
+            return RequestError(422, str(exc))
         waiter = asyncio.wrap_future(job.future)
         try:
             while True:
@@ -222,5 +220,51 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
         if isinstance(result, RequestError):
             return _openai_error(OpenAIError(400 if result.status == 422 else result.status, result.message))
         return images_answer(result["png"], revised)
+
+    async def edit_spec(generate_body: bytes, image: bytes, mask: bytes | None, box=None, fields_status: int = 422):
+        """The edit's JobSpec (the generate request's, with the forced tokens), its params and EditInput.
+        A bad image or mask is a 422; other invalid fields get `fields_status` (OpenAI's 400)."""
+        try:
+            spec, params = await asyncio.to_thread(parse_request, generate_body, service)
+        except RequestError as exc:
+            raise RequestError(fields_status if exc.status == 422 else exc.status, exc.message) from None
+        edit = await asyncio.to_thread(prepare_edit, service, image, mask, box)
+        return JobSpec(spec.conditions, spec.params, spec.seed, forced=edit.forced), params, edit
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        try:
+            try:
+                body = await read_upload(request, service.config.max_body_bytes)
+                generate_body, revised, image, mask = await parse_openai_edit(body, request.headers, served)
+                spec, _, _ = await edit_spec(generate_body, image, mask, fields_status=400)
+            except RequestError as exc:
+                raise OpenAIError(exc.status, exc.message, "image" if exc.status == 422 else None) from None
+        except OpenAIError as exc:
+            service.count_invalid()
+            return _openai_error(exc)
+        except ClientDisconnect:
+            return _openai_error(OpenAIError(499, "client disconnected"))
+        result = await run_job(request, spec)
+        if isinstance(result, RequestError):
+            return _openai_error(OpenAIError(400 if result.status == 422 else result.status, result.message))
+        return images_answer(result["png"], revised)
+
+    @app.post("/v1/edit")
+    async def argen_edit(request: Request):
+        try:
+            body = await _read_body(request, service.config.max_body_bytes)
+            generate_body, image, mask, box = parse_argen_edit(body)
+            spec, params, edit = await edit_spec(generate_body, image, mask, box)
+        except RequestError as exc:
+            service.count_invalid()
+            return _error(exc.status, exc.message)
+        except ClientDisconnect:
+            return _error(499, "client disconnected")
+        result = await run_job(request, spec)
+        if isinstance(result, RequestError):
+            return _error(result.status, result.message)
+        return {"images": [base64.b64encode(png).decode("ascii") for png in result["png"]],
+                "codes": result["codes"], "params": params, "timings": result["timings"], **edit.echo()}
 
     return app

@@ -1,6 +1,9 @@
 """`GenerationService`: a bounded queue and one worker thread that schedules images onto the engine.
 
 Contract:
+- Edits: a `JobSpec` with `forced` ((N,) int64, -1 where sampled; `argen.serving.edits`) puts those
+  forced tokens on each of its images' slots (`SlotRequest.forced`); kept tokens are fed, never
+  sampled. Edits need the continuous scheduler (`submit` refuses them otherwise, an `ArgenError`).
 - `submit(spec)` validates nothing itself (`argen.serving.request` does) and queues one row per
   image; a condition is a class id (c2i), a prompt or a `Caption` of precomputed features (t2i;
   prompts and captions may share a batch). It raises `Overloaded` when the queued images would
@@ -103,6 +106,7 @@ class JobSpec:
     conditions: list  # one per image: int class ids (c2i), str prompts or Captions (t2i)
     params: SamplingParams
     seed: int
+    forced: torch.Tensor | None = None  # (N,) int64 for an edit: the kept token, -1 where sampled (all images)
 
     def row_seed(self, index: int) -> int:
         return image_seed(self.seed, index)
@@ -222,6 +226,8 @@ class GenerationService:
 
     # ----------------------------------------------------------------- requests
     def submit(self, spec: JobSpec) -> Job:
+        if spec.forced is not None and not self.continuous:
+            raise ArgenError("edits run on the continuous scheduler (argen serve's default), not --scheduler static")
         job = Job(spec, remaining=len(spec.conditions))
         with self._lock:
             self.counters["requests"] += 1
@@ -368,7 +374,8 @@ class GenerationService:
         cond, mask = self._conditions(rows)
         self.decoder.admit([
             SlotRequest(cond[i], None if mask is None else mask[i], row.job.spec.params,
-                        torch.Generator(device=self.device).manual_seed(row.job.spec.row_seed(row.index)), tag=row)
+                        torch.Generator(device=self.device).manual_seed(row.job.spec.row_seed(row.index)), tag=row,
+                        **({} if row.job.spec.forced is None else {"forced": row.job.spec.forced.to(self.device)}))
             for i, row in enumerate(rows)])
 
     def _finish_worker(self) -> None:

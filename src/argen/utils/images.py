@@ -1,4 +1,4 @@
-"""Image tensor <-> uint8 conversion, PNG writing and grids.
+"""Image tensor <-> uint8 conversion, PNG writing, grids and side-by-side rows.
 
 Model images are float in [-1, 1], (B, 3, H, W). Conversion to uint8 clamps, maps to [0, 255] and
 rounds to nearest, matching torchvision's `save_image(normalize=True, value_range=(-1, 1))`.
@@ -43,3 +43,15 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, fill: i
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write one (H, W, 3) uint8 image atomically."""
     return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def side_by_side(images: list[np.ndarray], pad: int = 2, fill: int = 255) -> np.ndarray:
+    """(H_i, W_i, 3) uint8 images of any sizes -> one row, top-aligned, `pad` px of `fill` around each."""
+    height = max(image.shape[0] for image in images) + 2 * pad
+    width = sum(image.shape[1] + pad for image in images) + pad
+    row = np.full((height, width, 3), fill, dtype=np.uint8)
+    left = pad
+    for image in images:
+        row[pad:pad + image.shape[0], left:left + image.shape[1]] = image
+        left += image.shape[1] + pad
+    return row
