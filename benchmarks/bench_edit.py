@@ -16,8 +16,10 @@ box of a quarter of the tokens (16). Reported per region, as one JSON line each:
   across the seam), and PSNR of the edits' kept pixels against the round trips;
 - seam: mean absolute step (0-255) between the two pixel lines either side of the region's border,
   for the edits, the round trips and the originals (a visible seam shows as a larger step);
-- steps: forward passes of the generator per edit and per free sample, counted on `GPT.forward_cached`
-  (one per batch step: prefill, decode step, or a run of kept tokens fed in one pass).
+- forward passes per image, as the engine counts them (`BatchResult.forwards`: its prefill, each decode
+  step it took part in, and one extend per run of kept tokens that a regenerated token follows), for
+  the edits and for free samples; and the model calls of all batches (a decode step serves every slot
+  in one call, while each slot's kept run is its own call).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import argen
 from argen.checkpoint import load_gpt, load_tokenizer
 from argen.data.datasets import DemoDataset
 from argen.editing import edit, encode_images
-from argen.engine import decode_codes
+from argen.engine import decode_codes, engine_for
 from argen.evaluation.demo_classifier import accuracy, load_demo_classifier, predict
 from argen.sampling.logits import SamplingParams
 from argen.sampling.seeds import image_seed
@@ -68,17 +70,28 @@ def seam_step(images: np.ndarray, pixels: np.ndarray) -> float:
 
 
 class ForwardCounter:
-    """Counts `gpt.forward_cached` calls (the engine's forward passes on the CPU)."""
+    """Forward passes from the engine's own counts: per image (prefill, steps, extends of kept runs, as
+    `BatchResult.forwards` reports them) and model calls per batch (a step serves every slot at once)."""
 
     def __init__(self, gpt):
+        self.per_image: list[float] = []
         self.calls = 0
-        inner = gpt.forward_cached
+        engine = engine_for(gpt)
+        inner = engine.run
 
         def counted(*args, **kwargs):
-            self.calls += 1
-            return inner(*args, **kwargs)
+            result = inner(*args, **kwargs)
+            self.per_image.extend(result.forwards.tolist())
+            self.calls += result.model_calls
+            return result
 
-        gpt.forward_cached = counted
+        engine.run = counted
+
+    def take(self) -> tuple[float, int]:
+        """Mean forward passes per image and model calls since the last take."""
+        per_image, calls = float(np.mean(self.per_image)), self.calls
+        self.per_image, self.calls = [], 0
+        return per_image, calls
 
 
 def main() -> None:
@@ -102,35 +115,33 @@ def main() -> None:
 
     codes = encode_images(tokenizer, images)  # (B, g, g)
     trips = decode_codes(tokenizer, codes)
-    free, free_steps = [], []
+    free = []
     for start in tqdm(range(0, count, BATCH), desc="free samples"):
         stop = min(count, start + BATCH)
-        before = counter.calls
         tokens = argen.generate(gpt, torch.as_tensor(labels[start:stop]), params=params,
                                 row_generators=[torch.Generator().manual_seed(s) for s in seeds[start:stop]])
-        free_steps.append(counter.calls - before)
         free.append(decode_codes(tokenizer, tokens.view(-1, grid, grid)))
     free = np.concatenate(free)
+    free_per_image, free_calls = counter.take()
     base = {"images": count, "gpt": args.gpt, "seed": args.seed, "sampling": params.to_dict(),
             "accuracy_originals": round(accuracy(predict(classifier, images), labels, classes)[0], 4),
             "accuracy_round_trip": round(accuracy(predict(classifier, trips), labels, classes)[0], 4),
             "accuracy_free_samples": round(accuracy(predict(classifier, free), labels, classes)[0], 4),
-            "steps_per_free_sample": float(np.mean(free_steps))}
+            "forwards_per_free_sample": free_per_image, "model_calls_free_samples": free_calls}
     for name, (rows, cols) in regions(grid).items():
         started = time.perf_counter()
         token_mask = torch.zeros(grid, grid, dtype=torch.bool)
         token_mask[rows, cols] = True
         pixels = token_mask.repeat_interleave(p, 0).repeat_interleave(p, 1).numpy()  # (S, S) True = edited
-        edited, edit_codes, steps = [], [], []
+        edited, edit_codes = [], []
         for start in tqdm(range(0, count, BATCH), desc=name):
             stop = min(count, start + BATCH)
-            before = counter.calls
             result = edit(gpt, tokenizer, images[start:stop], pixels, torch.as_tensor(labels[start:stop]),
                           params=params, row_generators=[torch.Generator().manual_seed(s) for s in seeds[start:stop]])
-            steps.append(counter.calls - before)
             edited.append(result.images)
             edit_codes.append(result.codes)
         edited, edit_codes = np.concatenate(edited), torch.cat(edit_codes)
+        per_image, calls = counter.take()
         kept = ~token_mask.flatten()
         changed = int((edit_codes[:, kept] != codes.flatten(1)[:, kept]).sum())
         keep_px = ~pixels
@@ -146,7 +157,8 @@ def main() -> None:
             "psnr_kept_edits_vs_round_trip": round(psnr(edited[:, keep_px], trips[:, keep_px]), 2),
             "seam_edits": round(seam_step(edited, pixels), 2), "seam_round_trip": round(seam_step(trips, pixels), 2),
             "seam_originals": round(seam_step(images, pixels), 2),
-            "steps_per_edit": float(np.mean(steps)), "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+            "forwards_per_edit": per_image, "model_calls_edits": calls,
+            "seconds": round(time.perf_counter() - started, 1)}), flush=True)
 
 
 if __name__ == "__main__":
