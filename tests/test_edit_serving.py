@@ -1,5 +1,5 @@
 """Editing through `argen serve`: OpenAI's `images.edit` (the official client, multipart) and argen's
-`POST /v1/edit`, on the continuous scheduler; the same limits as generation (413, 422, 503)."""
+`POST /v1/edit`, on both schedulers; the same limits as generation (413, 422, 503)."""
 
 from __future__ import annotations
 
@@ -191,7 +191,16 @@ def test_a_full_queue_answers_503(checkpoints):  # noqa: F811
         service.close()
 
 
-def test_the_static_scheduler_refuses_edits(checkpoints):  # noqa: F811
+def test_the_static_scheduler_edits_like_the_continuous_one(checkpoints):  # noqa: F811
+    body = {"image": b64(png_bytes(picture())), "box": [0, 32, 64, 64], "classes": [1, 4], "n": 2, **SETTINGS}
+    with TestClient(make_app(checkpoints)) as c:
+        continuous = c.post("/v1/edit", json=body).json()["codes"]
     with TestClient(make_app(checkpoints, scheduler="static")) as c:
-        r = c.post("/v1/edit", json={"image": b64(png_bytes(picture())), "box": [0, 0, 8, 8], "classes": [1]})
-        assert r.status_code == 422 and "continuous scheduler" in r.json()["error"]
+        r = c.post("/v1/edit", json=body)
+        assert r.status_code == 200, r.text
+        static = r.json()["codes"]
+    assert static == continuous and len(static) == 4
+    codes = torch.tensor(static)  # (4, N)
+    kept = codes[:, :codes.shape[1] // 2]
+    assert torch.equal(kept, kept[:1].expand(4, -1))  # the top half is the input's tokens in every image
+    assert not torch.equal(codes[0], codes[2])  # classes 1 and 4 regenerate the bottom differently

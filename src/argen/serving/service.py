@@ -3,7 +3,7 @@
 Contract:
 - Edits: a `JobSpec` with `forced` ((N,) int64, -1 where sampled; `argen.serving.edits`) puts those
   forced tokens on each of its images' slots (`SlotRequest.forced`); kept tokens are fed, never
-  sampled. Edits need the continuous scheduler (`submit` refuses them otherwise, an `ArgenError`).
+  sampled. Both schedulers take edits (static: the batch's rows without one carry -1 everywhere).
 - `submit(spec)` validates nothing itself (`argen.serving.request` does) and queues one row per
   image; a condition is a class id (c2i), a prompt or a `Caption` of precomputed features (t2i;
   prompts and captions may share a batch). It raises `Overloaded` when the queued images would
@@ -226,8 +226,6 @@ class GenerationService:
 
     # ----------------------------------------------------------------- requests
     def submit(self, spec: JobSpec) -> Job:
-        if spec.forced is not None and not self.continuous:
-            raise ArgenError("edits run on the continuous scheduler (argen serve's default), not --scheduler static")
         job = Job(spec, remaining=len(spec.conditions))
         with self._lock:
             self.counters["requests"] += 1
@@ -442,7 +440,12 @@ class GenerationService:
         cond, mask = self._conditions(batch)
         params = [row.job.spec.params for row in batch]
         gens = [torch.Generator(device=self.device).manual_seed(row.job.spec.row_seed(row.index)) for row in batch]
-        result = self.engine.run(cond, mask, params, row_generators=gens, step=self._step_policy())
+        forced = None
+        if any(row.job.spec.forced is not None for row in batch):
+            tokens = self.gpt.config.num_image_tokens
+            forced = torch.stack([torch.full((tokens,), -1, dtype=torch.long) if row.job.spec.forced is None
+                                  else row.job.spec.forced.cpu().long() for row in batch])  # (B, N)
+        result = self.engine.run(cond, mask, params, row_generators=gens, step=self._step_policy(), forced=forced)
         codes = result.tokens.cpu()  # (B, N); waits for the device
         return batch, codes, start, time.perf_counter()
 
