@@ -31,13 +31,10 @@ import argparse
 from argen.cli.common import (
     add_checkpoint_arguments,
     add_progress_argument,
-    load_models,
     positive_int,
-    say_bundled_generator,
     show_progress,
-    use_bundled_generator,
 )
-from argen.cli.sample import DEFAULT_TEXT_ENCODER, SEED, add_sampling_arguments, sampling_params
+from argen.cli.sample import SEED, add_sampling_arguments, load_with_conditions, sampling_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     from argen.editing.folder import EditTarget, edit_to_folder, parse_box, parse_extend
     from argen.editing.masks import box_mask, check_mask, mask_from_image, read_image
-    from argen.evaluation.pipeline import build_conditions, parse_classes, read_prompts
+    from argen.evaluation.pipeline import parse_classes, read_prompts
     from argen.utils.errors import ArgenError
 
     if args.stride is not None and args.extend is None:
@@ -90,16 +87,7 @@ def run(args: argparse.Namespace) -> int:
         target = EditTarget(mask=check_mask(mask_from_image(read_image(args.mask, "mask")), height, width))
     classes = parse_classes(args.classes) if args.classes is not None else None
     prompts = read_prompts(args.prompts, None) if classes is None else None
-    bundled = use_bundled_generator(args, "c2i" if classes is not None else "t2i")
-    tokenizer, gpt, device, _ = load_models(args)
-    if bundled:
-        say_bundled_generator(args.gpt, gpt, classes)
-    encode = None
-    if prompts is not None and gpt.config.kind == "t2i":
-        from argen.serving.text import prompt_encoder
-
-        encode = prompt_encoder(gpt, args.text_encoder or DEFAULT_TEXT_ENCODER, device)
-    conditions = build_conditions(gpt, classes, prompts, None, encode)
+    tokenizer, gpt, conditions = load_with_conditions(args, classes, prompts)
     params = sampling_params(args, gpt.config.kind, gpt)
     with tqdm(desc="edit", unit="step", disable=not show_progress(args), file=sys.stderr) as bar:
         done = edit_to_folder(tokenizer, gpt, image, target, conditions, params, args.out, n=args.n, seed=args.seed,

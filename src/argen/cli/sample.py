@@ -123,9 +123,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(parser)
 
 
+def load_with_conditions(args: argparse.Namespace, classes, prompts, features=None, rows=None):
+    """The tokenizer, the generator (the bundled one, said so, when --gpt is not given) and the conditions:
+    class ids, prompts (encoded with --text-encoder for a t2i model) or caption features."""
+    from argen.evaluation.pipeline import build_conditions
+
+    bundled = use_bundled_generator(args, "c2i" if classes is not None else "t2i")
+    tokenizer, gpt, device, _ = load_models(args)
+    if bundled:
+        say_bundled_generator(args.gpt, gpt, classes)
+    encode = None
+    if prompts is not None and gpt.config.kind == "t2i":
+        from argen.serving.text import prompt_encoder
+
+        encode = prompt_encoder(gpt, args.text_encoder or DEFAULT_TEXT_ENCODER, device)
+    return tokenizer, gpt, build_conditions(gpt, classes, prompts, features, encode, rows)
+
+
 def run(args: argparse.Namespace) -> int:
     from argen.data.caption_files import parse_rows
-    from argen.evaluation.pipeline import build_conditions, parse_classes, read_prompts, sample_to_folder
+    from argen.evaluation.pipeline import parse_classes, read_prompts, sample_to_folder
     from argen.utils.errors import ArgenError
 
     if args.text_encoder is not None and args.prompts is None and args.prompts_file is None:
@@ -137,16 +154,7 @@ def run(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes) if args.classes is not None else None
     prompts = read_prompts(args.prompts, args.prompts_file) if args.features is None and classes is None else None
     rows = None if args.rows is None else (lambda count: parse_rows(args.rows, count))
-    bundled = use_bundled_generator(args, "c2i" if classes is not None else "t2i")
-    tokenizer, gpt, device, _ = load_models(args)
-    if bundled:
-        say_bundled_generator(args.gpt, gpt, classes)
-    encode = None
-    if prompts is not None and gpt.config.kind == "t2i":
-        from argen.serving.text import prompt_encoder
-
-        encode = prompt_encoder(gpt, args.text_encoder or DEFAULT_TEXT_ENCODER, device)
-    conditions = build_conditions(gpt, classes, prompts, args.features, encode, rows)
+    tokenizer, gpt, conditions = load_with_conditions(args, classes, prompts, args.features, rows)
     done = sample_to_folder(tokenizer, gpt, conditions, sampling_params(args, gpt.config.kind, gpt), args.out, n=args.n,
                             seed=args.seed, batch_size=args.batch_size, save_codes=args.save_codes,
                             progress=show_progress(args), **decoding)

@@ -33,6 +33,7 @@ from argen.sampling.logits import SamplingParams
 from argen.sampling.seeds import image_seed
 from argen.utils.errors import ArgenError
 from argen.utils.images import save_png, side_by_side
+from argen.utils.io import make_output_dir
 
 
 @dataclass
@@ -87,11 +88,7 @@ def edit_to_folder(tokenizer: VQModel, gpt: GPT, image: Image.Image, target: Edi
                    params: SamplingParams, out: str | Path, *, n: int = 1, seed: int = 0,
                    stride: int | None = None, progress=None) -> EditSummary:
     """Edit (or extend) `image` n times per condition, write the PNGs and the side-by-side."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArgenError(f"cannot create the output directory {out}: {exc.strerror or exc}") from exc
+    out = make_output_dir(out)
     total = len(conditions.tags) * n
     which = [i // n for i in range(total)]
     cond, cond_mask = conditions.load(which)

@@ -47,7 +47,7 @@ from argen.sampling.logits import SamplingParams
 from argen.sampling.seeds import image_seed
 from argen.utils.errors import ArgenError
 from argen.utils.images import make_grid, save_png
-from argen.utils.io import atomic_save_npy
+from argen.utils.io import atomic_save_npy, make_output_dir
 
 GRID_MAX = 64
 TAG_CHARS = 40
@@ -265,11 +265,7 @@ def sample_to_folder(tokenizer: VQModel, gpt: GPT, conditions: Conditions, param
     """`--n` images per condition, in order, image i seeded with image_seed(seed, i); PNGs as they come."""
     if n < 1 or batch_size < 1:
         raise ArgenError("n and batch_size must be >= 1")
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArgenError(f"cannot create the output directory {out}: {exc.strerror or exc}") from exc
+    out = make_output_dir(out)
     total = len(conditions.tags) * n
     which = [i // n for i in range(total)]  # image -> condition
     starts = range(0, total, batch_size)

@@ -190,6 +190,16 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return Path(path)
 
 
+def make_output_dir(out: str | os.PathLike) -> Path:
+    """Create the output folder `out` (and its parents); a failure is one ArgenError line."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArgenError(f"cannot create the output directory {out}: {exc.strerror or exc}") from exc
+    return out
+
+
 def cache_dir() -> Path:
     """argen's per-user cache folder: `$ARGEN_CACHE`, else `~/.cache/argen` (not created here)."""
     return Path(os.environ.get("ARGEN_CACHE") or Path.home() / ".cache" / "argen")
