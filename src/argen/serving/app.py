@@ -204,13 +204,22 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
     @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ImagesRequest.model_json_schema()}}}})
     async def images_generations(request: Request):
-        try:
+        async def prepare():
             try:
                 body = parse_images_request(await _read_body(request, service.config.max_body_bytes))
                 generate_body, revised = to_generate_body(body, served)
                 spec, _ = await asyncio.to_thread(parse_request, generate_body, service)
             except RequestError as exc:
                 raise OpenAIError(400 if exc.status == 422 else exc.status, exc.message) from None
+            return spec, revised
+
+        return await openai_images(request, prepare)
+
+    async def openai_images(request: Request, prepare):
+        """Run an OpenAI images request: `prepare()` -> (JobSpec, revised prompts) or an OpenAIError; the
+        job's PNGs in OpenAI's answer, its errors in OpenAI's shape (a 422 from argen becomes a 400)."""
+        try:
+            spec, revised = await prepare()
         except OpenAIError as exc:
             service.count_invalid()
             return _openai_error(exc)
@@ -233,22 +242,16 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request):
-        try:
+        async def prepare():
             try:
                 body = await read_upload(request, service.config.max_body_bytes)
                 generate_body, revised, image, mask = await parse_openai_edit(body, request.headers, served)
                 spec, _, _ = await edit_spec(generate_body, image, mask, fields_status=400)
             except RequestError as exc:
                 raise OpenAIError(exc.status, exc.message, "image" if exc.status == 422 else None) from None
-        except OpenAIError as exc:
-            service.count_invalid()
-            return _openai_error(exc)
-        except ClientDisconnect:
-            return _openai_error(OpenAIError(499, "client disconnected"))
-        result = await run_job(request, spec)
-        if isinstance(result, RequestError):
-            return _openai_error(OpenAIError(400 if result.status == 422 else result.status, result.message))
-        return images_answer(result["png"], revised)
+            return spec, revised
+
+        return await openai_images(request, prepare)
 
     @app.post("/v1/edit")
     async def argen_edit(request: Request):
