@@ -174,7 +174,9 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     info = D.init_distributed(device)
     try:
         with contextlib.ExitStack() as resources, P.training_scope(cfg.deterministic, info.device):
-            return _train_generator(cfg, info, info.device, amp_dtype, on_step, resources)
+            result = _train_generator(cfg, info, info.device, amp_dtype, on_step, resources)
+        D.barrier(info)  # every rank done (its last collective and checkpoint) before the group is torn down
+        return result
     finally:
         D.cleanup(info)
 
