@@ -169,10 +169,11 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
             return RequestError(422 if isinstance(error, ArgenError) else 500, f"generation failed: {error}")
         return waiter.result()
 
-    @app.post("/v1/generate", openapi_extra=_OPENAPI, responses=_RESPONSES)
-    async def generate(request: Request):
+    async def argen_job(request: Request, prepare, answer):
+        """Run an argen API request: `prepare()` -> (JobSpec, what `answer` needs) or a RequestError;
+        `answer(result, prepared)` shapes the reply; errors are argen's one-line JSON."""
         try:
-            spec, params, as_png = await admit(request)
+            spec, *prepared = await prepare()
         except RequestError as exc:
             service.count_invalid()
             return _error(exc.status, exc.message)
@@ -181,11 +182,21 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
         result = await run_job(request, spec)
         if isinstance(result, RequestError):
             return _error(result.status, result.message)
-        if as_png:
-            headers = {"X-Argen-Params": json.dumps(params), "X-Argen-Timings": json.dumps(result["timings"])}
-            return Response(result["png"][0], media_type="image/png", headers=headers)
+        return answer(result, *prepared)
+
+    def images_json(result: dict, params: dict) -> dict:
         return {"images": [base64.b64encode(png).decode("ascii") for png in result["png"]],
                 "codes": result["codes"], "params": params, "timings": result["timings"]}
+
+    @app.post("/v1/generate", openapi_extra=_OPENAPI, responses=_RESPONSES)
+    async def generate(request: Request):
+        def answer(result, params, as_png):
+            if as_png:
+                headers = {"X-Argen-Params": json.dumps(params), "X-Argen-Timings": json.dumps(result["timings"])}
+                return Response(result["png"][0], media_type="image/png", headers=headers)
+            return images_json(result, params)
+
+        return await argen_job(request, lambda: admit(request), answer)
 
     def _openai_error(exc: OpenAIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -255,19 +266,12 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
 
     @app.post("/v1/edit")
     async def argen_edit(request: Request):
-        try:
+        async def prepare():
             body = await _read_body(request, service.config.max_body_bytes)
             generate_body, image, mask, box = parse_argen_edit(body)
-            spec, params, edit = await edit_spec(generate_body, image, mask, box)
-        except RequestError as exc:
-            service.count_invalid()
-            return _error(exc.status, exc.message)
-        except ClientDisconnect:
-            return _error(499, "client disconnected")
-        result = await run_job(request, spec)
-        if isinstance(result, RequestError):
-            return _error(result.status, result.message)
-        return {"images": [base64.b64encode(png).decode("ascii") for png in result["png"]],
-                "codes": result["codes"], "params": params, "timings": result["timings"], **edit.echo()}
+            return await edit_spec(generate_body, image, mask, box)
+
+        return await argen_job(request, prepare, lambda result, params, edit: {**images_json(result, params),
+                                                                                **edit.echo()})
 
     return app
