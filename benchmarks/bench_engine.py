@@ -25,13 +25,15 @@ step calls (each block's wqkv, wo, w1, w3, w2 and the output head, as the module
 wrapped ones included) at the step's row count (2 per image with guidance), one token per row, same
 dtype, threads and clock, best of several rounds taken between the engine's repeats; and the ratio
 step / floor. On a CPU the issue's targets are a step within 1.15x of that floor and >= 1.5x the
-reference sampler.
+reference sampler. `--packed` runs the engine (only) on a copy of the model whose linear layers keep
+their weights reordered for oneDNN (`argen.nn.packed`); the floor stays the aten one.
 Random weights give the same cost as trained ones: every step does the same work.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -43,6 +45,7 @@ import torch
 
 from argen.engine import Engine
 from argen.models.gpt import GPT, gpt_config
+from argen.nn.packed import pack_linears
 from argen.sampling import reference_generate
 from argen.sampling.logits import SamplingParams
 
@@ -125,7 +128,7 @@ def run_workload(model: GPT, batch: int, args, device, dtype, budget_s: float = 
     cond, mask = make_condition(model, batch, device, dtype)
     params = SamplingParams(cfg_scale=args.cfg_scale, top_k=args.top_k)
     gen = torch.Generator(device=device)
-    engine = Engine(model)
+    engine = Engine(pack_linears(copy.deepcopy(model)) if getattr(args, "packed", False) else model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -255,6 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-repeats", type=int, default=None, help="default: GPU 1, CPU = repeats")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--packed", action="store_true",
+                        help="CPU mode: the engine's linears use oneDNN-packed weights (argen.nn.packed)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall (default) or process CPU time (steadier on a shared CPU; CPU mode only)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (after every workload)")
@@ -288,7 +293,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         device_name = (f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     else:
-        device_name = f"CPU, {args.threads} thread(s); torch {torch.__version__}"
+        device_name = (f"CPU, {args.threads} thread(s){', engine on oneDNN-packed linears' if args.packed else ''}; "
+                       f"torch {torch.__version__}")
     print(f"# device: {device_name}; {args.kind}; dtype {str(dtype).replace('torch.', '')}; cfg {args.cfg_scale}; "
           f"top-k {args.top_k}; best of {args.repeats}; {args.clock} clock")
     print("| model | px | tokens | batch | engine s | img/s | ms/step | floor ms | step/floor | first call s "
