@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-
 from bench_engine import MatmulFloor, build, step_linears
 
 
