@@ -14,7 +14,8 @@ Contract:
   run of k kept tokens that a sampled token follows is fed in one forward pass of the slot's rows
   (an extend of k positions into its cache, outside any graph), so an edit takes about as many
   forward passes as it has tokens to regenerate plus runs of kept tokens; a run that ends the image
-  takes none. A sampled token uses the uniform plain sampling draws for its index, so a request whose
+  takes none. Adjacent slots at one position whose runs have one length (the images of one edit)
+  share that forward pass. A sampled token uses the uniform plain sampling draws for its index, so a request whose
   forced tokens are all -1 gives the tokens it gives without them. `JacobiStep` always accepts and
   never drafts a kept position. `SlotRequest.forwards` counts the forward passes a request took
   (prefill, steps and extends).
@@ -221,8 +222,7 @@ class PlainStep:
         token = torch.where(kept >= 0, kept, token)
         st.out[s, 0] = token
         st.tokens[2 * first:2 * (first + k)] = token.repeat_interleave(2)
-        for i in range(first, first + k):
-            self.feed_kept(i)
+        self.feed_kept(range(first, first + k))
 
     def kv_len(self) -> int:
         return max(slot.pos for slot in self.decoder.slots) + 1
@@ -273,39 +273,61 @@ class PlainStep:
 
     def advance(self) -> None:
         """Host-side bookkeeping after a step: every slot sampled one token; then kept runs are fed."""
-        for i, slot in enumerate(self.decoder.slots):
+        for slot in self.decoder.slots:
             slot.steps += 1
             slot.pos += 1
-            self.feed_kept(i)
+        self.feed_kept(range(len(self.decoder.slots)))
 
-    def feed_kept(self, i: int) -> None:
-        """If slot i's next tokens are kept, write them; unless they end the image, feed its last input
-        and all of them but the last in one forward (the last is the next step's input). Eager."""
+    def feed_kept(self, slots: range) -> None:
+        """Write the kept tokens that come next in these slots; for each run that does not end its
+        image, feed the slot's last input and all of the run but its last token (the next step's
+        input) into its cache. Adjacent slots at one position with runs of one length share one
+        forward pass (an edit's images keep the same runs). Eager."""
         d = self.decoder
-        slot = d.slots[i]
-        j = slot.steps
-        if slot.runs is None or j >= slot.total or not slot.runs[j]:
-            return
+        st, pending = d.state, []
+        for i in slots:
+            slot = d.slots[i]
+            j = slot.steps
+            if slot.runs is None or j >= slot.total or not slot.runs[j]:
+                continue
+            k = min(slot.runs[j], slot.total - j)
+            st.out[i, j:j + k] = st.forced[i, j:j + k]
+            slot.steps += k
+            st.step[i] += k
+            if slot.steps < slot.total:
+                pending.append((i, k))
+        groups: list[list[tuple[int, int]]] = []
+        for i, k in pending:
+            last = groups[-1][-1] if groups else None
+            if last is not None and last[0] == i - 1 and last[1] == k and d.slots[last[0]].pos == d.slots[i].pos:
+                groups[-1].append((i, k))
+            else:
+                groups.append([(i, k)])
+        for group in groups:
+            self._extend([i for i, _ in group], group[0][1])
+
+    def _extend(self, slots: list[int], k: int) -> None:
+        """One forward of k positions for the adjacent slots `slots` (all at one position): inputs are
+        each slot's last input and its kept tokens j .. j+k-2; the kept token j+k-1 becomes its next input."""
+        d = self.decoder
         gpt, st = d.gpt, d.state
-        k = min(slot.runs[j], slot.total - j)
-        kept = st.forced[i, j:j + k]
-        st.out[i, j:j + k] = kept
-        slot.steps += k
-        st.step[i] += k
-        if slot.steps >= slot.total:
-            return
-        guided = slot.request.params.guided
-        rows = slice(2 * i, 2 * i + 2, 1 if guided else 2)
-        inputs = torch.cat([st.tokens[2 * i:2 * i + 1], kept[:-1]])  # (k,) tokens j-1 .. j+k-2
-        positions = d.positions[slot.pos:slot.pos + k]  # (k,)
-        kv = slot.pos + k
+        first, n, pos = slots[0], len(slots), d.slots[slots[0]].pos
+        guided = any(d.slots[i].request.params.guided for i in slots)
+        twins = 2 if guided else 1
+        rows = slice(2 * first, 2 * (first + n), 1 if guided else 2)
+        j = torch.tensor([d.slots[i].steps - k for i in slots], device=d.device)  # (n,) first kept index
+        kept = st.forced[first:first + n].gather(1, j[:, None] + torch.arange(k, device=d.device))  # (n, k)
+        inputs = torch.cat([st.tokens[2 * first:2 * (first + n):2, None], kept[:, :-1]], dim=1)  # (n, k)
+        positions = d.positions[pos:pos + k]  # (k,)
+        kv = pos + k
         visible = (d.positions[:kv] <= positions[:, None]) & st.key_valid[rows, None, :kv]  # (rows, k, kv)
-        h = gpt.embed_tokens(inputs[None].expand(2 if guided else 1, k))  # (rows, k, C)
+        h = gpt.embed_tokens(inputs.repeat_interleave(twins, dim=0))  # (rows, k, C)
         gpt.forward_cached(h, positions, [c[:, rows] for c in st.cache], kv, visible[:, None], last_only=True)
-        st.tokens[2 * i:2 * i + 2] = kept[-1]
-        slot.pos += k
-        st.pos[i] += k
-        slot.request.forwards += 1
+        st.tokens[2 * first:2 * (first + n)] = kept[:, -1].repeat_interleave(2)
+        for i in slots:
+            d.slots[i].pos += k
+            d.slots[i].request.forwards += 1
+        st.pos[first:first + n] += k
         d.counters["extends"] += 1
 
     def tokens(self, i: int, slot: _Slot) -> torch.Tensor:
