@@ -1,0 +1,127 @@
+"""Batched LoRA: many adapters on one model at once, chosen per batch row, never merged.
+
+Contract:
+- `AdapterRows`: the per-row adapter index every wrapped layer of one model reads. `rows` is None
+  (every row runs the plain model) or a (B,) int64 tensor matching the batch of the layer's input:
+  0 = no adapter (the base), k = adapter k (1-based). The caller sets it around a forward pass with
+  `rows_of(model, index)`; a CUDA graph captured inside reads the same tensor in place on replay,
+  so the caller changes the index by writing into that tensor, never by rebinding it.
+- `BatchedLoraLinear(base, a, b, rows)` wraps a linear layer (`nn.Linear` or `argen.nn.quant.Int8Linear`):
+  `a` (K+1, r, in) and `b` (K+1, out, r) stack the K adapters' A and B matrices, their scale already
+  folded into `b` (scale * alpha / r, peft's scaling), ranks padded with zeros to the largest; entry 0
+  and every adapter that does not target this layer are zeros. forward(x (B, T, in)) = base(x) +
+  b[rows] @ (a[rows] @ x) per row (A and B gathered per row, two batched matmuls): one shape whatever
+  the mix of adapters (graph-safe), and a base row gets base(x) + 0, the plain model's numbers.
+- `MultiLora` (installed as `model.multi_lora` by `install`): the adapters' served `names`, and each
+  adapter's own condition embedding where it rebuilt the class rows or learned a new caption projection
+  (`embedder(k)`: that module, else the model's own `cls_embedding`). `embed_condition(model, cond,
+  adapters)` embeds each row with its adapter's embedder (rows grouped per adapter, one call each).
+- `install(model, names, layers, embedders)` wraps the named linear layers (setattr on their parents)
+  and returns the `MultiLora`; `multi_lora(model)` -> it, or None for a plain model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class AdapterRows:
+    """The per-row adapter index of one model's wrapped layers (None: no adapter on any row)."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None
+
+
+class BatchedLoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, rows: AdapterRows):
+        super().__init__()
+        self.base = base
+        self.a = nn.Parameter(a, requires_grad=False)  # (K+1, r, in)
+        self.b = nn.Parameter(b, requires_grad=False)  # (K+1, out, r), scale folded in
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (B, T, out)
+        index = self.rows.rows
+        if index is None:
+            return y
+        batch = x.shape[0]
+        if index.shape[0] != batch:
+            raise RuntimeError(f"adapter index for {index.shape[0]} rows, but the batch has {batch}")
+        a = self.a[index].to(x.dtype)  # (B, r, in)
+        b = self.b[index].to(x.dtype)  # (B, out, r)
+        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]), a.transpose(1, 2))  # (B, T, r)
+        return y + torch.bmm(h, b.transpose(1, 2)).view(y.shape)  # (B, T, out)
+
+
+class MultiLora(nn.Module):
+    def __init__(self, names: list[str], embedders: dict[int, nn.Module], rows: AdapterRows):
+        super().__init__()
+        self.names = list(names)
+        self.embedders = nn.ModuleDict({str(k): m for k, m in embedders.items()})
+        self.rows = rows
+
+    def embedder(self, model: nn.Module, adapter: int) -> nn.Module:
+        """The condition embedding of adapter `adapter` (1-based; 0 = the base's)."""
+        return self.embedders[str(adapter)] if str(adapter) in self.embedders else model.cls_embedding
+
+    def embed_condition(self, model: nn.Module, cond: torch.Tensor, adapters: list[int]) -> torch.Tensor:
+        """cond (B,) ids or (B, L, D) features, adapters (B,) 1-based indices -> (B, cond_len, C)."""
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(adapters):
+            groups.setdefault(self._key(k), []).append(i)
+        if len(groups) == 1:
+            return self._embed(model, next(iter(groups)), cond)
+        out = None
+        for k, members in groups.items():
+            index = torch.tensor(members, device=cond.device)
+            part = self._embed(model, k, cond[index])  # (b, cond_len, C)
+            if out is None:
+                out = part.new_empty((cond.shape[0], *part.shape[1:]))
+            out[index] = part
+        return out
+
+    def _key(self, adapter: int) -> int:
+        return adapter if str(adapter) in self.embedders else 0
+
+    def _embed(self, model: nn.Module, key: int, cond: torch.Tensor) -> torch.Tensor:
+        if key == 0:
+            return model.embed_condition(cond)
+        if cond.is_floating_point():
+            cond = cond.to(model.tok_embeddings.weight.dtype)
+        return self.embedders[str(key)](cond)
+
+
+def multi_lora(model: nn.Module) -> MultiLora | None:
+    return getattr(model, "multi_lora", None)
+
+
+@contextmanager
+def rows_of(model: nn.Module, index: torch.Tensor | None):
+    """Run the model's wrapped layers with this (B,) adapter index (nothing for a plain model)."""
+    lora = multi_lora(model)
+    if lora is None or index is None:
+        yield
+        return
+    lora.rows.rows = index
+    try:
+        yield
+    finally:
+        lora.rows.rows = None
+
+
+def install(model: nn.Module, names: list[str], layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            embedders: dict[int, nn.Module]) -> MultiLora:
+    """Wrap `layers` (qualified name -> (a (K+1, r, in), b (K+1, out, r))) of `model` in place."""
+    rows = AdapterRows()
+    for name, (a, b) in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, BatchedLoraLinear(base, a, b, rows))
+    lora = MultiLora(names, embedders, rows)
+    model.multi_lora = lora
+    return lora
