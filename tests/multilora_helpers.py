@@ -13,8 +13,9 @@ from argen.models.gpt import GPT
 
 
 def make_adapter(base: GPT, base_ref: str | Path, out: str | Path, seed: int, rank: int = 4, targets: str = "attn,ffn",
-                 class_names: list[str] | None = None, std: float = 0.3) -> Path:
-    """An adapter of `base` (saved at `base_ref`) in `out`; `class_names` rebuild the class rows."""
+                 class_names: list[str] | None = None, std: float = 0.3, identity: GPT | None = None) -> Path:
+    """An adapter of `base` (saved at `base_ref`) in `out`; `class_names` rebuild the class rows; `identity`: the
+    model whose weights the adapter claims as its base (default `base`)."""
     g = torch.Generator().manual_seed(seed)
     modules = target_modules(targets)
     config = lora_config(rank, 2.0 * rank, 0.0, targets, class_names is not None, str(base_ref))
@@ -27,6 +28,6 @@ def make_adapter(base: GPT, base_ref: str | Path, out: str | Path, seed: int, ra
     if class_names is not None:
         cfg = replace(cfg, num_classes=len(class_names))
         state["cls_embedding.embedding_table.weight"] = 0.5 * torch.randn(len(class_names) + 1, cfg.dim, generator=g)
-    info = {**base_identity(str(base_ref), base.state_dict()), "config": cfg.to_dict(), "class_names": class_names,
+    info = {**base_identity(str(base_ref), (identity or base).state_dict()), "config": cfg.to_dict(), "class_names": class_names,
             "tokenizer": None, "training": {}}
     return save_adapter(config, state, out, info)

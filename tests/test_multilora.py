@@ -1,0 +1,250 @@
+"""Many LoRA adapters in one model, one batch (issue 26 part 3): batched LoRA (`argen.nn.lora`), a per-row adapter
+index on the slots of the one decode loop, `argen serve --lora NAME=DIR` with BASE:NAME models.
+
+The promise checked everywhere: the greedy tokens of a request with adapter X equal those of the merged model X
+run alone, whatever shares its step, and base requests give the plain base's tokens. Adapters are stand-ins
+(random A and B, `multilora_helpers.make_adapter`); `y` rebuilds the class rows (3 new classes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import argen
+from argen.checkpoint import save_tokenizer
+from argen.cli.main import main
+from argen.engine import Batches, JacobiStep, PlainStep, SlotDecoder, SlotRequest
+from argen.models.tokenizer import VQModel, vq_config
+from argen.sampling.logits import SamplingParams
+from argen.sampling.seeds import image_seed
+from argen.serving import GenerationService, ServeConfig, create_app
+from argen.utils.errors import ArgenError
+from conftest import tiny_gpt
+from multilora_helpers import make_adapter
+from test_engine import simulated_cuda_graphs  # noqa: F401 (fixture)
+
+GREEDY = SamplingParams(cfg_scale=2.0, top_k=1)
+# (class id, adapter index or None): x = 0, y = 1 (its own 3 classes), the base
+MIX = [(1, 0), (2, 1), (3, None), (0, 1), (5, 0), (2, None), (1, 1)]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multilora")
+    base = tiny_gpt("c2i", seed=0)
+    argen.save_gpt(base, root / "base")
+    make_adapter(base, root / "base", root / "x", seed=1)
+    make_adapter(base, root / "base", root / "y", seed=2, rank=8, targets="attn,output",
+                 class_names=["corgi", "logo", "sunset"])
+    save_tokenizer(VQModel(vq_config("VQ-tiny-16")).eval(), root / "vq")
+    return root
+
+
+def load_multi(root, **kwargs):
+    return argen.load_gpt(root / "base", adapters=[f"x={root / 'x'}", f"y={root / 'y'}"], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def models(adapters):
+    """The multi-adapter model, and each model run alone: merged x, merged y, the plain base."""
+    root = adapters
+    return load_multi(root), {0: argen.load_gpt(root / "base", lora=str(root / "x")),
+                              1: argen.load_gpt(root / "base", lora=str(root / "y")),
+                              None: argen.load_gpt(root / "base")}
+
+
+def alone(alone_models, cls: int, adapter, step=None) -> torch.Tensor:
+    return SlotDecoder(alone_models[adapter], 1, step).run([SlotRequest(torch.tensor(cls), params=GREEDY)])[0]
+
+
+def test_the_adapters_change_the_tokens(models):
+    """The check can fail: merged x, merged y and the base give different greedy tokens."""
+    _, single = models
+    tokens = [alone(single, 1, a) for a in (0, 1, None)]
+    assert not torch.equal(tokens[0], tokens[2]) and not torch.equal(tokens[1], tokens[2])
+
+
+@pytest.mark.parametrize("step", [PlainStep, lambda: JacobiStep(4)], ids=["plain", "jacobi"])
+def test_slot_decoder_mixes_adapters_in_one_step(models, step):
+    """Requests join at different steps (continuous admission) with x, y and the base in the same slots."""
+    multi, single = models
+    decoder = SlotDecoder(multi, 4, step())
+    requests = [SlotRequest(torch.tensor(c), params=GREEDY, adapter=a, tag=i) for i, (c, a) in enumerate(MIX)]
+    out = dict(zip(range(len(MIX)), decoder.run(requests)))
+    for i, (c, a) in enumerate(MIX):
+        assert torch.equal(out[i], alone(single, c, a, step())), (i, c, a)
+
+
+def test_batches_take_mixed_adapters_and_leave_the_base_alone(models):
+    multi, single = models
+    cond = torch.tensor([c for c, _ in MIX])
+    gens = [torch.Generator().manual_seed(i) for i in range(len(MIX))]
+    tokens = Batches(multi).generate(cond, params=GREEDY, row_generators=gens, adapters=[a for _, a in MIX])
+    for i, (c, a) in enumerate(MIX):
+        assert torch.equal(tokens[i], alone(single, c, a)), (i, c, a)
+    # sampled (not greedy) base rows: the same tokens as the plain base for the same seeds, bit for bit
+    params = SamplingParams(cfg_scale=3.0, top_k=50)
+    seeds = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+    mixed = Batches(multi).generate(torch.tensor([3, 1]), params=params, adapters=[None, 0], row_generators=seeds)
+    plain = Batches(single[None]).generate(torch.tensor([3]), params=params,
+                                           row_generators=[torch.Generator().manual_seed(7)])
+    assert torch.equal(mixed[0], plain[0])
+
+
+def test_the_captured_step_reads_the_adapter_index_in_place(models, simulated_cuda_graphs):  # noqa: F811
+    """The fixed-shape step captured once (CUDA graph semantics, simulated on the CPU) serves any mix later."""
+    multi, single = models
+    engine = simulated_cuda_graphs(multi, kv_bucket=16)
+    for mix in (MIX[:4], list(reversed(MIX[:4]))):
+        cond = torch.tensor([c for c, _ in mix])
+        tokens = engine.generate(cond, params=GREEDY, adapters=[a for _, a in mix])
+        for i, (c, a) in enumerate(mix):
+            assert torch.equal(tokens[i], alone(single, c, a)), (i, c, a)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_serve_mixed_adapters(adapters):
+    multi = load_multi(adapters, device="cuda")
+    single = {0: argen.load_gpt(adapters / "base", lora=str(adapters / "x"), device="cuda"),
+              1: argen.load_gpt(adapters / "base", lora=str(adapters / "y"), device="cuda"),
+              None: argen.load_gpt(adapters / "base", device="cuda")}
+    decoder = SlotDecoder(multi, 4)
+    assert decoder.use_graphs
+    requests = [SlotRequest(torch.tensor(c), params=GREEDY, adapter=a) for c, a in MIX]
+    for (c, a), tokens in zip(MIX, decoder.run(requests)):
+        assert torch.equal(tokens, alone(single, c, a))
+    assert decoder.graphs
+
+
+def test_unknown_adapters_and_classes_are_refused(models):
+    multi, single = models
+    with pytest.raises(ArgenError, match=r"adapter 2 is not served.*0..1 \(x, y\)"):
+        SlotDecoder(multi, 2).admit([SlotRequest(torch.tensor(0), adapter=2)])
+    with pytest.raises(ArgenError, match="class ids of y must lie in \\[0, 2\\]"):
+        SlotDecoder(multi, 2).admit([SlotRequest(torch.tensor(5), adapter=1)])
+    with pytest.raises(ArgenError, match="it has none"):
+        SlotDecoder(single[None], 2).admit([SlotRequest(torch.tensor(0), adapter=0)])
+
+
+# ------------------------------------------------------------------ the server
+def _service(root, gpt, scheduler):
+    tokenizer = argen.load_tokenizer(root / "vq")
+    return GenerationService(tokenizer, gpt, ServeConfig(scheduler=scheduler, max_batch_size=4, max_wait_ms=50))
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_server_mixes_adapters_and_matches_each_model_alone(adapters, models, scheduler):
+    multi, single = models
+    greedy = {"cfg_scale": 2.0, "top_k": 1, "seed": 5}
+    service = _service(adapters, multi, scheduler)
+    with TestClient(create_app(service, model_id="base")) as client:
+        listed = client.get("/v1/models").json()["data"]
+        assert [m["id"] for m in listed] == ["base", "base:x", "base:y"]
+        assert listed[2]["argen"]["class_names"] == ["corgi", "logo", "sunset"]
+        assert listed[2]["argen"]["num_classes"] == 3 and listed[1]["argen"]["num_classes"] == 10
+        assert client.get("/v1/models/base:y").json()["argen"]["adapter"] == "y"
+        service.pause()  # every request queued first: they share the batch (static) or the steps (continuous)
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client.post, "/v1/generate", json={"classes": [2], **greedy, **extra})
+                       for extra in ({"adapter": "x"}, {"adapter": "y"}, {})]
+            futures.append(pool.submit(client.post, "/v1/images/generations", json={
+                "prompt": "sunset", "model": "base:y", "response_format": "b64_json", **greedy}))
+            import time
+
+            time.sleep(0.5)
+            service.resume()
+            answers = [f.result() for f in futures]
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        codes = [a.json()["codes"][0] for a in answers[:3]]
+        assert answers[0].json()["params"]["adapter"] == "x"
+        assert answers[3].json()["data"][0]["revised_prompt"] == "sunset (class 2)"
+        # unknown adapters: 404 naming what is served
+        wrong = client.post("/v1/generate", json={"classes": [1], "adapter": "z"})
+        assert wrong.status_code == 404 and "'x', 'y'" in wrong.json()["error"]
+        wrong = client.post("/v1/images/generations", json={"prompt": "1", "model": "base:z"})
+        assert wrong.status_code == 404 and "'base', 'base:x', 'base:y'" in wrong.json()["error"]["message"]
+        assert client.get("/v1/models/base:z").status_code == 404
+        assert client.post("/v1/generate", json={"classes": [5], "adapter": "y"}).status_code == 422
+    for got, adapter in zip(codes, (0, 1, None)):
+        seeded = torch.Generator().manual_seed(image_seed(5, 0))
+        want = SlotDecoder(single[adapter], 1).run([SlotRequest(torch.tensor(2), params=GREEDY, generator=seeded)])
+        assert got == want[0].tolist(), adapter
+
+
+# ------------------------------------------------------------------ the CLI
+def _serve(monkeypatch, argv, requests):
+    import uvicorn
+
+    answers = {}
+
+    def fake_run(app, host, port, log_level):
+        with TestClient(app) as client:
+            answers.update(requests(client))
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", *argv, "--device", "cpu", "--port", "8141"]) == 0
+    return answers
+
+
+def test_serve_loads_named_adapters_once(adapters, monkeypatch, capsys):
+    root = adapters
+    answers = _serve(monkeypatch, ["--gpt", str(root / "base"), "--tokenizer", str(root / "vq"), "--lora",
+                                   f"dogs={root / 'x'}", "--lora", f"{root / 'y'}:0.5"],
+                     lambda client: {"models": client.get("/v1/models").json(),
+                                     "health": client.get("/health").json()})
+    assert [m["id"] for m in answers["models"]["data"]] == ["base", "base:dogs", "base:y"]
+    assert answers["health"]["adapters"] == ["dogs", "y"]
+    assert "LoRA adapters base:dogs, base:y" in capsys.readouterr().out
+
+
+def test_bad_adapters_are_one_line_and_exit_2(adapters, tmp_path, capsys):
+    root = adapters
+
+    def refused(extra, *expected):
+        code = main(["serve", "--gpt", str(root / "base"), "--tokenizer", str(root / "vq"), "--device", "cpu",
+                     "--port", "8142", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        for text in expected:
+            assert text in err, err
+
+    refused(["--lora", f"a={tmp_path / 'nowhere'}"], "does not exist")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((root / "x" / "adapter_config.json").read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes((root / "x" / "adapter_model.safetensors").read_bytes()[:80])
+    refused(["--lora", str(broken)], "truncated or corrupt")
+    other = tiny_gpt("c2i", seed=3)
+    argen.save_gpt(other, tmp_path / "other")
+    make_adapter(other, tmp_path / "other", tmp_path / "foreign", seed=4)
+    refused(["--lora", str(tmp_path / "foreign")], "was trained on", "not on")
+    refused(["--lora", f"a={root / 'x'}", "--lora", f"a={root / 'y'}"], "two adapters are named a")
+    # an adapter that does not fit: made for a wider model that claims this base's weights
+    wide = tiny_gpt("c2i", seed=0, dim=128)
+    make_adapter(wide, root / "base", tmp_path / "wide", seed=5, identity=argen.load_gpt(root / "base"))
+    refused(["--lora", str(tmp_path / "wide")], "does not fit", "dim 128 vs 64")
+
+
+def test_an_adapter_from_the_hub(adapters, tmp_path, monkeypatch):
+    """--lora hf://owner/name: the adapter's two files through huggingface_hub, from a stand-in Hub."""
+    from test_hub import FakeHub, point_at
+
+    root = adapters
+    files = {("me/dogs", name): (root / "x" / name).read_bytes()
+             for name in ("adapter_config.json", "adapter_model.safetensors")}
+    server = FakeHub(files)
+    try:
+        point_at(server, tmp_path / "cache", monkeypatch)
+        multi = argen.load_gpt(root / "base", adapters=["hf://me/dogs"])
+        assert multi.multi_lora.names == ["dogs"]
+        merged = argen.load_gpt(root / "base", lora="hf://me/dogs:1")
+    finally:
+        server.close()
+    local = argen.load_gpt(root / "base", lora=str(root / "x"))
+    assert torch.equal(merged.output.weight, local.output.weight)
+    decoder = SlotDecoder(multi, 2)
+    tokens = decoder.run([SlotRequest(torch.tensor(1), params=GREEDY, adapter=0)])[0]
+    assert torch.equal(tokens, SlotDecoder(local, 1).run([SlotRequest(torch.tensor(1), params=GREEDY)])[0])
