@@ -8,6 +8,8 @@
     python benchmarks/loadtest.py --spawn --kind t2i --features --requests 100
     # open-loop Poisson arrivals, continuous vs static scheduling in one run (issue 18):
     python benchmarks/loadtest.py --spawn --compare --fractions 0.5,0.8 --requests 60
+    # many LoRA adapters in one server (issue 26): 4 adapters, requests spread over them, against one adapter
+    python benchmarks/loadtest.py --spawn --adapters 4 --requests 120 --concurrency 16
 
 Each request asks for `--images` images of random classes with a random seed (c2i; with
 `--prompts` t2i prompts; with `--features` random caption features as base64 .npy, shaped from the
@@ -21,6 +23,13 @@ that capacity (or at `--rates` images/s) the servers take turns with open-loop P
 (seeded: the same arrival times and payloads for each). Each open-loop run sends `--requests` requests (bounded by
 `--duration`) and reports throughput, latency p50/p99 (send to answer) and queue wait p50/p99
 (the server's `timings.queue_ms`: arrival to admission), then the continuous/static ratios.
+
+`--adapters N` (with `--spawn`): N stand-in LoRA adapters (random, rank `--lora-rank`, on every linear of the
+blocks; `benchmarks/standin_adapters.py`) of the tiny base. The same closed loop runs against (1) the
+single-adapter server: adapter 0 merged into the weights (`argen merge-lora`), every request to it; (2) one server
+with all N (`serve --lora a0=DIR ... --lora aN-1=DIR`, batched LoRA), each request naming a random adapter, so
+every step mixes them; and (3) that server with all requests on adapter a0. It reports each run and the
+images/s ratio multi/single (issue 26's target: >= 0.8).
 """
 
 from __future__ import annotations
@@ -69,9 +78,23 @@ def write_tiny_checkpoints(folder: Path, gpt_name: str, vq_name: str, kind: str 
     save_gpt(gpt, folder / "gpt")
 
 
-def spawn_server(folder: Path, port: int, args, scheduler: str | None = None) -> subprocess.Popen:
+def write_adapters(folder: Path, count: int, rank: int) -> list[str]:
+    """`count` stand-in adapters of folder/gpt in folder/a0.. and adapter 0 merged into folder/merged."""
+    from standin_adapters import make_adapter
+
+    from argen.checkpoint import load_gpt, save_gpt
+
+    base = load_gpt(folder / "gpt")
+    for k in range(count):
+        make_adapter(base, folder / "gpt", folder / f"a{k}", seed=k + 1, rank=rank, std=0.05)
+    save_gpt(load_gpt(folder / "gpt", lora=str(folder / "a0")), folder / "merged")
+    return [f"a{k}" for k in range(count)]
+
+
+def spawn_server(folder: Path, port: int, args, scheduler: str | None = None, gpt: str = "gpt",
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "argen.cli.main", "serve", "--tokenizer", str(folder / "vq"), "--gpt",
-           str(folder / "gpt"), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+           str(folder / gpt), *extra, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", str(args.max_queue), "--log-level", "warning", "--text-encoder", "none"]
     if scheduler is not None:
@@ -118,6 +141,8 @@ async def run_load(url: str, args) -> dict:
             while issued < args.requests and time.perf_counter() < stop_at:
                 issued += 1
                 payload = {"seed": rng.randrange(2**31), "top_k": args.top_k, "cfg_scale": args.cfg_scale}
+                if getattr(args, "adapter_names", None):
+                    payload["adapter"] = rng.choice(args.adapter_names)
                 if args.features:
                     payload["features"] = random_features(rng, args.images, health["caption_len"],
                                                           health["caption_dim"])
@@ -280,6 +305,40 @@ def print_compare(report: dict) -> None:
         print(f"- continuous/static at {ratio['rate_img_s']:.2f} img/s: " + "; ".join(parts))
 
 
+def run_spawned(folder: Path, args, gpt: str, extra: tuple[str, ...], names: list[str]) -> dict:
+    """One closed-loop run against a server started for it (stopped gracefully afterwards)."""
+    port = free_port()
+    proc = spawn_server(folder, port, args, args.scheduler, gpt, extra)
+    args.adapter_names = names
+    try:
+        return asyncio.run(run_load(f"http://127.0.0.1:{port}", args))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def adapters_report(args) -> dict:
+    """--adapters N: the single-adapter server (merged), then N adapters in one server, mixed and on a0 only."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_tiny_checkpoints(folder, args.gpt_config, args.vq_config)
+        names = write_adapters(folder, args.adapters, args.lora_rank)
+        many = tuple(x for name in names for x in ("--lora", f"{name}={folder / name}"))
+        runs = {"single_merged": run_spawned(folder, args, "merged", (), []),
+                "multi_mixed": run_spawned(folder, args, "gpt", many, names),
+                "multi_one_adapter": run_spawned(folder, args, "gpt", many, names[:1])}
+    single = runs["single_merged"]["images_per_s"]
+    return {"runs": runs, "ratio_mixed_vs_single": runs["multi_mixed"]["images_per_s"] / single,
+            "ratio_one_adapter_vs_single": runs["multi_one_adapter"]["images_per_s"] / single,
+            "settings": {k: getattr(args, k) for k in ("requests", "concurrency", "images", "top_k", "cfg_scale",
+                                                         "max_batch_size", "max_wait_ms", "gpt_config", "vq_config",
+                                                         "adapters", "lora_rank", "scheduler", "seed")}
+            | {"threads": os.environ.get("OMP_NUM_THREADS")}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server on this machine, e.g. http://127.0.0.1:8000")
@@ -308,6 +367,10 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", default="0.5,0.8", help="--compare: arrival rates x the static capacity")
     parser.add_argument("--rates", default=None, help="--compare: arrival rates in images/s (no calibration)")
     parser.add_argument("--calibrate-requests", type=int, default=48, help="--compare: closed-loop requests")
+    parser.add_argument("--adapters", type=int, default=0, help="--spawn: N LoRA adapters in one server against "
+                                                                   "one adapter merged (issue 26)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="--adapters: rank of the stand-in adapters")
+    parser.add_argument("--scheduler", default=None, help="--spawn: the server's scheduler (default: continuous)")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= MAX_REQUESTS or not 0 < args.duration <= MAX_SECONDS or args.concurrency < 1:
         parser.error(f"--requests must be in 1..{MAX_REQUESTS}, --duration in (0, {MAX_SECONDS}], --concurrency >= 1")
@@ -329,12 +392,20 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return 0 if all(r["errors"] == 0 for rows in report["runs"].values() for r in rows) else 1
+    if args.adapters:
+        if not args.spawn or args.kind != "c2i":
+            parser.error("--adapters needs --spawn and a c2i model")
+        report = adapters_report(args)
+        print(json.dumps(report, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return 0 if all(r["errors"] == 0 for r in report["runs"].values()) else 1
     proc = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.spawn:
             write_tiny_checkpoints(Path(tmp), args.gpt_config, args.vq_config, args.kind)
             port = free_port()
-            proc = spawn_server(Path(tmp), port, args)
+            proc = spawn_server(Path(tmp), port, args, args.scheduler)
             url = f"http://127.0.0.1:{port}"
         else:
             url = args.url

@@ -3,13 +3,14 @@ index on the slots of the one decode loop, `argen serve --lora NAME=DIR` with BA
 
 The promise checked everywhere: the greedy tokens of a request with adapter X equal those of the merged model X
 run alone, whatever shares its step, and base requests give the plain base's tokens. Adapters are stand-ins
-(random A and B, `multilora_helpers.make_adapter`); `y` rebuilds the class rows (3 new classes)."""
+(random A and B, `benchmarks/standin_adapters.make_adapter`); `y` rebuilds the class rows (3 new classes)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from standin_adapters import make_adapter
 
 import argen
 from argen.checkpoint import save_tokenizer
@@ -21,7 +22,6 @@ from argen.sampling.seeds import image_seed
 from argen.serving import GenerationService, ServeConfig, create_app
 from argen.utils.errors import ArgenError
 from conftest import tiny_gpt
-from multilora_helpers import make_adapter
 from test_engine import simulated_cuda_graphs  # noqa: F401 (fixture)
 
 GREEDY = SamplingParams(cfg_scale=2.0, top_k=1)

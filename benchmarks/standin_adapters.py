@@ -1,5 +1,5 @@
-"""Stand-in LoRA adapters for tests: random A and B on an argen base, written by `save_adapter` as a training
-run writes them (peft's layout, argen's record), optionally with their own class rows."""
+"""Stand-in LoRA adapters for tests and benchmarks: random A and B on an argen base, written by `save_adapter` as a
+training run writes them (peft's layout, argen's record), optionally with their own class rows."""
 
 from __future__ import annotations
 
@@ -28,6 +28,6 @@ def make_adapter(base: GPT, base_ref: str | Path, out: str | Path, seed: int, ra
     if class_names is not None:
         cfg = replace(cfg, num_classes=len(class_names))
         state["cls_embedding.embedding_table.weight"] = 0.5 * torch.randn(len(class_names) + 1, cfg.dim, generator=g)
-    info = {**base_identity(str(base_ref), (identity or base).state_dict()), "config": cfg.to_dict(), "class_names": class_names,
-            "tokenizer": None, "training": {}}
+    info = {**base_identity(str(base_ref), (identity or base).state_dict()), "config": cfg.to_dict(),
+            "class_names": class_names, "tokenizer": None, "training": {}}
     return save_adapter(config, state, out, info)
