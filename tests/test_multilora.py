@@ -58,6 +58,29 @@ def alone(alone_models, cls: int, adapter, step=None) -> torch.Tensor:
     return SlotDecoder(alone_models[adapter], 1, step).run([SlotRequest(torch.tensor(cls), params=GREEDY)])[0]
 
 
+def test_both_forms_of_the_layer_give_each_row_its_own_adapter():
+    """Few rows: A and B gathered per row; many: all rows through the stacked A and B, masked per row."""
+    from argen.nn.lora import AdapterRows, BatchedLoraLinear
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(6, 5, bias=False)
+    a, b = torch.randn(3, 2, 6, generator=g), torch.randn(3, 2, 5, generator=g)
+    a[0], b[0] = 0, 0  # the base's entry
+    rows = AdapterRows(3, 2)
+    layer = BatchedLoraLinear(base, a, b, rows)
+    for index in ([2], [1, 0, 2, 2, 1]):  # 1 row < 3 stacks: gathered; 5 rows: stacked
+        index = torch.tensor(index)
+        x = torch.randn(len(index), 1, 6, generator=g)
+        rows.set(index)
+        with torch.no_grad():
+            got = layer(x)
+            want = torch.stack([base(x[i]) + x[i] @ a[k].T @ b[k] for i, k in enumerate(index.tolist())])
+            assert torch.allclose(got, want, atol=1e-6)
+            assert torch.equal(got[index == 0], base(x[index == 0]))  # base rows: the plain layer's numbers
+    rows.set(None)
+    assert torch.equal(layer(x), base(x))
+
+
 def test_the_adapters_change_the_tokens(models):
     """The check can fail: merged x, merged y and the base give different greedy tokens."""
     _, single = models

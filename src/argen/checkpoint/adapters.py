@@ -384,7 +384,8 @@ def _scaling(adapter: Adapter) -> float:
 
 
 def _stacks(model: GPT, adapters: list[tuple[Adapter, float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per targeted linear: (a (K+1, r, in), b (K+1, out, r)) float32, entry 0 zeros, scale folded into b."""
+    """Per targeted linear: (a (K+1, R, in), b (K+1, R, out): B transposed) float32, entry 0 zeros, ranks padded
+    to the largest of all, scale folded into b."""
     linears = {name: m for name, m in model.named_modules()
                if name.rsplit(".", 1)[-1] in MODULES and isinstance(m, torch.nn.Linear)}
     found: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -406,13 +407,14 @@ def _stacks(model: GPT, adapters: list[tuple[Adapter, float]]) -> dict[str, tupl
             found.setdefault(head, {})[k] = (p["A"], p["B"] * factor)
     out = {}
     count = len(adapters) + 1
+    rank = max(a.shape[0] for per in found.values() for a, _ in per.values())  # one R for the whole model
     for head, per in found.items():
-        linear, rank = linears[head], max(a.shape[0] for a, _ in per.values())
+        linear = linears[head]
         a = torch.zeros(count, rank, linear.in_features)
-        b = torch.zeros(count, linear.out_features, rank)
+        b = torch.zeros(count, rank, linear.out_features)
         for k, (ak, bk) in per.items():
             a[k, :ak.shape[0]] = ak
-            b[k, :, :bk.shape[1]] = bk
+            b[k, :bk.shape[1]] = bk.T
         out[head] = (a, b)
     return out
 
