@@ -25,11 +25,13 @@ that capacity (or at `--rates` images/s) the servers take turns with open-loop P
 (the server's `timings.queue_ms`: arrival to admission), then the continuous/static ratios.
 
 `--adapters N` (with `--spawn`): N stand-in LoRA adapters (random, rank `--lora-rank`, on every linear of the
-blocks; `benchmarks/standin_adapters.py`) of the tiny base. The same closed loop runs against (1) the
-single-adapter server: adapter 0 merged into the weights (`argen merge-lora`), every request to it; (2) one server
-with all N (`serve --lora a0=DIR ... --lora aN-1=DIR`, batched LoRA), each request naming a random adapter, so
-every step mixes them; and (3) that server with all requests on adapter a0. It reports each run and the
-images/s ratio multi/single (issue 26's target: >= 0.8).
+blocks; `benchmarks/standin_adapters.py`) of the tiny base, and two servers started together: the
+single-adapter server (adapter 0 merged into the weights, as `argen merge-lora` writes it) and one server with
+all N (`serve --lora a0=DIR ... --lora aN-1=DIR`, batched LoRA). `--rounds` times, in turn, the same closed loop
+(`--requests / --rounds` requests) runs against (1) the single server, (2) the multi server with each request
+naming a random adapter, so every step mixes them, and (3) the multi server with every request on a0. It
+reports the median images/s of each and the median of the per-round ratios multi/single (pairing keeps the
+ratio meaningful on a machine whose speed drifts; issue 26's target: >= 0.8).
 """
 
 from __future__ import annotations
@@ -305,37 +307,52 @@ def print_compare(report: dict) -> None:
         print(f"- continuous/static at {ratio['rate_img_s']:.2f} img/s: " + "; ".join(parts))
 
 
-def run_spawned(folder: Path, args, gpt: str, extra: tuple[str, ...], names: list[str]) -> dict:
-    """One closed-loop run against a server started for it (stopped gracefully afterwards)."""
-    port = free_port()
-    proc = spawn_server(folder, port, args, args.scheduler, gpt, extra)
-    args.adapter_names = names
-    try:
-        return asyncio.run(run_load(f"http://127.0.0.1:{port}", args))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def adapters_report(args) -> dict:
-    """--adapters N: the single-adapter server (merged), then N adapters in one server, mixed and on a0 only."""
+    """--adapters N: the single-adapter server (adapter 0 merged) and the server with all N, started together,
+    then `--rounds` rounds of closed-loop runs in turn (single, multi mixed, multi on a0), ratios per round."""
+    import copy
+    import statistics
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_tiny_checkpoints(folder, args.gpt_config, args.vq_config)
         names = write_adapters(folder, args.adapters, args.lora_rank)
         many = tuple(x for name in names for x in ("--lora", f"{name}={folder / name}"))
-        runs = {"single_merged": run_spawned(folder, args, "merged", (), []),
-                "multi_mixed": run_spawned(folder, args, "gpt", many, names),
-                "multi_one_adapter": run_spawned(folder, args, "gpt", many, names[:1])}
-    single = runs["single_merged"]["images_per_s"]
-    return {"runs": runs, "ratio_mixed_vs_single": runs["multi_mixed"]["images_per_s"] / single,
-            "ratio_one_adapter_vs_single": runs["multi_one_adapter"]["images_per_s"] / single,
-            "settings": {k: getattr(args, k) for k in ("requests", "concurrency", "images", "top_k", "cfg_scale",
-                                                         "max_batch_size", "max_wait_ms", "gpt_config", "vq_config",
-                                                         "adapters", "lora_rank", "scheduler", "seed")}
+        ports = {"single": free_port(), "multi": free_port()}
+        procs = [spawn_server(folder, ports["single"], args, args.scheduler, "merged"),
+                 spawn_server(folder, ports["multi"], args, args.scheduler, "gpt", many)]
+        plan = {"single_merged": ("single", []), "multi_mixed": ("multi", names),
+                "multi_one_adapter": ("multi", names[:1])}
+        runs: dict[str, list[dict]] = {k: [] for k in plan}
+        try:
+            for r in range(args.rounds):
+                for key, (server, chosen) in plan.items():
+                    one = copy.copy(args)
+                    one.adapter_names, one.seed = chosen, args.seed + r
+                    one.requests = max(1, args.requests // args.rounds)
+                    runs[key].append(asyncio.run(run_load(f"http://127.0.0.1:{ports[server]}", one)))
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGINT)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    def ratios(key: str) -> list[float]:
+        return [m["images_per_s"] / s["images_per_s"] for m, s in zip(runs[key], runs["single_merged"])]
+
+    summary = {key: {"images_per_s_median": statistics.median(r["images_per_s"] for r in rows),
+                     "latency_ms_p50_median": statistics.median(r["latency_ms_p50"] for r in rows),
+                     "errors": sum(r["errors"] for r in rows),
+                     "server_mean_batch_images": rows[-1]["server_mean_batch_images"]} for key, rows in runs.items()}
+    return {"runs": summary, "ratio_mixed_vs_single_per_round": ratios("multi_mixed"),
+            "ratio_mixed_vs_single": statistics.median(ratios("multi_mixed")),
+            "ratio_one_adapter_vs_single": statistics.median(ratios("multi_one_adapter")),
+            "settings": {k: getattr(args, k) for k in ("requests", "rounds", "concurrency", "images", "top_k",
+                                                         "cfg_scale", "max_batch_size", "max_wait_ms", "gpt_config",
+                                                         "vq_config", "adapters", "lora_rank", "scheduler", "seed")}
             | {"threads": os.environ.get("OMP_NUM_THREADS")}}
 
 
@@ -370,6 +387,7 @@ def main(argv=None) -> int:
     parser.add_argument("--adapters", type=int, default=0, help="--spawn: N LoRA adapters in one server against "
                                                                    "one adapter merged (issue 26)")
     parser.add_argument("--lora-rank", type=int, default=16, help="--adapters: rank of the stand-in adapters")
+    parser.add_argument("--rounds", type=int, default=5, help="--adapters: rounds of the three runs in turn")
     parser.add_argument("--scheduler", default=None, help="--spawn: the server's scheduler (default: continuous)")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= MAX_REQUESTS or not 0 < args.duration <= MAX_SECONDS or args.concurrency < 1:
