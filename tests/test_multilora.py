@@ -68,7 +68,7 @@ def test_both_forms_of_the_layer_give_each_row_its_own_adapter():
     a[0], b[0] = 0, 0  # the base's entry
     rows = AdapterRows(3, 2)
     layer = BatchedLoraLinear(base, a, b, rows)
-    for index in ([2], [1, 0, 2, 2, 1]):  # 1 row < 3 stacks: gathered; 5 rows: stacked
+    for index in ([2], [1, 0, 2, 2, 1]):  # 1 row < 2 adapters: gathered; 5 rows: stacked
         index = torch.tensor(index)
         x = torch.randn(len(index), 1, 6, generator=g)
         rows.set(index)

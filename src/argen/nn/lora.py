@@ -4,16 +4,17 @@ Contract:
 - `AdapterRows(count, rank)`: the per-row adapter index every wrapped layer of one model reads. `rows` is
   None (every row runs the plain model) or a (B,) int64 tensor matching the batch of the layer's input:
   0 = no adapter (the base), k = adapter k (1-based). The caller sets it around a forward pass with
-  `rows_of(model, index)`, which also derives `mask` (B, count * rank), 1 on the rank slots of each row's
-  own adapter; a CUDA graph captured inside reads the same tensor in place on replay (and recomputes the
-  mask from it), so the caller changes the index by writing into that tensor, never by rebinding it.
+  `rows_of(model, index)`, which also derives `mask` (B, K * R), 1 on the R rank slots of each row's
+  own adapter (none for a base row); a CUDA graph captured inside reads the same tensor in place on
+  replay (and recomputes the mask from it), so the caller changes the index by writing into that
+  tensor, never by rebinding it.
 - `BatchedLoraLinear(base, a, b, rows)` wraps a linear layer (`nn.Linear` or `argen.nn.quant.Int8Linear`):
   `a` (K+1, R, in) and `b` (K+1, R, out) stack the K adapters' A and B^T matrices, their scale already
   folded into `b` (scale * alpha / r, peft's scaling), ranks padded with zeros to the model's largest R;
   entry 0 and every adapter that does not target this layer are zeros. forward(x (B, T, in)) = base(x) +
   B_k (A_k x) for each row's adapter k, by one of two equal forms chosen by shape alone (graph-safe): with
-  at least K+1 rows x tokens, every row through all the stacked A, masked to its own adapter's rank slots,
-  then through the stacked B (two dense matmuls; A and B are read once per step); with fewer, A_k and B_k
+  at least K rows x tokens, every row through the K adapters' stacked A, masked to its own adapter's rank
+  slots, then through the stacked B (two dense matmuls; A and B are read once per step); with fewer, A_k and B_k
   gathered per row (two batched matmuls). A base row gets base(x) + 0: the plain model's numbers.
   Measured on the project's CPU (rank 16, 5 stacks, 32 rows): the gathered form costs 2-4x the masked one.
 - `MultiLora` (installed as `model.multi_lora` by `install`): the adapters' served `names`, and each
@@ -44,9 +45,9 @@ class AdapterRows:
         self.rows = index
         self.mask = None
         if index is not None:
-            stacks = torch.arange(self.count, device=index.device)
-            hit = index[:, None] == stacks[None]  # (B, K+1), no host read
-            self.mask = hit[:, :, None].expand(-1, -1, self.rank).reshape(index.shape[0], -1)  # (B, (K+1) R)
+            stacks = torch.arange(1, self.count, device=index.device)
+            hit = index[:, None] == stacks[None]  # (B, K), no host read
+            self.mask = hit[:, :, None].expand(-1, -1, self.rank).reshape(index.shape[0], -1)  # (B, K R)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -66,10 +67,10 @@ class BatchedLoraLinear(nn.Module):
         if index.shape[0] != batch:
             raise RuntimeError(f"adapter index for {index.shape[0]} rows, but the batch has {batch}")
         x = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
-        if x.shape[0] * x.shape[1] >= self.a.shape[0]:  # stacked: A and B read once for all rows
-            mask = self.rows.mask.to(x.dtype)[:, None]  # (B, 1, (K+1) R)
-            h = torch.matmul(x, self.a.flatten(0, 1).T.to(x.dtype)) * mask  # (B, T, (K+1) R)
-            return y + torch.matmul(h, self.b.flatten(0, 1).to(x.dtype)).view(y.shape)  # (B, T, out)
+        if x.shape[0] * x.shape[1] >= self.a.shape[0] - 1:  # stacked: the K adapters' A and B read once
+            mask = self.rows.mask.to(x.dtype)[:, None]  # (B, 1, K R)
+            h = torch.matmul(x, self.a[1:].flatten(0, 1).T.to(x.dtype)) * mask  # (B, T, K R)
+            return y + torch.matmul(h, self.b[1:].flatten(0, 1).to(x.dtype)).view(y.shape)  # (B, T, out)
         a = self.a[index].to(x.dtype)  # (B, R, in): gathered per row
         b = self.b[index].to(x.dtype)  # (B, R, out)
         h = torch.bmm(x, a.transpose(1, 2))  # (B, T, R)
