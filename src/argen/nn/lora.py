@@ -47,7 +47,8 @@ class AdapterRows:
         if index is not None:
             stacks = torch.arange(1, self.count, device=index.device)
             hit = index[:, None] == stacks[None]  # (B, K), no host read
-            self.mask = hit[:, :, None].expand(-1, -1, self.rank).reshape(index.shape[0], -1)  # (B, K R)
+            mask = hit[:, :, None].expand(-1, -1, self.rank).reshape(index.shape[0], -1)  # (B, K R)
+            self.mask = mask.to(torch.float32)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -67,10 +68,15 @@ class BatchedLoraLinear(nn.Module):
         if index.shape[0] != batch:
             raise RuntimeError(f"adapter index for {index.shape[0]} rows, but the batch has {batch}")
         x = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
-        if x.shape[0] * x.shape[1] >= self.a.shape[0] - 1:  # stacked: the K adapters' A and B read once
-            mask = self.rows.mask.to(x.dtype)[:, None]  # (B, 1, K R)
-            h = torch.matmul(x, self.a[1:].flatten(0, 1).T.to(x.dtype)) * mask  # (B, T, K R)
-            return y + torch.matmul(h, self.b[1:].flatten(0, 1).to(x.dtype)).view(y.shape)  # (B, T, out)
+        tokens = x.shape[1]
+        if batch * tokens >= self.a.shape[0] - 1:  # stacked: the K adapters' A and B read once
+            mask = self.rows.mask  # (B, K R)
+            if tokens > 1:
+                mask = mask[:, None].expand(batch, tokens, mask.shape[1]).reshape(batch * tokens, -1)
+            h = torch.mm(x.reshape(batch * tokens, -1), self.a[1:].flatten(0, 1).T.to(x.dtype))  # (B T, K R)
+            h = h.mul_(mask)
+            out = torch.addmm(y.reshape(batch * tokens, -1), h, self.b[1:].flatten(0, 1).to(x.dtype))
+            return out.view(y.shape)  # (B, T, out)
         a = self.a[index].to(x.dtype)  # (B, R, in): gathered per row
         b = self.b[index].to(x.dtype)  # (B, R, out)
         h = torch.bmm(x, a.transpose(1, 2))  # (B, T, R)
