@@ -25,13 +25,14 @@ that capacity (or at `--rates` images/s) the servers take turns with open-loop P
 (the server's `timings.queue_ms`: arrival to admission), then the continuous/static ratios.
 
 `--adapters N` (with `--spawn`): N stand-in LoRA adapters (random, rank `--lora-rank`, on every linear of the
-blocks; `benchmarks/standin_adapters.py`) of the tiny base, and two servers started together: the
-single-adapter server (adapter 0 merged into the weights, as `argen merge-lora` writes it) and one server with
-all N (`serve --lora a0=DIR ... --lora aN-1=DIR`, batched LoRA). `--rounds` times, in turn, the same closed loop
-(`--requests / --rounds` requests) runs against (1) the single server, (2) the multi server with each request
-naming a random adapter, so every step mixes them, and (3) the multi server with every request on a0. It
-reports the median images/s of each and the median of the per-round ratios multi/single (pairing keeps the
-ratio meaningful on a machine whose speed drifts; issue 26's target: >= 0.8).
+blocks; `benchmarks/standin_adapters.py`) of the tiny base, and three servers started together: two
+single-adapter servers, adapter 0 merged into the weights (as `argen merge-lora` writes it) and adapter 0
+alone unmerged (`serve --lora a0=DIR`), and one server with all N (`serve --lora a0=DIR ... --lora aN-1=DIR`,
+batched LoRA). `--rounds` times, in turn, the same closed loop (`--requests / --rounds` requests) runs against
+the merged server, the unmerged one, the multi server with each request naming a random adapter (so every
+step mixes them), and the multi server with every request on a0. It reports the median images/s of each and
+the medians of the per-round ratios against each single-adapter server (pairing keeps a ratio meaningful on
+a machine whose speed drifts; issue 26's target: multi mixed >= 0.8x the single-adapter server).
 """
 
 from __future__ import annotations
@@ -318,11 +319,12 @@ def adapters_report(args) -> dict:
         write_tiny_checkpoints(folder, args.gpt_config, args.vq_config)
         names = write_adapters(folder, args.adapters, args.lora_rank)
         many = tuple(x for name in names for x in ("--lora", f"{name}={folder / name}"))
-        ports = {"single": free_port(), "multi": free_port()}
+        ports = {"single": free_port(), "one": free_port(), "multi": free_port()}
         procs = [spawn_server(folder, ports["single"], args, args.scheduler, "merged"),
+                 spawn_server(folder, ports["one"], args, args.scheduler, "gpt", many[:2]),
                  spawn_server(folder, ports["multi"], args, args.scheduler, "gpt", many)]
-        plan = {"single_merged": ("single", []), "multi_mixed": ("multi", names),
-                "multi_one_adapter": ("multi", names[:1])}
+        plan = {"single_merged": ("single", []), "single_unmerged": ("one", names[:1]),
+                "multi_mixed": ("multi", names), "multi_one_adapter": ("multi", names[:1])}
         runs: dict[str, list[dict]] = {k: [] for k in plan}
         try:
             for r in range(args.rounds):
@@ -347,8 +349,11 @@ def adapters_report(args) -> dict:
                      "latency_ms_p50_median": statistics.median(r["latency_ms_p50"] for r in rows),
                      "errors": sum(r["errors"] for r in rows),
                      "server_mean_batch_images": rows[-1]["server_mean_batch_images"]} for key, rows in runs.items()}
+    unmerged = [m["images_per_s"] / s["images_per_s"] for m, s in zip(runs["multi_mixed"], runs["single_unmerged"])]
     return {"runs": summary, "ratio_mixed_vs_single_per_round": ratios("multi_mixed"),
             "ratio_mixed_vs_single": statistics.median(ratios("multi_mixed")),
+            "ratio_mixed_vs_single_unmerged": statistics.median(unmerged),
+            "ratio_single_unmerged_vs_single": statistics.median(ratios("single_unmerged")),
             "ratio_one_adapter_vs_single": statistics.median(ratios("multi_one_adapter")),
             "settings": {k: getattr(args, k) for k in ("requests", "rounds", "concurrency", "images", "top_k",
                                                          "cfg_scale", "max_batch_size", "max_wait_ms", "gpt_config",
