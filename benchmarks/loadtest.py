@@ -105,6 +105,17 @@ def spawn_server(folder: Path, port: int, args, scheduler: str | None = None, gp
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def stop_servers(procs: list[subprocess.Popen]) -> None:
+    """SIGINT (graceful: in-flight work finishes), then wait; killed after 60 s."""
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 async def wait_healthy(client: httpx.AsyncClient, deadline: float) -> None:
     while time.perf_counter() < deadline:
         try:
@@ -272,13 +283,7 @@ def compare(args, folder: Path) -> dict:
                 runs[scheduler].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_servers(procs)
     report = {"static_capacity_img_s": capacity, "runs": runs, "ratios": []}
     if "static" in runs and "continuous" in runs:
         for static, cont in zip(runs["static"], runs["continuous"]):
@@ -334,13 +339,7 @@ def adapters_report(args) -> dict:
                     one.requests = max(1, args.requests // args.rounds)
                     runs[key].append(asyncio.run(run_load(f"http://127.0.0.1:{ports[server]}", one)))
         finally:
-            for proc in procs:
-                proc.send_signal(signal.SIGINT)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_servers(procs)
 
     def ratios(key: str) -> list[float]:
         return [m["images_per_s"] / s["images_per_s"] for m, s in zip(runs[key], runs["single_merged"])]
@@ -390,9 +389,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rates", default=None, help="--compare: arrival rates in images/s (no calibration)")
     parser.add_argument("--calibrate-requests", type=int, default=48, help="--compare: closed-loop requests")
     parser.add_argument("--adapters", type=int, default=0, help="--spawn: N LoRA adapters in one server against "
-                                                                   "one adapter merged (issue 26)")
+                                                                   "one adapter alone (issue 26)")
     parser.add_argument("--lora-rank", type=int, default=16, help="--adapters: rank of the stand-in adapters")
-    parser.add_argument("--rounds", type=int, default=5, help="--adapters: rounds of the three runs in turn")
+    parser.add_argument("--rounds", type=int, default=5, help="--adapters: rounds of the four runs in turn")
     parser.add_argument("--scheduler", default=None, help="--spawn: the server's scheduler (default: continuous)")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= MAX_REQUESTS or not 0 < args.duration <= MAX_SECONDS or args.concurrency < 1:
@@ -438,11 +437,7 @@ def main(argv=None) -> int:
             report = asyncio.run(run_load(url, args))
         finally:
             if proc is not None:
-                proc.send_signal(signal.SIGINT)  # graceful: finishes in-flight work
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_servers([proc])
     report["settings"] = {k: getattr(args, k) for k in ("requests", "concurrency", "images", "top_k", "cfg_scale",
                                                           "max_batch_size", "max_wait_ms")}
     if args.spawn:

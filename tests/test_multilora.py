@@ -23,6 +23,7 @@ from argen.serving import GenerationService, ServeConfig, create_app
 from argen.utils.errors import ArgenError
 from conftest import tiny_gpt
 from test_engine import simulated_cuda_graphs  # noqa: F401 (fixture)
+from test_lora import _serve
 
 GREEDY = SamplingParams(cfg_scale=2.0, top_k=1)
 # (class id, adapter index or None): x = 0, y = 1 (its own 3 classes), the base
@@ -140,6 +141,32 @@ def test_cuda_graphs_serve_mixed_adapters(adapters):
     assert decoder.graphs
 
 
+def test_text_adapters_with_their_own_caption_projection(tmp_path):
+    """t2i: an adapter with a new caption projection (and unconditional caption) beside a plain one and the base;
+    masked (left-padded) captions of different lengths."""
+    base = tiny_gpt("t2i", seed=0)
+    argen.save_gpt(base, tmp_path / "base")
+    make_adapter(base, tmp_path / "base", tmp_path / "p", seed=1, caption_proj=True)
+    make_adapter(base, tmp_path / "base", tmp_path / "q", seed=2, targets="ffn")
+    multi = argen.load_gpt(tmp_path / "base", adapters=[f"p={tmp_path / 'p'}", f"q={tmp_path / 'q'}"])
+    single = {0: argen.load_gpt(tmp_path / "base", lora=str(tmp_path / "p")),
+              1: argen.load_gpt(tmp_path / "base", lora=str(tmp_path / "q")), None: argen.load_gpt(tmp_path / "base")}
+    cfg = base.config
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for i, adapter in enumerate([0, 1, None, 0, None]):
+        mask = torch.zeros(cfg.caption_len)
+        mask[-(2 + i):] = 1
+        requests.append(SlotRequest(torch.randn(cfg.caption_len, cfg.caption_dim, generator=g) * mask[:, None], mask,
+                                    params=GREEDY, adapter=adapter))
+    got = SlotDecoder(multi, 3).run(requests)
+    for r, tokens in zip(requests, got):
+        want = SlotDecoder(single[r.adapter], 1).run([SlotRequest(r.cond, r.cond_mask, params=GREEDY)])[0]
+        assert torch.equal(tokens, want), r.adapter
+    plain = SlotDecoder(single[None], 1).run([SlotRequest(requests[0].cond, requests[0].cond_mask, params=GREEDY)])[0]
+    assert not torch.equal(got[0], plain)
+
+
 def test_unknown_adapters_and_classes_are_refused(models):
     multi, single = models
     with pytest.raises(ArgenError, match=r"adapter 2 is not served.*0..1 \(x, y\)"):
@@ -198,20 +225,6 @@ def test_server_mixes_adapters_and_matches_each_model_alone(adapters, models, sc
 
 
 # ------------------------------------------------------------------ the CLI
-def _serve(monkeypatch, argv, requests):
-    import uvicorn
-
-    answers = {}
-
-    def fake_run(app, host, port, log_level):
-        with TestClient(app) as client:
-            answers.update(requests(client))
-
-    monkeypatch.setattr(uvicorn, "run", fake_run)
-    assert main(["serve", *argv, "--device", "cpu", "--port", "8141"]) == 0
-    return answers
-
-
 def test_serve_loads_named_adapters_once(adapters, monkeypatch, capsys):
     root = adapters
     answers = _serve(monkeypatch, ["--gpt", str(root / "base"), "--tokenizer", str(root / "vq"), "--lora",
