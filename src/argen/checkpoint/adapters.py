@@ -377,8 +377,8 @@ def fetch_adapter(ref: str | Path) -> Adapter:
 def _scaling(adapter: Adapter) -> float:
     config = adapter.config
     if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ArgenError(f"LoRA adapter {adapter.path} uses DoRA or per-module ranks, which argen serves merged "
-                         f"only (argen merge-lora, or sample --lora)")
+        raise ArgenError(f"LoRA adapter {adapter.path} uses DoRA or per-module ranks, which argen cannot serve "
+                         f"unmerged; merge it (argen merge-lora) and serve the result")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
