@@ -100,6 +100,22 @@ def test_slot_decoder_mixes_adapters_in_one_step(models, step):
         assert torch.equal(out[i], alone(single, c, a, step())), (i, c, a)
 
 
+def test_edits_with_kept_runs_share_an_extend_across_adapters(models):
+    """Forced tokens (an edit): adjacent slots of different adapters feed their kept runs in one forward."""
+    multi, single = models
+    cfg = multi.config
+    forced = torch.full((cfg.num_image_tokens,), -1)
+    forced[3:9] = torch.arange(6) * 7  # a kept run, then sampled tokens
+    mix = [(1, 0), (2, 1), (3, None)]
+    decoder = SlotDecoder(multi, 3)
+    got = decoder.run([SlotRequest(torch.tensor(c), params=GREEDY, adapter=a, forced=forced) for c, a in mix])
+    assert decoder.counters["extends"] == 1  # the three slots' kept run in one forward pass
+    for (c, a), tokens in zip(mix, got):
+        want = SlotDecoder(single[a], 1).run([SlotRequest(torch.tensor(c), params=GREEDY, forced=forced)])[0]
+        assert torch.equal(tokens, want), a
+        assert torch.equal(tokens[3:9], forced[3:9])
+
+
 def test_batches_take_mixed_adapters_and_leave_the_base_alone(models):
     multi, single = models
     cond = torch.tensor([c for c, _ in MIX])
