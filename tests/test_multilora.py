@@ -24,6 +24,8 @@ from argen.utils.errors import ArgenError
 from conftest import tiny_gpt
 from test_engine import simulated_cuda_graphs  # noqa: F401 (fixture)
 from test_lora import _serve
+from test_openai import live_server
+from test_web import CHROMEDRIVER, CHROMIUM, browser  # noqa: F401 (fixture)
 
 GREEDY = SamplingParams(cfg_scale=2.0, top_k=1)
 # (class id, adapter index or None): x = 0, y = 1 (its own 3 classes), the base
@@ -300,3 +302,30 @@ def test_an_adapter_from_the_hub(adapters, tmp_path, monkeypatch):
     decoder = SlotDecoder(multi, 2)
     tokens = decoder.run([SlotRequest(torch.tensor(1), params=GREEDY, adapter=0)])[0]
     assert torch.equal(tokens, SlotDecoder(local, 1).run([SlotRequest(torch.tensor(1), params=GREEDY)])[0])
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver")
+def test_the_web_page_picks_a_model_from_its_menu(adapters, models, browser):  # noqa: F811
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    multi, _ = models
+    wait = WebDriverWait(browser, 60)
+    with live_server(create_app(_service(adapters, multi, "continuous"), model_id="base")) as url:
+        browser.get(url + "/")
+        wait.until(lambda d: d.find_element("id", "generate").is_enabled())
+        menu = Select(browser.find_element("id", "model-menu"))
+        assert [o.text for o in menu.options] == ["base", "base:x", "base:y"]
+        assert browser.find_element("id", "model-label").is_displayed()
+        menu.select_by_visible_text("base:y")
+        options = browser.execute_script(
+            "return [...document.querySelectorAll('#class-names option')].map(o => o.value)")
+        assert options == ["corgi", "logo", "sunset"]  # y's own classes
+        assert len(browser.find_elements("id", "condition")) == 1
+        for field, value in (("condition", "sunset"), ("n", 1)):
+            element = browser.find_element("id", field)
+            element.clear()
+            element.send_keys(str(value))
+        browser.find_element("id", "generate").click()
+        wait.until(lambda d: d.find_elements("css selector", "figure.done img.result"))
+        assert "sunset (class 2)" in browser.find_element("css selector", "figure.done figcaption").text
