@@ -477,18 +477,14 @@ class SlotDecoder:
     def _rows(self, requests: list[SlotRequest], adapters: list[int]):
         """Conditions of the requests -> (2k interleaved cond/uncond rows, (2k, L) bool key mask or None)."""
         gpt, device, k = self.gpt, self.device, len(requests)
+        lora = self.lora if self.lora is not None and any(adapters) else None  # adapters: their own embeddings
         if gpt.config.kind == "c2i":
             cond = torch.stack([torch.as_tensor(r.cond).reshape(()) for r in requests]).to(torch.long)
-            if self.lora is None or not any(adapters):
+            if lora is None:
                 gpt.check_condition(cond)
-                null = gpt.null_condition(k, device)
-            else:  # each adapter's own classes, and its own null row
-                embedders = [self.lora.embedder(gpt, a) for a in adapters]
-                for c, a, e in zip(cond.tolist(), adapters, embedders):
-                    if not 0 <= c < e.num_classes:
-                        raise ArgenError(f"class ids of {self.lora.names[a - 1]} must lie in [0, "
-                                         f"{e.num_classes - 1}], got {c}")
-                null = torch.cat([e.null_condition(1, device) for e in embedders])
+            else:
+                lora.check_classes(gpt, cond, adapters)
+            null = gpt.null_condition(k, device) if lora is None else lora.null_condition(gpt, adapters, device)
             cond = cond.to(device)
             return torch.stack([cond, null], dim=1).reshape(2 * k), None
         cond = torch.stack([torch.as_tensor(r.cond, dtype=torch.float32) for r in requests])  # (k, L, D)
@@ -496,10 +492,8 @@ class SlotDecoder:
                             for r in requests]).float()  # (k, L)
         gpt.check_condition(cond, mask)
         cond, mask = cond.to(device), mask.to(device).bool()
-        if self.lora is None or not any(adapters):
-            null = gpt.null_condition(k, device).to(cond.dtype)
-        else:
-            null = torch.cat([self.lora.embedder(gpt, a).null_condition(1, device) for a in adapters]).to(cond.dtype)
+        null = (gpt.null_condition(k, device) if lora is None else lora.null_condition(gpt, adapters, device))
+        null = null.to(cond.dtype)
         rows = torch.stack([cond, null], dim=1).reshape(2 * k, *cond.shape[1:])  # (2k, L, D)
         return rows, mask.repeat_interleave(2, dim=0)
 

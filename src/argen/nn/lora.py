@@ -20,7 +20,9 @@ Contract:
 - `MultiLora` (installed as `model.multi_lora` by `install`): the adapters' served `names`, and each
   adapter's own condition embedding where it rebuilt the class rows or learned a new caption projection
   (`embedder(k)`: that module, else the model's own `cls_embedding`). `embed_condition(model, cond,
-  adapters)` embeds each row with its adapter's embedder (rows grouped per adapter, one call each).
+  adapters)` embeds each row with its adapter's embedder (rows grouped per adapter, one call each);
+  `check_classes` (class ids within each row's adapter's classes, else `ArgenError`) and
+  `null_condition` (each row's own null class or learned unconditional caption) go with it.
 - `install(model, names, layers, embedders)` wraps the named linear layers (setattr on their parents)
   and returns the `MultiLora`; `multi_lora(model)` -> it, or None for a plain model.
 """
@@ -31,6 +33,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from argen.utils.errors import ArgenError
 
 
 class AdapterRows:
@@ -93,6 +97,18 @@ class MultiLora(nn.Module):
     def embedder(self, model: nn.Module, adapter: int) -> nn.Module:
         """The condition embedding of adapter `adapter` (1-based; 0 = the base's)."""
         return self.embedders[str(adapter)] if str(adapter) in self.embedders else model.cls_embedding
+
+    def check_classes(self, model: nn.Module, cond: torch.Tensor, adapters: list[int]) -> None:
+        """(B,) class ids, each within its adapter's classes (1-based adapters; 0 = the base's)."""
+        for c, k in zip(cond.tolist(), adapters):
+            classes = self.embedder(model, k).num_classes
+            if not 0 <= c < classes:
+                whose = self.names[k - 1] if k else "the base"
+                raise ArgenError(f"class ids of {whose} must lie in [0, {classes - 1}], got {c}")
+
+    def null_condition(self, model: nn.Module, adapters: list[int], device) -> torch.Tensor:
+        """Each row's unconditional condition (its adapter's null class or learned caption): (B,) or (B, L, D)."""
+        return torch.cat([self.embedder(model, k).null_condition(1, device) for k in adapters])
 
     def embed_condition(self, model: nn.Module, cond: torch.Tensor, adapters: list[int]) -> torch.Tensor:
         """cond (B,) ids or (B, L, D) features, adapters (B,) 1-based indices -> (B, cond_len, C)."""
