@@ -32,6 +32,12 @@ Contract:
 - A slot's tokens do not depend on the other slots: its rows attend only to their own cache rows,
   masked by their own position and caption mask, and its tokens are drawn from its own logits,
   parameters and numbers. Greedy decoding gives the reference sampler's tokens.
+- Adapters (a model with batched LoRA, `argen.nn.lora`): `SlotRequest.adapter` (0-based index into the
+  model's `multi_lora.names`, None = the base) is written to both rows of the slot at admission
+  (`state.adapter`, per row: 0 = base, k + 1 = adapter k), moves with the slot, and every forward pass
+  runs with the index of the rows it covers (a captured step reads the tensor in place). The slot's
+  condition is embedded with its adapter's condition embedding (its own classes or caption projection).
+  A plain model ignores the field's absence; a request naming an adapter the model lacks is an error.
 - CPU (eager): active slots are kept in slots [0, n) (a retired slot is filled by moving the last
   one into it, cache rows included) and a step runs rows [0, 2n) only, over max(position) + 1 cache
   slots (no position mask when every slot sits at one position). CUDA (`cuda_graphs`): the policy's
@@ -52,6 +58,7 @@ import torch
 
 from argen.engine.sampler import RowParams, build_row_params, sample_tokens, static_facts
 from argen.models.gpt import GPT, prefix_attention_mask
+from argen.nn.lora import multi_lora, rows_of
 from argen.sampling.logits import SamplingParams
 from argen.utils.errors import ArgenError
 
@@ -143,6 +150,7 @@ class SlotRequest:
     tag: object = None
     uniforms: torch.Tensor | None = None  # (max_new_tokens,) pre-drawn U[0, 1) of a plain step; None: drawn
     forced: torch.Tensor | None = None  # (max_new_tokens,) int64: >= 0 a kept token, -1 sampled; None: all sampled
+    adapter: int | None = None  # index into the model's served LoRA adapters (multi_lora.names); None: the base
     forwards: int = 0  # set by the decoder: forward passes this request took (prefill, steps, extends)
 
 
@@ -177,6 +185,7 @@ class _State:
         self.key_valid = torch.ones(rows, cache_len, dtype=torch.bool, device=device)
         self.out = torch.zeros(n, tokens, dtype=torch.long, device=device)
         self.forced = torch.full((n, tokens), -1, dtype=torch.long, device=device)  # kept tokens, -1 sampled
+        self.adapter = torch.zeros(rows, dtype=torch.long, device=device)  # per row: 0 base, k + 1 adapter k
         self.extra: tuple[torch.Tensor, ...] = ()  # the step policy's own per-slot tensors (moved with the slot)
 
     def per_slot(self):
@@ -184,7 +193,7 @@ class _State:
                 self.top_p, self.guided_rows, self.out, self.forced) + self.extra
 
     def per_row(self):
-        return self.tokens, self.key_valid
+        return self.tokens, self.key_valid, self.adapter
 
 
 def kept_runs(forced: list[int]) -> list[int]:
@@ -258,7 +267,8 @@ class PlainStep:
             mask = additive_mask(visible, st.cache[0].dtype)[:, None, None, :]  # (rows, 1, 1, kv)
             positions = pos[:, None]
         h = gpt.embed_tokens(st.tokens[rows, None])  # (rows, 1, C)
-        logits = gpt.forward_cached(h, positions, cache, kv, mask)[:, 0]  # (rows, V)
+        with rows_of(gpt, d.adapter_index(rows)):
+            logits = gpt.forward_cached(h, positions, cache, kv, mask)[:, 0]  # (rows, V)
 
         def first(t: torch.Tensor) -> torch.Tensor:  # no view when the step covers every slot (graphs)
             return t if n == t.shape[0] else t[:n]
@@ -322,7 +332,8 @@ class PlainStep:
         kv = pos + k
         visible = (d.positions[:kv] <= positions[:, None]) & st.key_valid[rows, None, :kv]  # (rows, k, kv)
         h = gpt.embed_tokens(inputs.repeat_interleave(twins, dim=0))  # (rows, k, C)
-        gpt.forward_cached(h, positions, [c[:, rows] for c in st.cache], kv, visible[:, None], last_only=True)
+        with rows_of(gpt, d.adapter_index(rows)):
+            gpt.forward_cached(h, positions, [c[:, rows] for c in st.cache], kv, visible[:, None], last_only=True)
         st.tokens[2 * first:2 * (first + n)] = kept[:, -1].repeat_interleave(2)
         for i in slots:
             d.slots[i].pos += k
@@ -369,6 +380,7 @@ class SlotDecoder:
         self._signature = None
         self._admitted = 0
         self.counters = {"prefills": 0, "decode_steps": 0, "slot_steps": 0, "extends": 0}
+        self.lora = multi_lora(gpt)
         self.policy = step if step is not None else PlainStep()
         self.policy.bind(self)
 
@@ -435,6 +447,11 @@ class SlotDecoder:
                 results[id(request)] = tokens
         return [results[id(r)] for r in requests]
 
+    def adapter_index(self, rows: slice) -> torch.Tensor | None:
+        """The adapter index of these cache rows (a view of the state: captured steps read it in place),
+        or None for a plain model."""
+        return self.state.adapter[rows] if self.lora is not None else None
+
     def bucket(self, kv_len: int) -> int:
         """The captured attention length that covers `kv_len` cache slots."""
         return min(self.cache_len, self.kv_bucket * math.ceil(kv_len / self.kv_bucket))
@@ -446,20 +463,37 @@ class SlotDecoder:
             self._signature = signature
             self.graphs.clear()
 
-    def _rows(self, requests: list[SlotRequest]):
+    def _adapters(self, requests: list[SlotRequest]) -> list[int]:
+        """Each request's row index (0 base, k + 1 adapter k); refuses adapters the model does not serve."""
+        names = self.lora.names if self.lora is not None else []
+        out = []
+        for r in requests:
+            if r.adapter is not None and not (isinstance(r.adapter, int) and 0 <= r.adapter < len(names)):
+                served = f"its adapters are 0..{len(names) - 1} ({', '.join(names)})" if names else "it has none"
+                raise ArgenError(f"adapter {r.adapter!r} is not served by this model; {served}")
+            out.append(0 if r.adapter is None else r.adapter + 1)
+        return out
+
+    def _rows(self, requests: list[SlotRequest], adapters: list[int]):
         """Conditions of the requests -> (2k interleaved cond/uncond rows, (2k, L) bool key mask or None)."""
         gpt, device, k = self.gpt, self.device, len(requests)
+        lora = self.lora if self.lora is not None and any(adapters) else None  # adapters: their own embeddings
         if gpt.config.kind == "c2i":
             cond = torch.stack([torch.as_tensor(r.cond).reshape(()) for r in requests]).to(torch.long)
-            gpt.check_condition(cond)
+            if lora is None:
+                gpt.check_condition(cond)
+            else:
+                lora.check_classes(gpt, cond, adapters)
+            null = gpt.null_condition(k, device) if lora is None else lora.null_condition(gpt, adapters, device)
             cond = cond.to(device)
-            return torch.stack([cond, gpt.null_condition(k, device)], dim=1).reshape(2 * k), None
+            return torch.stack([cond, null], dim=1).reshape(2 * k), None
         cond = torch.stack([torch.as_tensor(r.cond, dtype=torch.float32) for r in requests])  # (k, L, D)
         mask = torch.stack([torch.ones(cond.shape[1]) if r.cond_mask is None else torch.as_tensor(r.cond_mask)
                             for r in requests]).float()  # (k, L)
         gpt.check_condition(cond, mask)
         cond, mask = cond.to(device), mask.to(device).bool()
-        null = gpt.null_condition(k, device).to(cond.dtype)
+        null = (gpt.null_condition(k, device) if lora is None else lora.null_condition(gpt, adapters, device))
+        null = null.to(cond.dtype)
         rows = torch.stack([cond, null], dim=1).reshape(2 * k, *cond.shape[1:])  # (2k, L, D)
         return rows, mask.repeat_interleave(2, dim=0)
 
@@ -488,15 +522,22 @@ class SlotDecoder:
         gpt, st, k = self.gpt, self.state, len(requests)
         first, length = len(self.slots), self.cond_len
         totals = self._totals(requests)
-        rows, key_mask = self._rows(requests)
+        adapters = self._adapters(requests)
+        rows, key_mask = self._rows(requests, adapters)
         params = [r.params for r in requests]
         rp = self._row_params(k, first, params)
         pick = slice(None, None, 1 if rp.guided else 2)  # the twins only when some request is guided
         r0, r1 = 2 * first, 2 * (first + k)
         cache = [c[:, r0:r1:pick.step] for c in st.cache]  # views of these slots' rows
         mask = None if key_mask is None else prefix_attention_mask(key_mask[pick], length)
-        logits = gpt.forward_cached(gpt.embed_condition(rows[pick]), self.positions[:length], cache, length, mask,
-                                    last_only=True)[:, 0]  # (rows, V)
+        if self.lora is None:
+            h = gpt.embed_condition(rows[pick])
+        else:
+            st.adapter[r0:r1] = torch.tensor(adapters, device=self.device).repeat_interleave(2)
+            h = self.lora.embed_condition(gpt, rows[pick], [a for a in adapters for _ in range(2)][pick])
+        with rows_of(gpt, self.adapter_index(slice(r0, r1, pick.step))):
+            logits = gpt.forward_cached(h, self.positions[:length], cache, length, mask,
+                                        last_only=True)[:, 0]  # (rows, V)
         st.key_valid[r0:r1] = True
         if key_mask is not None:
             st.key_valid[r0:r1, :length] = key_mask
@@ -593,6 +634,7 @@ class SlotDecoder:
                 c[:, 2 * i:2 * i + 2, :, :filled] = c[:, 2 * last:2 * last + 2, :, :filled]
             self.slots[i] = moved
         self.slots.pop()
+        st.adapter[2 * last:2 * last + 2] = 0
         st.live[last] = 0
         st.pos[last] = 0
         st.step[last] = 0
