@@ -8,6 +8,8 @@
     python benchmarks/loadtest.py --spawn --kind t2i --features --requests 100
     # open-loop Poisson arrivals, continuous vs static scheduling in one run (issue 18):
     python benchmarks/loadtest.py --spawn --compare --fractions 0.5,0.8 --requests 60
+    # many LoRA adapters in one server (issue 26): 4 adapters, requests spread over them, against one adapter
+    python benchmarks/loadtest.py --spawn --adapters 4 --requests 120 --concurrency 16
 
 Each request asks for `--images` images of random classes with a random seed (c2i; with
 `--prompts` t2i prompts; with `--features` random caption features as base64 .npy, shaped from the
@@ -21,6 +23,16 @@ that capacity (or at `--rates` images/s) the servers take turns with open-loop P
 (seeded: the same arrival times and payloads for each). Each open-loop run sends `--requests` requests (bounded by
 `--duration`) and reports throughput, latency p50/p99 (send to answer) and queue wait p50/p99
 (the server's `timings.queue_ms`: arrival to admission), then the continuous/static ratios.
+
+`--adapters N` (with `--spawn`): N stand-in LoRA adapters (random, rank `--lora-rank`, on every linear of the
+blocks; `benchmarks/standin_adapters.py`) of the tiny base, and three servers started together: two
+single-adapter servers, adapter 0 merged into the weights (as `argen merge-lora` writes it) and adapter 0
+alone unmerged (`serve --lora a0=DIR`), and one server with all N (`serve --lora a0=DIR ... --lora aN-1=DIR`,
+batched LoRA). `--rounds` times, in turn, the same closed loop (`--requests / --rounds` requests) runs against
+the merged server, the unmerged one, the multi server with each request naming a random adapter (so every
+step mixes them), and the multi server with every request on a0. It reports the median images/s of each and
+the medians of the per-round ratios against each single-adapter server (pairing keeps a ratio meaningful on
+a machine whose speed drifts; issue 26's target: multi mixed >= 0.8x the single-adapter server).
 """
 
 from __future__ import annotations
@@ -69,14 +81,39 @@ def write_tiny_checkpoints(folder: Path, gpt_name: str, vq_name: str, kind: str 
     save_gpt(gpt, folder / "gpt")
 
 
-def spawn_server(folder: Path, port: int, args, scheduler: str | None = None) -> subprocess.Popen:
+def write_adapters(folder: Path, count: int, rank: int) -> list[str]:
+    """`count` stand-in adapters of folder/gpt in folder/a0.. and adapter 0 merged into folder/merged."""
+    from standin_adapters import make_adapter
+
+    from argen.checkpoint import load_gpt, save_gpt
+
+    base = load_gpt(folder / "gpt")
+    for k in range(count):
+        make_adapter(base, folder / "gpt", folder / f"a{k}", seed=k + 1, rank=rank, std=0.05)
+    save_gpt(load_gpt(folder / "gpt", lora=str(folder / "a0")), folder / "merged")
+    return [f"a{k}" for k in range(count)]
+
+
+def spawn_server(folder: Path, port: int, args, scheduler: str | None = None, gpt: str = "gpt",
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "argen.cli.main", "serve", "--tokenizer", str(folder / "vq"), "--gpt",
-           str(folder / "gpt"), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+           str(folder / gpt), *extra, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", str(args.max_queue), "--log-level", "warning", "--text-encoder", "none"]
     if scheduler is not None:
         cmd += ["--scheduler", scheduler]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_servers(procs: list[subprocess.Popen]) -> None:
+    """SIGINT (graceful: in-flight work finishes), then wait; killed after 60 s."""
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 async def wait_healthy(client: httpx.AsyncClient, deadline: float) -> None:
@@ -118,6 +155,8 @@ async def run_load(url: str, args) -> dict:
             while issued < args.requests and time.perf_counter() < stop_at:
                 issued += 1
                 payload = {"seed": rng.randrange(2**31), "top_k": args.top_k, "cfg_scale": args.cfg_scale}
+                if getattr(args, "adapter_names", None):
+                    payload["adapter"] = rng.choice(args.adapter_names)
                 if args.features:
                     payload["features"] = random_features(rng, args.images, health["caption_len"],
                                                           health["caption_dim"])
@@ -244,13 +283,7 @@ def compare(args, folder: Path) -> dict:
                 runs[scheduler].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_servers(procs)
     report = {"static_capacity_img_s": capacity, "runs": runs, "ratios": []}
     if "static" in runs and "continuous" in runs:
         for static, cont in zip(runs["static"], runs["continuous"]):
@@ -278,6 +311,53 @@ def print_compare(report: dict) -> None:
     for ratio in report["ratios"]:
         parts = [f"{key} {ratio[key]:.3f} ({ratio[key + '_target']})" for key in TARGETS if key in ratio]
         print(f"- continuous/static at {ratio['rate_img_s']:.2f} img/s: " + "; ".join(parts))
+
+
+def adapters_report(args) -> dict:
+    """--adapters N: the single-adapter server (adapter 0 merged) and the server with all N, started together,
+    then `--rounds` rounds of closed-loop runs in turn (single, multi mixed, multi on a0), ratios per round."""
+    import copy
+    import statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_tiny_checkpoints(folder, args.gpt_config, args.vq_config)
+        names = write_adapters(folder, args.adapters, args.lora_rank)
+        many = tuple(x for name in names for x in ("--lora", f"{name}={folder / name}"))
+        ports = {"single": free_port(), "one": free_port(), "multi": free_port()}
+        procs = [spawn_server(folder, ports["single"], args, args.scheduler, "merged"),
+                 spawn_server(folder, ports["one"], args, args.scheduler, "gpt", many[:2]),
+                 spawn_server(folder, ports["multi"], args, args.scheduler, "gpt", many)]
+        plan = {"single_merged": ("single", []), "single_unmerged": ("one", names[:1]),
+                "multi_mixed": ("multi", names), "multi_one_adapter": ("multi", names[:1])}
+        runs: dict[str, list[dict]] = {k: [] for k in plan}
+        try:
+            for r in range(args.rounds):
+                for key, (server, chosen) in plan.items():
+                    one = copy.copy(args)
+                    one.adapter_names, one.seed = chosen, args.seed + r
+                    one.requests = max(1, args.requests // args.rounds)
+                    runs[key].append(asyncio.run(run_load(f"http://127.0.0.1:{ports[server]}", one)))
+        finally:
+            stop_servers(procs)
+
+    def ratios(key: str) -> list[float]:
+        return [m["images_per_s"] / s["images_per_s"] for m, s in zip(runs[key], runs["single_merged"])]
+
+    summary = {key: {"images_per_s_median": statistics.median(r["images_per_s"] for r in rows),
+                     "latency_ms_p50_median": statistics.median(r["latency_ms_p50"] for r in rows),
+                     "errors": sum(r["errors"] for r in rows),
+                     "server_mean_batch_images": rows[-1]["server_mean_batch_images"]} for key, rows in runs.items()}
+    unmerged = [m["images_per_s"] / s["images_per_s"] for m, s in zip(runs["multi_mixed"], runs["single_unmerged"])]
+    return {"runs": summary, "ratio_mixed_vs_single_per_round": ratios("multi_mixed"),
+            "ratio_mixed_vs_single": statistics.median(ratios("multi_mixed")),
+            "ratio_mixed_vs_single_unmerged": statistics.median(unmerged),
+            "ratio_single_unmerged_vs_single": statistics.median(ratios("single_unmerged")),
+            "ratio_one_adapter_vs_single": statistics.median(ratios("multi_one_adapter")),
+            "settings": {k: getattr(args, k) for k in ("requests", "rounds", "concurrency", "images", "top_k",
+                                                         "cfg_scale", "max_batch_size", "max_wait_ms", "gpt_config",
+                                                         "vq_config", "adapters", "lora_rank", "scheduler", "seed")}
+            | {"threads": os.environ.get("OMP_NUM_THREADS")}}
 
 
 def main(argv=None) -> int:
@@ -308,6 +388,11 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", default="0.5,0.8", help="--compare: arrival rates x the static capacity")
     parser.add_argument("--rates", default=None, help="--compare: arrival rates in images/s (no calibration)")
     parser.add_argument("--calibrate-requests", type=int, default=48, help="--compare: closed-loop requests")
+    parser.add_argument("--adapters", type=int, default=0, help="--spawn: N LoRA adapters in one server against "
+                                                                   "one adapter alone (issue 26)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="--adapters: rank of the stand-in adapters")
+    parser.add_argument("--rounds", type=int, default=5, help="--adapters: rounds of the four runs in turn")
+    parser.add_argument("--scheduler", default=None, help="--spawn: the server's scheduler (default: continuous)")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= MAX_REQUESTS or not 0 < args.duration <= MAX_SECONDS or args.concurrency < 1:
         parser.error(f"--requests must be in 1..{MAX_REQUESTS}, --duration in (0, {MAX_SECONDS}], --concurrency >= 1")
@@ -329,12 +414,20 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return 0 if all(r["errors"] == 0 for rows in report["runs"].values() for r in rows) else 1
+    if args.adapters:
+        if not args.spawn or args.kind != "c2i":
+            parser.error("--adapters needs --spawn and a c2i model")
+        report = adapters_report(args)
+        print(json.dumps(report, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return 0 if all(r["errors"] == 0 for r in report["runs"].values()) else 1
     proc = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.spawn:
             write_tiny_checkpoints(Path(tmp), args.gpt_config, args.vq_config, args.kind)
             port = free_port()
-            proc = spawn_server(Path(tmp), port, args)
+            proc = spawn_server(Path(tmp), port, args, args.scheduler)
             url = f"http://127.0.0.1:{port}"
         else:
             url = args.url
@@ -344,11 +437,7 @@ def main(argv=None) -> int:
             report = asyncio.run(run_load(url, args))
         finally:
             if proc is not None:
-                proc.send_signal(signal.SIGINT)  # graceful: finishes in-flight work
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_servers([proc])
     report["settings"] = {k: getattr(args, k) for k in ("requests", "concurrency", "images", "top_k", "cfg_scale",
                                                           "max_batch_size", "max_wait_ms")}
     if args.spawn:

@@ -124,6 +124,30 @@ def test_step_counts_are_regenerated_tokens_plus_runs():
         assert int(result.forwards[0]) <= regenerated + runs + 1, name  # + 1: the prefill, when token 0 is kept
 
 
+def test_a_batch_of_edits_with_one_mask_shares_its_extends():
+    """Images kept in the same places feed their kept runs in one forward pass together: the batch's
+    model calls are one image's forwards, and each image's tokens and count are its own alone."""
+    model = tiny_gpt("c2i", seed=4)
+    n = model.config.num_image_tokens
+    row = torch.arange(n) // 4
+    kept = (row < 1) | (row == 2)  # a leading run and a run in the middle
+    source = torch.randint(0, 512, (3, n), generator=torch.Generator().manual_seed(1))
+    forced = forced_from(source, kept[None].expand(3, n))
+    params = SamplingParams(cfg_scale=2.0, top_k=1)
+    classes = torch.tensor([3, 5, 7])
+    result = Batches(model).run(classes, None, params, forced=forced)
+    assert result.forwards.tolist() == [expected_forwards(forced[0])] * 3
+    assert result.model_calls == expected_forwards(forced[0])
+    for i in range(3):
+        alone = Batches(model).run(classes[i:i + 1], None, params, forced=forced[i:i + 1])
+        assert torch.equal(result.tokens[i], alone.tokens[0]), i
+    mixed = forced.clone()
+    mixed[1] = forced_from(source[1:2], (row >= 2)[None])[0]  # another mask: its runs come at other steps
+    result = Batches(model).run(classes, None, params, forced=mixed)
+    assert result.model_calls > expected_forwards(forced[0])
+    assert torch.equal(result.tokens, reference_generate(model, classes, cfg_scale=2.0, top_k=1, forced_tokens=mixed))
+
+
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "fixed-slots"])
 def test_an_edit_does_not_depend_on_its_co_tenants(kind, graphs):

@@ -237,10 +237,12 @@ def test_class_folders_to_lora_to_sample_and_serve(hub, tmp_path, monkeypatch): 
     def requests(client):
         return {"models": client.get("/v1/models").json(),
                 "image": client.post("/v1/images/generations", json={"prompt": "my cat", "n": 1,
+                                                                    "model": "c2i_B_256:pets-lora",
                                                                     "response_format": "b64_json"})}
 
     answers = _serve(monkeypatch, ["--gpt", "c2i_B_256", "--lora", str(tmp_path / "pets-lora")], requests)
-    model = answers["models"]["data"][0]
+    base, model = answers["models"]["data"]  # the base and the adapter, served side by side
+    assert base["id"] == "c2i_B_256" and model["argen"]["adapter"] == "pets-lora"
     assert model["id"] == "c2i_B_256:pets-lora" and model["argen"]["class_names"] == ["golden retriever", "my cat"]
     assert answers["image"].status_code == 200, answers["image"].text
 

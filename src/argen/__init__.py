@@ -2,8 +2,9 @@
 
 Public API (imported lazily so that `import argen` stays cheap):
     load_tokenizer(path, config=None) -> VQModel
-    load_gpt(path, config=None, kind=None, image_size=None, downsample=None, lora=None) -> GPT
-             (lora: LoRA adapter directories, "DIR:SCALE" or (dir, scale), merged into the weights)
+    load_gpt(path, config=None, kind=None, image_size=None, downsample=None, lora=None, adapters=None) -> GPT
+             (lora: LoRA adapter directories, "DIR:SCALE" or (dir, scale), merged into the weights;
+             adapters: ["NAME=DIR[:SCALE]", ...] served side by side, unmerged, chosen per image)
     generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
              top_k=0, top_p=1.0, generator=None) -> (B, N) LongTensor
              (or params=SamplingParams(...); decode="jacobi", window=W)

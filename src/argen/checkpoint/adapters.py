@@ -31,11 +31,23 @@ Contract:
   replace the condition embedding. With `merge=False` (one adapter) the peft layers stay in place,
   unmerged (to compare the two). `model.class_names` is set to the adapters' class names (or None).
 - `merged_model(cfg, config, state)`: a plain generator from a training run's full (peft-injected) state.
+- Serving many adapters at once, unmerged (`argen.nn.lora`): `parse_named_lora(text)` -> (name, ref, scale)
+  from `[NAME=]REF[:SCALE]` (a bare REF is named after its folder or hub repository); `fetch_adapter(ref)`
+  reads a local folder or `hf://owner/repo[@revision][/folder]` (the two files downloaded through
+  `argen.checkpoint.hub`); `attach_adapters(model, ref, named, image_size)` checks every adapter as
+  `apply_adapters` does (base identity, architecture, every key and shape) and installs them all as batched
+  LoRA layers (`argen.nn.lora.install`): adapter k (1-based, in the given order) is row index k. An
+  adapter's class rows or caption projection become its own condition embedding (a caption projection must
+  take the base's caption shape: the server encodes prompts once). All adapters are served at one image
+  size: `image_size`, else theirs when they agree (refused when they differ). `model.multi_lora.served`
+  lists, per adapter, its name, path, scale and class names.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +55,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from argen.checkpoint.hub import HF_PREFIX, hub_folder
 from argen.checkpoint.loading import load_strict
 from argen.checkpoint.released import released_name
-from argen.models.gpt import GPT, GPTConfig
+from argen.models.gpt import GPT, CaptionEmbedder, GPTConfig, LabelEmbedder
+from argen.nn.lora import install
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import atomic_write, atomic_write_json
 from argen.utils.torch_utils import state_sha256
@@ -330,3 +344,137 @@ def merged_model(cfg: GPTConfig, config, state: dict) -> GPT:
     lora = LoraModel(model, config, ADAPTER)
     model.load_state_dict(state, strict=True)
     return lora.merge_and_unload().eval()
+
+
+# ---------------------------------------------------------------------- serving many adapters, unmerged
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def parse_named_lora(text: str | Path) -> tuple[str, str, float]:
+    """`[NAME=]REF[:SCALE]` -> (name, ref, scale); REF is a folder or `hf://owner/repo[@revision][/folder]`."""
+    text = str(text)
+    head, sep, rest = text.partition("=")
+    name = None
+    if sep and _NAME.fullmatch(head):
+        name, text = head, rest
+    ref, scale = parse_lora(text)
+    if name is None:
+        name = Path(ref.rstrip("/")).name.split("@")[0] if ref.startswith(HF_PREFIX) else Path(ref).resolve().name
+    if not _NAME.fullmatch(name or ""):
+        raise ArgenError(f"--lora {text}: the adapter's name {name!r} must be letters, digits, '_', '.' or '-'; "
+                         f"name it with NAME={ref}")
+    return name, ref, scale
+
+
+def fetch_adapter(ref: str | Path) -> Adapter:
+    """An adapter from a local folder, or from the Hub (`hf://owner/repo[@revision][/folder]`)."""
+    text = str(ref)
+    if not text.startswith(HF_PREFIX):
+        return read_adapter(text)
+    return read_adapter(hub_folder(text, (CONFIG_FILE, WEIGHTS_FILE)))
+
+
+def _scaling(adapter: Adapter) -> float:
+    config = adapter.config
+    if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ArgenError(f"LoRA adapter {adapter.path} uses DoRA or per-module ranks, which argen cannot serve "
+                         f"unmerged; merge it (argen merge-lora) and serve the result")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _stacks(model: GPT, adapters: list[tuple[Adapter, float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per targeted linear: (a (K+1, R, in), b (K+1, R, out): B transposed) float32, entry 0 zeros, ranks padded
+    to the largest of all, scale folded into b."""
+    linears = {name: m for name, m in model.named_modules()
+               if name.rsplit(".", 1)[-1] in MODULES and isinstance(m, torch.nn.Linear)}
+    found: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for k, (adapter, scale) in enumerate(adapters, start=1):
+        keys = [key for key in adapter.state if not key.startswith(EXTRA + ".")]
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key in keys:
+            head, _, tail = key.rpartition(".lora_")
+            pairs.setdefault(head, {})[tail.split(".", 1)[0]] = adapter.state[key].float()
+        wrong = [h for h, p in pairs.items() if h not in linears or set(p) != {"A", "B"}
+                 or p["A"].shape[1] != linears[h].in_features or p["B"].shape[0] != linears[h].out_features
+                 or p["A"].shape[0] != p["B"].shape[1]]
+        if wrong or not pairs:
+            raise ArgenError(f"LoRA adapter {adapter.path} does not fit this generator: {len(wrong)} of its "
+                             f"{len(pairs)} adapted layers are missing or mis-shaped here (e.g. "
+                             f"{', '.join(wrong[:3]) or 'none adapted'})")
+        factor = _scaling(adapter) * scale
+        for head, p in pairs.items():
+            found.setdefault(head, {})[k] = (p["A"], p["B"] * factor)
+    out = {}
+    count = len(adapters) + 1
+    rank = max(a.shape[0] for per in found.values() for a, _ in per.values())  # one R for the whole model
+    for head, per in found.items():
+        linear = linears[head]
+        a = torch.zeros(count, rank, linear.in_features)
+        b = torch.zeros(count, rank, linear.out_features)
+        for k, (ak, bk) in per.items():
+            a[k, :ak.shape[0]] = ak
+            b[k, :bk.shape[1]] = bk.T
+        out[head] = (a, b)
+    return out
+
+
+def _embedder(adapter: Adapter, base: GPT, cfg: GPTConfig) -> torch.nn.Module:
+    """The adapter's own condition embedding (its class rows, or its caption projection)."""
+    theirs = base.config
+    if cfg.kind == "c2i":
+        module = LabelEmbedder(cfg.num_classes, cfg.dim)
+    else:
+        if (cfg.caption_dim, cfg.caption_len) != (theirs.caption_dim, theirs.caption_len):
+            raise ArgenError(f"LoRA adapter {adapter.path} takes {cfg.caption_len} x {cfg.caption_dim} caption "
+                             f"features but the base takes {theirs.caption_len} x {theirs.caption_dim}; a server "
+                             f"encodes prompts once for every model, so serve it alone (argen merge-lora, then "
+                             f"argen serve --gpt MERGED)")
+        module = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.caption_len)
+    state = {k[len(EXTRA) + 1:]: v for k, v in adapter.state.items() if k.startswith(EXTRA + ".")}
+    try:
+        load_strict(module, state, f"LoRA adapter {adapter.path}", "its condition embedding")
+    except CheckpointError as exc:
+        raise ArgenError(f"LoRA adapter {adapter.path} does not fit this generator: {exc}") from None
+    return module
+
+
+def _served_size(named: list[tuple[str, Adapter, float]], base: GPT, image_size: int | None) -> int:
+    if image_size is not None:
+        return image_size
+    sizes = {GPTConfig.from_dict(a.info["config"]).image_size for _, a, _ in named}
+    if len(sizes) > 1:
+        listed = ", ".join(f"{name} {a.gpt_config.image_size} px" for name, a, _ in named)
+        raise ArgenError(f"the adapters were trained at different image sizes ({listed}); one server generates "
+                         f"one size: pass --image-size")
+    return sizes.pop() if sizes else base.config.image_size
+
+
+def attach_adapters(model: GPT, ref: str | Path, named: list[tuple[str, Adapter, float]],
+                    image_size: int | None = None) -> GPT:
+    """`model` (the float32 base from `ref`) serving every adapter of `named` unmerged (module docstring)."""
+    names = [name for name, _, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ArgenError(f"two adapters are named {', '.join(twice)}; name them apart with --lora NAME=DIR")
+    cache: dict = {}
+    for _, adapter, _ in named:
+        _check_base(adapter, str(ref), model, cache)
+    size = _served_size(named, model, image_size)
+    configs = [_fit(adapter, model, size) for _, adapter, _ in named]
+    if size != model.config.image_size:  # RoPE is not stored: the same weights at another grid
+        fields = model.config.to_dict()
+        fields["image_size"] = size
+        moved = GPT(GPTConfig.from_dict(fields))
+        moved.load_state_dict(model.state_dict())
+        moved.sampling_defaults, moved.class_names = model.sampling_defaults, getattr(model, "class_names", None)
+        model = moved
+    embedders = {k: _embedder(adapter, model, cfg) for k, ((_, adapter, _), cfg) in enumerate(zip(named, configs), 1)
+                 if adapter.replaces_condition}
+    lora = install(model, names, _stacks(model, [(a, s) for _, a, s in named]), embedders)
+    lora.served = [{"name": name, "path": str(adapter.path), "scale": scale, "kind": cfg.kind,
+                    "num_classes": cfg.num_classes if cfg.kind == "c2i" else None,
+                    "class_names": (adapter.info.get("class_names") if adapter.replaces_condition else None)
+                    if cfg.kind == "c2i" else None}
+                   for (name, adapter, scale), cfg in zip(named, configs)]
+    return model.eval()

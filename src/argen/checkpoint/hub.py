@@ -28,6 +28,8 @@ Contract:
   tokenizer of a bundled generator, the tokenizer a pushed repository's manifest names, else None.
 - `read_manifest(data)` checks a manifest's fields; an adapter repository's generator reference is refused with
   the name of its base model.
+- `hub_folder(ref, names)`: the files `names` of `hf://owner/repo[@revision][/folder]` (a LoRA adapter's two
+  files), downloaded as above, -> the local folder that holds them.
 - `checkpoint_record(ref)`: the reference a run writes down (hf://... for hub files, else the absolute path).
 - `model_id(ref)`: the name a server reports for a checkpoint; `gpt_class_names(ref, num_classes)`: its class
   names (stored with an argen generator, or ImageNet's for a released 1000-class file), else None.
@@ -216,6 +218,13 @@ def _download(repo: str, filename: str, revision: str | None) -> Path:
         raise CheckpointError(f"cannot download hf://{where}: {first}") from None
     except OSError as exc:
         raise CheckpointError(f"cannot download hf://{where}: {exc.strerror or exc}") from None
+
+
+def hub_folder(ref: str, names: tuple[str, ...]) -> Path:
+    """The local folder holding the files `names` of `hf://owner/repo[@revision][/folder]`, downloaded."""
+    repo, folder, revision = parse_hub_ref(ref)
+    files = [_download(repo, f"{folder}/{name}" if folder else name, revision) for name in names]
+    return files[0].parent
 
 
 def resolve(ref: str | Path) -> tuple[Path, ReleasedName | None]:

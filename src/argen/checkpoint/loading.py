@@ -189,7 +189,7 @@ def save_gpt(model: GPT, path: str | Path, extra: dict | None = None) -> Path:
 def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str | None = None,
              image_size: int | None = None, downsample: int | None = None, device=None,
              dtype: torch.dtype | None = None, container: str | None = None, quantize: str | None = None,
-             lora=None) -> GPT:
+             lora=None, adapters=None) -> GPT:
     """Load a generator in eval mode. Released files need `config` and usually `kind`,
     `image_size` and `downsample`; argen files carry their own config (a different
     `image_size` may be given to sample at another resolution, since RoPE is not stored).
@@ -201,9 +201,17 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     lora: LoRA adapters to merge into the weights (in float32, before quantising and casting): a directory,
     `"DIR:SCALE"`, a (dir, scale) pair, or a list of them (`argen.checkpoint.adapters`); each must have been
     trained on this base. The adapters' data shape (classes, image size) is the model's, unless
-    `image_size` is given; `model.class_names` holds their class names."""
+    `image_size` is given; `model.class_names` holds their class names. A folder may be `hf://owner/repo` (an
+    adapter pushed with `argen push`, fetched through huggingface_hub).
+    adapters: LoRA adapters to serve side by side, unmerged (batched LoRA, `argen.nn.lora`): a list of
+    `"[NAME=]DIR[:SCALE]"` (DIR may be hf://...), or a dict NAME -> `"DIR[:SCALE]"`; a request picks one per
+    image (`SlotRequest.adapter`, 0-based in this order), or none for the base. Not with `lora`."""
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ArgenError(f"unknown quantize {quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
+    served = _read_served(adapters)
+    if served and lora:
+        raise ArgenError("give LoRA adapters either to merge (lora=, sample --lora) or to serve side by side "
+                         "(adapters=, serve --lora), not both")
     adapters = _read_adapters(lora)  # before the base is read: a bad adapter fails fast
     ref, asked_size = path, image_size
     path, config, kind, image_size, downsample = gpt_arguments(path, config, kind, image_size, downsample)
@@ -225,7 +233,7 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
         model = GPT(cfg)
         load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"generator config {cfg.name!r}")
         model.sampling_defaults = info.get("sampling")
-        model = _with_adapters(model, ref, adapters, asked_size)
+        model = _with_adapters(model, ref, adapters, served, asked_size)
         return _place_for_inference(quantize_gpt(model, quantize), device, dtype)
     if config is None:
         raise ArgenError(f"{path} is a released (torch) checkpoint: pass the generator config, e.g. "
@@ -235,25 +243,44 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     model = GPT(cfg)
     desc = f"generator config {cfg.name!r} (kind={cfg.kind}, image_size={cfg.image_size}, downsample={cfg.downsample})"
     load_strict(model, state, str(path), desc)
-    model = _with_adapters(model, ref, adapters, asked_size)
+    model = _with_adapters(model, ref, adapters, served, asked_size)
     return _place_for_inference(quantize_gpt(model, quantize), device, dtype)
 
 
 def _read_adapters(lora) -> list:
     if lora is None or (isinstance(lora, (list, tuple)) and not lora):
         return []
-    from argen.checkpoint.adapters import parse_lora, read_adapter
+    from argen.checkpoint.adapters import fetch_adapter, parse_lora
 
     items = [lora] if isinstance(lora, (str, Path)) or (isinstance(lora, tuple) and len(lora) == 2
                                                          and not isinstance(lora[1], (str, Path, tuple))) else lora
     out = []
     for item in items:
         folder, scale = parse_lora(item)
-        out.append((read_adapter(folder), scale))
+        out.append((fetch_adapter(folder), scale))
     return out
 
 
-def _with_adapters(model: GPT, ref, adapters: list, image_size: int | None) -> GPT:
+def _read_served(adapters) -> list:
+    """`adapters=` -> [(name, Adapter, scale)]."""
+    if not adapters:
+        return []
+    from argen.checkpoint.adapters import fetch_adapter, parse_named_lora
+
+    items = [f"{k}={v}" for k, v in adapters.items()] if isinstance(adapters, dict) else \
+        [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
+    out = []
+    for item in items:
+        name, ref, scale = parse_named_lora(item)
+        out.append((name, fetch_adapter(ref), scale))
+    return out
+
+
+def _with_adapters(model: GPT, ref, adapters: list, served: list, image_size: int | None) -> GPT:
+    if served:
+        from argen.checkpoint.adapters import attach_adapters
+
+        return attach_adapters(model, ref, served, image_size=image_size)
     if not adapters:
         return model
     from argen.checkpoint.adapters import apply_adapters

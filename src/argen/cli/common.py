@@ -146,9 +146,11 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--downsample", type=positive_int, default=None, help="tokenizer downsample factor (16 or 8)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     group.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
-    group.add_argument("--lora", action="append", default=None, metavar="DIR[:SCALE]",
-                       help="a LoRA adapter trained on --gpt (argen train --lora-rank), merged into the weights at "
-                            "load time, its update scaled by SCALE (default 1); repeatable")
+    group.add_argument("--lora", action="append", default=None, metavar="[NAME=]DIR[:SCALE]",
+                       help="a LoRA adapter trained on --gpt (argen train --lora-rank; DIR may be hf://owner/repo), "
+                            "its update scaled by SCALE (default 1); repeatable. sample: merged into the weights at "
+                            "load time; serve: served side by side with the base, unmerged, as BASE:NAME (NAME "
+                            "defaults to the folder's name)")
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                        help="generator weights: none (default) or int8 (per-channel int8 weights of the transformer "
                             "blocks' linear layers, activations in --dtype; faster decoding on a CPU, less memory)")
@@ -216,7 +218,7 @@ def load_models(args: argparse.Namespace):
         downsample = tokenizer.downsample
     gpt = load_gpt(args.gpt, config=args.gpt_config, kind=args.kind, image_size=args.image_size,
                    downsample=downsample, device=device, dtype=dtype, quantize=args.quantize,
-                   lora=getattr(args, "lora", None))
+                   lora=getattr(args, "lora", None), adapters=getattr(args, "adapters", None))
     if gpt.config.downsample != tokenizer.downsample:
         raise ArgenError(f"the generator expects downsample {gpt.config.downsample} but the tokenizer has "
                          f"{tokenizer.downsample}")

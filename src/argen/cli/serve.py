@@ -5,7 +5,8 @@
     curl -s localhost:8000/v1/generate -H 'content-type: application/json' -d '{"classes": [207], "seed": 1}'
 
     argen serve --gpt c2i_B_256 --port 8000      # a released name: the flags and the tokenizer follow from it
-    argen serve --gpt c2i_B_256 --lora runs/pets # a LoRA adapter merged in; served as c2i_B_256:pets
+    argen serve --gpt c2i_B_256 --lora dogs=runs/dogs --lora logos=hf://me/logos
+                                                 # c2i_B_256, c2i_B_256:dogs and c2i_B_256:logos, one batch
 
 The web page is at http://localhost:8000/, the OpenAI images API at /v1/images/generations and /v1/models
 (see argen.serving.app).
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import errno
 import socket
-from pathlib import Path
 
 from argen.cli.common import (
     add_checkpoint_arguments,
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), scheduler=args.scheduler,
                          decode=args.decode, window=args.window)
     bundled = use_bundled_generator(args, args.kind or "t2i")
+    args.adapters, args.lora = args.lora, None  # served side by side (batched LoRA), not merged
     tokenizer, gpt, device, _ = load_models(args)
     if bundled:
         say_bundled_generator(args.gpt, gpt)
@@ -121,13 +122,11 @@ def run(args: argparse.Namespace) -> int:
     names = getattr(gpt, "class_names", None) or (gpt_class_names(args.gpt, gpt.config.num_classes)
                                                   if gpt.config.kind == "c2i" else None)
     served_id = model_id(args.gpt)
-    if args.lora:  # a merged adapter serves as BASE:ADAPTER (the adapter directory's name)
-        from argen.checkpoint.adapters import parse_lora
-
-        served_id += "".join(f":{Path(parse_lora(item)[0]).resolve().name}" for item in args.lora)
-    app = create_app(service, model_id=served_id, class_names=names)
+    app = create_app(service, model_id=served_id, class_names=names)  # and BASE:NAME for each adapter
+    names_served = service.adapter_names
+    adapters = f", LoRA adapters {', '.join(f'{served_id}:{n}' for n in names_served)}" if names_served else ""
     print(f"argen serve: {gpt.config.kind} {gpt.config.name} ({gpt.config.num_image_tokens} tokens) on {device}, "
-          f"takes {conditions}; http://{args.host}:{args.port}/v1/generate, OpenAI API at "
+          f"takes {conditions}{adapters}; http://{args.host}:{args.port}/v1/generate, OpenAI API at "
           f"http://{args.host}:{args.port}/v1, web page at http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

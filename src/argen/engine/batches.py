@@ -89,23 +89,26 @@ class Batches:
                  generator: torch.Generator | None = None,
                  row_generators: Sequence[torch.Generator] | None = None,
                  max_new_tokens: int | None = None, progress: Callable[[int], None] | None = None,
-                 forced: torch.Tensor | None = None) -> torch.Tensor:
+                 forced: torch.Tensor | None = None, adapters: Sequence[int | None] | None = None) -> torch.Tensor:
         """(B,) class ids or (B, L, D) captions -> (B, max_new_tokens) int64 tokens on the model's device.
 
         params: one SamplingParams for all rows or one per row. generator: one generator for the
         whole batch; row_generators: one per row (the server), so that each row's randomness is its own.
         progress: called after each step of each chunk with the tokens by which its slowest image
         advanced (plain steps: 1 per token), from the host loop. forced: (B, max_new_tokens) int64 kept
-        tokens (-1 where sampled; see `argen.engine.slots`).
+        tokens (-1 where sampled; see `argen.engine.slots`). adapters: one per row, the index of the
+        model's served LoRA adapter (`SlotRequest.adapter`) or None for the base; rows of different
+        adapters share every step.
         """
         return self.run(cond, cond_mask, params, generator, row_generators, max_new_tokens, progress,
-                        forced=forced).tokens
+                        forced=forced, adapters=adapters).tokens
 
     def run(self, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
             params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
             generator: torch.Generator | None = None, row_generators: Sequence[torch.Generator] | None = None,
             max_new_tokens: int | None = None, progress: Callable[[int], None] | None = None,
-            step=None, max_batch: int | None = None, forced: torch.Tensor | None = None) -> BatchResult:
+            step=None, max_batch: int | None = None, forced: torch.Tensor | None = None,
+            adapters: Sequence[int | None] | None = None) -> BatchResult:
         """`generate` with a step policy (default `PlainStep()`), returning the tokens and counts."""
         gpt = self.gpt
         num_tokens = gpt.config.num_image_tokens
@@ -122,7 +125,10 @@ class Batches:
         rows = [params] * batch if isinstance(params, SamplingParams) else list(params)
         if len(rows) != batch:
             raise ArgenError(f"{len(rows)} SamplingParams for {batch} rows")
-        gpt.check_condition(cond, cond_mask)
+        if adapters is not None and len(adapters) != batch:
+            raise ArgenError(f"{len(adapters)} adapters for {batch} rows")
+        if adapters is None or gpt.config.kind != "c2i" or not any(a is not None for a in adapters):
+            gpt.check_condition(cond, cond_mask)  # else an adapter's own classes: checked per row at admission
         if forced is not None and (not isinstance(forced, torch.Tensor) or tuple(forced.shape) != (batch, total)):
             raise ArgenError(f"forced tokens must be a ({batch}, {total}) int64 tensor, got "
                              f"{tuple(getattr(forced, 'shape', ()))}")
@@ -134,7 +140,8 @@ class Batches:
             gens = None if row_generators is None else list(row_generators)[start:stop]
             results.append(self._chunk(cond[start:stop], None if cond_mask is None else cond_mask[start:stop],
                                        rows[start:stop], generator, gens, total, progress or _no_progress, step,
-                                       chunk, None if forced is None else forced[start:stop].cpu()))
+                                       chunk, None if forced is None else forced[start:stop].cpu(),
+                                       None if adapters is None else list(adapters)[start:stop]))
         if not results:
             return BatchResult(torch.empty(0, total, dtype=torch.long, device=self.device),
                                torch.zeros(0, dtype=torch.long), 0, 0, 0)
@@ -157,7 +164,7 @@ class Batches:
         return decoder
 
     def _chunk(self, cond, cond_mask, params, generator, row_generators, total, progress, step,
-               chunk, forced) -> BatchResult:
+               chunk, forced, adapters) -> BatchResult:
         batch = cond.shape[0]
         slots = min(chunk, 1 << (batch - 1).bit_length()) if self.use_graphs else batch
         decoder = self._decoder(slots, step)
@@ -168,7 +175,8 @@ class Batches:
         requests = [SlotRequest(cond[i], None if cond_mask is None else cond_mask[i], params[i],
                                 generator if row_generators is None else row_generators[i], total, tag=i,
                                 uniforms=None if uniforms is None else uniforms[i],
-                                forced=None if forced is None else forced[i]) for i in range(batch)]
+                                forced=None if forced is None else forced[i],
+                                adapter=None if adapters is None else adapters[i]) for i in range(batch)]
         counters = dict(decoder.counters)
         decoder.admit(requests)
         progress(1)

@@ -60,6 +60,7 @@ from argen.engine.batches import BatchResult, engine_for
 from argen.engine.sampler import RowParams, _inverse_cdf, combine_guidance_pairs, filtered_weights
 from argen.engine.slots import SlotRequest, row_slice
 from argen.models.gpt import GPT
+from argen.nn.lora import rows_of
 from argen.sampling.logits import SamplingParams
 from argen.utils.errors import ArgenError
 
@@ -302,12 +303,13 @@ class JacobiStep:
         scales = st.scales[:n]
         rows = row_slice(n, rp.guided)
         forced = torch.nn.functional.pad(st.forced[:n], (0, width), value=-1) if self.forcing else None  # (n, N + W)
-        new, checked, kept = iterate(
-            d.gpt, self.canvas[:n], cur, self.q[:n], self.noise[:n], self.u[:n, :width],
-            _gumbel(self.u[:n, width:]).view(n, width - 1, d.vocab_size), [c[:, rows] for c in st.cache],
-            st.key_valid[rows], kv,
-            (lambda x: x.repeat_interleave(2, dim=0)) if rp.guided else (lambda x: x),  # slot i's rows
-            lambda logits, index: self.probs(logits, rp, scales.gather(1, index)), forced)
+        with rows_of(d.gpt, d.adapter_index(rows)):
+            new, checked, kept = iterate(
+                d.gpt, self.canvas[:n], cur, self.q[:n], self.noise[:n], self.u[:n, :width],
+                _gumbel(self.u[:n, width:]).view(n, width - 1, d.vocab_size), [c[:, rows] for c in st.cache],
+                st.key_valid[rows], kv,
+                (lambda x: x.repeat_interleave(2, dim=0)) if rp.guided else (lambda x: x),  # slot i's rows
+                lambda logits, index: self.probs(logits, rp, scales.gather(1, index)), forced)
         accepted.copy_(torch.where(live, new, accepted))
         self.checked[:n].copy_(torch.where(live, checked, 0))
         self.kept[:n].copy_(torch.where(live, kept, 0))

@@ -14,7 +14,8 @@ Contract:
   run of k kept tokens that a sampled token follows is fed in one forward pass of the slot's rows
   (an extend of k positions into its cache, outside any graph), so an edit takes about as many
   forward passes as it has tokens to regenerate plus runs of kept tokens; a run that ends the image
-  takes none. A sampled token uses the uniform plain sampling draws for its index, so a request whose
+  takes none. Adjacent slots at one position whose runs have one length (the images of one edit)
+  share that forward pass. A sampled token uses the uniform plain sampling draws for its index, so a request whose
   forced tokens are all -1 gives the tokens it gives without them. `JacobiStep` always accepts and
   never drafts a kept position. `SlotRequest.forwards` counts the forward passes a request took
   (prefill, steps and extends).
@@ -31,6 +32,12 @@ Contract:
 - A slot's tokens do not depend on the other slots: its rows attend only to their own cache rows,
   masked by their own position and caption mask, and its tokens are drawn from its own logits,
   parameters and numbers. Greedy decoding gives the reference sampler's tokens.
+- Adapters (a model with batched LoRA, `argen.nn.lora`): `SlotRequest.adapter` (0-based index into the
+  model's `multi_lora.names`, None = the base) is written to both rows of the slot at admission
+  (`state.adapter`, per row: 0 = base, k + 1 = adapter k), moves with the slot, and every forward pass
+  runs with the index of the rows it covers (a captured step reads the tensor in place). The slot's
+  condition is embedded with its adapter's condition embedding (its own classes or caption projection).
+  A plain model ignores the field's absence; a request naming an adapter the model lacks is an error.
 - CPU (eager): active slots are kept in slots [0, n) (a retired slot is filled by moving the last
   one into it, cache rows included) and a step runs rows [0, 2n) only, over max(position) + 1 cache
   slots (no position mask when every slot sits at one position). CUDA (`cuda_graphs`): the policy's
@@ -51,6 +58,7 @@ import torch
 
 from argen.engine.sampler import RowParams, build_row_params, sample_tokens, static_facts
 from argen.models.gpt import GPT, prefix_attention_mask
+from argen.nn.lora import multi_lora, rows_of
 from argen.sampling.logits import SamplingParams
 from argen.utils.errors import ArgenError
 
@@ -142,6 +150,7 @@ class SlotRequest:
     tag: object = None
     uniforms: torch.Tensor | None = None  # (max_new_tokens,) pre-drawn U[0, 1) of a plain step; None: drawn
     forced: torch.Tensor | None = None  # (max_new_tokens,) int64: >= 0 a kept token, -1 sampled; None: all sampled
+    adapter: int | None = None  # index into the model's served LoRA adapters (multi_lora.names); None: the base
     forwards: int = 0  # set by the decoder: forward passes this request took (prefill, steps, extends)
 
 
@@ -178,6 +187,7 @@ class _State:
         self.key_bias = torch.zeros(rows, cache_len, dtype=self.cache[0].dtype, device=device)
         self.out = torch.zeros(n, tokens, dtype=torch.long, device=device)
         self.forced = torch.full((n, tokens), -1, dtype=torch.long, device=device)  # kept tokens, -1 sampled
+        self.adapter = torch.zeros(rows, dtype=torch.long, device=device)  # per row: 0 base, k + 1 adapter k
         self.extra: tuple[torch.Tensor, ...] = ()  # the step policy's own per-slot tensors (moved with the slot)
 
     def per_slot(self):
@@ -185,7 +195,7 @@ class _State:
                 self.top_p, self.guided_rows, self.out, self.forced) + self.extra
 
     def per_row(self):
-        return self.tokens, self.key_valid, self.key_bias
+        return self.tokens, self.key_valid, self.key_bias, self.adapter
 
 
 def kept_runs(forced: list[int]) -> list[int]:
@@ -223,8 +233,7 @@ class PlainStep:
         token = torch.where(kept >= 0, kept, token)
         st.out[s, 0] = token
         st.tokens[2 * first:2 * (first + k)] = token.repeat_interleave(2)
-        for i in range(first, first + k):
-            self.feed_kept(i)
+        self.feed_kept(range(first, first + k))
 
     def kv_len(self) -> int:
         return max(slot.pos for slot in self.decoder.slots) + 1
@@ -260,7 +269,8 @@ class PlainStep:
             mask = st.key_bias[rows, :kv].masked_fill(ahead, float("-inf"))[:, None, None, :]  # (rows, 1, 1, kv)
             positions = pos[:, None]
         h = gpt.embed_tokens(st.tokens[rows, None])  # (rows, 1, C)
-        logits = gpt.forward_cached(h, positions, cache, kv, mask)[:, 0]  # (rows, V)
+        with rows_of(gpt, d.adapter_index(rows)):
+            logits = gpt.forward_cached(h, positions, cache, kv, mask)[:, 0]  # (rows, V)
 
         def first(t: torch.Tensor) -> torch.Tensor:  # no view when the step covers every slot (graphs)
             return t if n == t.shape[0] else t[:n]
@@ -275,39 +285,62 @@ class PlainStep:
 
     def advance(self) -> None:
         """Host-side bookkeeping after a step: every slot sampled one token; then kept runs are fed."""
-        for i, slot in enumerate(self.decoder.slots):
+        for slot in self.decoder.slots:
             slot.steps += 1
             slot.pos += 1
-            self.feed_kept(i)
+        self.feed_kept(range(len(self.decoder.slots)))
 
-    def feed_kept(self, i: int) -> None:
-        """If slot i's next tokens are kept, write them; unless they end the image, feed its last input
-        and all of them but the last in one forward (the last is the next step's input). Eager."""
+    def feed_kept(self, slots: range) -> None:
+        """Write the kept tokens that come next in these slots; for each run that does not end its
+        image, feed the slot's last input and all of the run but its last token (the next step's
+        input) into its cache. Adjacent slots at one position with runs of one length share one
+        forward pass (an edit's images keep the same runs). Eager."""
         d = self.decoder
-        slot = d.slots[i]
-        j = slot.steps
-        if slot.runs is None or j >= slot.total or not slot.runs[j]:
-            return
+        st, pending = d.state, []
+        for i in slots:
+            slot = d.slots[i]
+            j = slot.steps
+            if slot.runs is None or j >= slot.total or not slot.runs[j]:
+                continue
+            k = min(slot.runs[j], slot.total - j)
+            st.out[i, j:j + k] = st.forced[i, j:j + k]
+            slot.steps += k
+            st.step[i] += k
+            if slot.steps < slot.total:
+                pending.append((i, k))
+        groups: list[list[tuple[int, int]]] = []
+        for i, k in pending:
+            last = groups[-1][-1] if groups else None
+            if last is not None and last[0] == i - 1 and last[1] == k and d.slots[last[0]].pos == d.slots[i].pos:
+                groups[-1].append((i, k))
+            else:
+                groups.append([(i, k)])
+        for group in groups:
+            self._extend([i for i, _ in group], group[0][1])
+
+    def _extend(self, slots: list[int], k: int) -> None:
+        """One forward of k positions for the adjacent slots `slots` (all at one position): inputs are
+        each slot's last input and its kept tokens j .. j+k-2; the kept token j+k-1 becomes its next input."""
+        d = self.decoder
         gpt, st = d.gpt, d.state
-        k = min(slot.runs[j], slot.total - j)
-        kept = st.forced[i, j:j + k]
-        st.out[i, j:j + k] = kept
-        slot.steps += k
-        st.step[i] += k
-        if slot.steps >= slot.total:
-            return
-        guided = slot.request.params.guided
-        rows = slice(2 * i, 2 * i + 2, 1 if guided else 2)
-        inputs = torch.cat([st.tokens[2 * i:2 * i + 1], kept[:-1]])  # (k,) tokens j-1 .. j+k-2
-        positions = d.positions[slot.pos:slot.pos + k]  # (k,)
-        kv = slot.pos + k
+        first, n, pos = slots[0], len(slots), d.slots[slots[0]].pos
+        guided = any(d.slots[i].request.params.guided for i in slots)
+        twins = 2 if guided else 1
+        rows = slice(2 * first, 2 * (first + n), 1 if guided else 2)
+        j = torch.tensor([d.slots[i].steps - k for i in slots], device=d.device)  # (n,) first kept index
+        kept = st.forced[first:first + n].gather(1, j[:, None] + torch.arange(k, device=d.device))  # (n, k)
+        inputs = torch.cat([st.tokens[2 * first:2 * (first + n):2, None], kept[:, :-1]], dim=1)  # (n, k)
+        positions = d.positions[pos:pos + k]  # (k,)
+        kv = pos + k
         visible = (d.positions[:kv] <= positions[:, None]) & st.key_valid[rows, None, :kv]  # (rows, k, kv)
-        h = gpt.embed_tokens(inputs[None].expand(2 if guided else 1, k))  # (rows, k, C)
-        gpt.forward_cached(h, positions, [c[:, rows] for c in st.cache], kv, visible[:, None], last_only=True)
-        st.tokens[2 * i:2 * i + 2] = kept[-1]
-        slot.pos += k
-        st.pos[i] += k
-        slot.request.forwards += 1
+        h = gpt.embed_tokens(inputs.repeat_interleave(twins, dim=0))  # (rows, k, C)
+        with rows_of(gpt, d.adapter_index(rows)):
+            gpt.forward_cached(h, positions, [c[:, rows] for c in st.cache], kv, visible[:, None], last_only=True)
+        st.tokens[2 * first:2 * (first + n)] = kept[:, -1].repeat_interleave(2)
+        for i in slots:
+            d.slots[i].pos += k
+            d.slots[i].request.forwards += 1
+        st.pos[first:first + n] += k
         d.counters["extends"] += 1
 
     def tokens(self, i: int, slot: _Slot) -> torch.Tensor:
@@ -349,6 +382,7 @@ class SlotDecoder:
         self._signature = None
         self._admitted = 0
         self.counters = {"prefills": 0, "decode_steps": 0, "slot_steps": 0, "extends": 0}
+        self.lora = multi_lora(gpt)
         self.policy = step if step is not None else PlainStep()
         self.policy.bind(self)
 
@@ -415,6 +449,11 @@ class SlotDecoder:
                 results[id(request)] = tokens
         return [results[id(r)] for r in requests]
 
+    def adapter_index(self, rows: slice) -> torch.Tensor | None:
+        """The adapter index of these cache rows (a view of the state: captured steps read it in place),
+        or None for a plain model."""
+        return self.state.adapter[rows] if self.lora is not None else None
+
     def bucket(self, kv_len: int) -> int:
         """The captured attention length that covers `kv_len` cache slots."""
         return min(self.cache_len, self.kv_bucket * math.ceil(kv_len / self.kv_bucket))
@@ -426,20 +465,37 @@ class SlotDecoder:
             self._signature = signature
             self.graphs.clear()
 
-    def _rows(self, requests: list[SlotRequest]):
+    def _adapters(self, requests: list[SlotRequest]) -> list[int]:
+        """Each request's row index (0 base, k + 1 adapter k); refuses adapters the model does not serve."""
+        names = self.lora.names if self.lora is not None else []
+        out = []
+        for r in requests:
+            if r.adapter is not None and not (isinstance(r.adapter, int) and 0 <= r.adapter < len(names)):
+                served = f"its adapters are 0..{len(names) - 1} ({', '.join(names)})" if names else "it has none"
+                raise ArgenError(f"adapter {r.adapter!r} is not served by this model; {served}")
+            out.append(0 if r.adapter is None else r.adapter + 1)
+        return out
+
+    def _rows(self, requests: list[SlotRequest], adapters: list[int]):
         """Conditions of the requests -> (2k interleaved cond/uncond rows, (2k, L) bool key mask or None)."""
         gpt, device, k = self.gpt, self.device, len(requests)
+        lora = self.lora if self.lora is not None and any(adapters) else None  # adapters: their own embeddings
         if gpt.config.kind == "c2i":
             cond = torch.stack([torch.as_tensor(r.cond).reshape(()) for r in requests]).to(torch.long)
-            gpt.check_condition(cond)
+            if lora is None:
+                gpt.check_condition(cond)
+            else:
+                lora.check_classes(gpt, cond, adapters)
+            null = gpt.null_condition(k, device) if lora is None else lora.null_condition(gpt, adapters, device)
             cond = cond.to(device)
-            return torch.stack([cond, gpt.null_condition(k, device)], dim=1).reshape(2 * k), None
+            return torch.stack([cond, null], dim=1).reshape(2 * k), None
         cond = torch.stack([torch.as_tensor(r.cond, dtype=torch.float32) for r in requests])  # (k, L, D)
         mask = torch.stack([torch.ones(cond.shape[1]) if r.cond_mask is None else torch.as_tensor(r.cond_mask)
                             for r in requests]).float()  # (k, L)
         gpt.check_condition(cond, mask)
         cond, mask = cond.to(device), mask.to(device).bool()
-        null = gpt.null_condition(k, device).to(cond.dtype)
+        null = (gpt.null_condition(k, device) if lora is None else lora.null_condition(gpt, adapters, device))
+        null = null.to(cond.dtype)
         rows = torch.stack([cond, null], dim=1).reshape(2 * k, *cond.shape[1:])  # (2k, L, D)
         return rows, mask.repeat_interleave(2, dim=0)
 
@@ -468,15 +524,22 @@ class SlotDecoder:
         gpt, st, k = self.gpt, self.state, len(requests)
         first, length = len(self.slots), self.cond_len
         totals = self._totals(requests)
-        rows, key_mask = self._rows(requests)
+        adapters = self._adapters(requests)
+        rows, key_mask = self._rows(requests, adapters)
         params = [r.params for r in requests]
         rp = self._row_params(k, first, params)
         pick = slice(None, None, 1 if rp.guided else 2)  # the twins only when some request is guided
         r0, r1 = 2 * first, 2 * (first + k)
         cache = [c[:, r0:r1:pick.step] for c in st.cache]  # views of these slots' rows
         mask = None if key_mask is None else prefix_attention_mask(key_mask[pick], length)
-        logits = gpt.forward_cached(gpt.embed_condition(rows[pick]), self.positions[:length], cache, length, mask,
-                                    last_only=True)[:, 0]  # (rows, V)
+        if self.lora is None:
+            h = gpt.embed_condition(rows[pick])
+        else:
+            st.adapter[r0:r1] = torch.tensor(adapters, device=self.device).repeat_interleave(2)
+            h = self.lora.embed_condition(gpt, rows[pick], [a for a in adapters for _ in range(2)][pick])
+        with rows_of(gpt, self.adapter_index(slice(r0, r1, pick.step))):
+            logits = gpt.forward_cached(h, self.positions[:length], cache, length, mask,
+                                        last_only=True)[:, 0]  # (rows, V)
         st.key_valid[r0:r1] = True
         if key_mask is not None:
             st.key_valid[r0:r1, :length] = key_mask
@@ -574,6 +637,7 @@ class SlotDecoder:
                 c[:, 2 * i:2 * i + 2, :, :filled] = c[:, 2 * last:2 * last + 2, :, :filled]
             self.slots[i] = moved
         self.slots.pop()
+        st.adapter[2 * last:2 * last + 2] = 0
         st.live[last] = 0
         st.pos[last] = 0
         st.step[last] = 0

@@ -15,8 +15,11 @@ Endpoints:
 - OpenAI images API (`argen.serving.openai_images`): `POST /v1/images/generations` (prompt = class id or
   name for c2i, caption for t2i; n, size, response_format=b64_json, model, and argen's sampling fields)
   answers `{"created", "data": [{"b64_json", "revised_prompt"}]}`, errors `{"error": {"message", "type",
-  "param", "code"}}`; `GET /v1/models` lists the loaded model (`GET /v1/models/{id}`: that one). Images
-  go through the same validation, queue and batching as `/v1/generate`.
+  "param", "code"}}`; `GET /v1/models` lists the served models (`GET /v1/models/{id}`: that one): the base,
+  and `BASE:NAME` for each LoRA adapter (`argen serve --lora NAME=DIR`); the `model` field picks one (default
+  the base; an unknown one is a 404 listing the served ids), as argen's own `adapter` field does (NAME).
+  Images of every model share the engine's batches. Images go through the same validation, queue and
+  batching as `/v1/generate`.
 - Editing (`argen.serving.edits`): `POST /v1/images/edits`, OpenAI's multipart form (`image`, `mask`,
   `prompt`, `n`, `size`, `response_format`, `model`, argen's sampling fields), answered like generations;
   `POST /v1/edit`, argen's JSON (`image` base64, `mask` base64 or `box`, and the `/v1/generate` fields),
@@ -38,6 +41,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from argen.nn.lora import multi_lora
 from argen.serving.edits import parse_argen_edit, parse_openai_edit, prepare_edit, read_upload
 from argen.serving.openai_images import (
     ImagesRequest,
@@ -46,6 +50,7 @@ from argen.serving.openai_images import (
     images_answer,
     models_answer,
     parse_images_request,
+    pick_model,
     to_generate_body,
 )
 from argen.serving.request import GenerateRequest, RequestError, parse_request, wants_png
@@ -84,13 +89,25 @@ def _defaults(service: GenerationService) -> dict:
 
 
 def served_model(service: GenerationService, model_id: str | None = None,
-                 class_names: list[str] | None = None) -> ServedModel:
+                 class_names: list[str] | None = None) -> list[ServedModel]:
+    """The served models: the base, then `BASE:NAME` for each LoRA adapter (its own classes and names)."""
     cfg = service.gpt.config
     c2i = cfg.kind == "c2i"
-    return ServedModel(id=model_id or cfg.name, kind=cfg.kind, image_size=cfg.image_size,
-                       num_classes=cfg.num_classes if c2i else None,
-                       class_names=list(class_names) if c2i and class_names else None, accepts=service.accepts(),
-                       defaults=_defaults(service), max_images=service.config.max_images_per_request)
+    base_id = model_id or cfg.name
+    common = dict(kind=cfg.kind, image_size=cfg.image_size, accepts=service.accepts(), defaults=_defaults(service),
+                  max_images=service.config.max_images_per_request)
+    base_names = list(class_names) if c2i and class_names else None
+    models = [ServedModel(id=base_id, num_classes=cfg.num_classes if c2i else None, class_names=base_names, **common)]
+    lora = multi_lora(service.gpt)
+    for k, name in enumerate(service.adapter_names):
+        classes = service.num_classes(k) if c2i else None
+        names = lora.served[k].get("class_names") if c2i else None
+        if c2i and names is None and classes == cfg.num_classes:
+            names = base_names  # the base's classes, adapted
+        models.append(ServedModel(id=f"{base_id}:{name}", num_classes=classes,
+                                  class_names=list(names) if names and len(names) == classes else None,
+                                  adapter=name, base=base_id, **common))
+    return models
 
 
 def _page() -> str:
@@ -113,7 +130,7 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
 
     app = FastAPI(title="argen", lifespan=lifespan)
     app.state.service = service
-    served = served_model(service, model_id, class_names)
+    served = served_model(service, model_id, class_names)  # the base first, then its adapters
     page = _page()
 
     @app.get("/", response_class=HTMLResponse)
@@ -130,7 +147,7 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
                 "device": str(service.device), "queue_depth": service.queue_depth(),
                 "max_batch_size": limits.max_batch_size, "max_images_per_request": limits.max_images_per_request,
                 "max_body_bytes": limits.max_body_bytes, "scheduler": limits.scheduler, "decode": limits.decode,
-                "window": limits.window}
+                "window": limits.window, "adapters": service.adapter_names}
 
     @app.get("/metrics")
     async def metrics():
@@ -207,10 +224,10 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        if name != served.id:
-            return _openai_error(OpenAIError(404, f"the model {name!r} is not served here; this server serves "
-                                                  f"{served.id!r}", "model", "model_not_found"))
-        return models_answer(served)["data"][0]
+        try:
+            return models_answer(pick_model(served, name))["data"][0]
+        except OpenAIError as exc:
+            return _openai_error(exc)
 
     @app.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ImagesRequest.model_json_schema()}}}})
@@ -249,7 +266,7 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
         except RequestError as exc:
             raise RequestError(fields_status if exc.status == 422 else exc.status, exc.message) from None
         edit = await asyncio.to_thread(prepare_edit, service, image, mask, box)
-        return JobSpec(spec.conditions, spec.params, spec.seed, forced=edit.forced), params, edit
+        return JobSpec(spec.conditions, spec.params, spec.seed, forced=edit.forced, adapter=spec.adapter), params, edit
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request):

@@ -105,7 +105,7 @@ def _number(name: str, text: str):
                           name) from None
 
 
-async def parse_openai_edit(body: bytes, headers: Headers, served: ServedModel):
+async def parse_openai_edit(body: bytes, headers: Headers, served: ServedModel | list[ServedModel]):
     """The multipart form -> (generate body, revised prompt, image bytes, mask bytes or None)."""
     form = await _form(body, headers)
     unknown = sorted(set(form.keys()) - set(FORM_FIELDS))

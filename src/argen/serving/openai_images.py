@@ -11,12 +11,15 @@ Contract:
   uses the seed rule of `argen sample`). A c2i prompt names one class: its id ("207") or its name
   (case, spaces and underscores do not matter), looked up in `served.class_names`; an unknown name is
   refused with up to five close matches (difflib). A t2i prompt is encoded by the server's text encoder.
-- A wrong `size` or `model` is refused naming what the server serves; errors are `OpenAIError(status,
-  message, param, code)`, answered as `{"error": {"message", "type", "param", "code"}}` (400
+- Many models (a base with LoRA adapters, `argen serve --lora NAME=DIR`): `served` is a list, the base first
+  (`BASE`), then each adapter (`BASE:NAME`, `ServedModel.adapter` = NAME, with its own classes and class
+  names); the request's `model` picks one (default: the base) and an adapter's request carries `adapter`.
+- A wrong `size` or `model` is refused naming what the server serves (404 lists every model id); errors
+  are `OpenAIError(status, message, param, code)`, answered as `{"error": {"message", "type", "param", "code"}}` (400
   invalid_request_error, 404 model_not_found), the shape the OpenAI clients read.
 - `images_answer(result, revised)` -> `{"created": unix seconds, "data": [{"b64_json", "revised_prompt"}]}`.
-- `models_answer(served)` -> the `GET /v1/models` list with the one loaded model; its `argen` entry
-  (kind, image size, defaults, limits, class names) is what the web page at `/` is built from.
+- `models_answer(served)` -> the `GET /v1/models` list of the served models; each `argen` entry (kind, image
+  size, defaults, limits, class names, adapter and base) is what the web page at `/` is built from.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class ServedModel:
     accepts: list[str] = field(default_factory=list)
     defaults: dict = field(default_factory=dict)
     max_images: int = 16
+    adapter: str | None = None  # the LoRA adapter's served name; None: the base model
+    base: str | None = None  # the base model's id (for an adapter)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -125,8 +130,20 @@ def class_id(prompt: str, served: ServedModel) -> tuple[int, str]:
     raise OpenAIError(400, f"unknown class {text!r}{hint}", "prompt", "unknown_class")
 
 
-def to_generate_body(body: ImagesRequest, served: ServedModel) -> tuple[bytes, str | None]:
+def pick_model(served: ServedModel | list[ServedModel], model: str | None) -> ServedModel:
+    """The served model a request names (None: the first, the base); 404 listing the served ids."""
+    models = served if isinstance(served, list) else [served]
+    for one in models:
+        if model is None or one.id == model:
+            return one
+    listed = ", ".join(repr(one.id) for one in models)
+    raise OpenAIError(404, f"the model {model!r} is not served here; this server serves {listed}", "model",
+                      "model_not_found")
+
+
+def to_generate_body(body: ImagesRequest, served: ServedModel | list[ServedModel]) -> tuple[bytes, str | None]:
     """The equivalent `/v1/generate` JSON body and the revised prompt (the class as resolved) for c2i."""
+    served = pick_model(served, body.model)
     if body.model is not None and body.model != served.id:
         raise OpenAIError(404, f"the model {body.model!r} is not served here; this server serves {served.id!r}",
                           "model", "model_not_found")
@@ -143,6 +160,8 @@ def to_generate_body(body: ImagesRequest, served: ServedModel) -> tuple[bytes, s
     if not body.prompt.strip():
         raise OpenAIError(400, "prompt is empty", "prompt")
     request: dict = {"n": 1 if body.n is None else body.n}
+    if served.adapter is not None:
+        request["adapter"] = served.adapter
     revised = None
     if served.kind == "c2i":
         index, revised = class_id(body.prompt, served)
@@ -163,9 +182,10 @@ def images_answer(pngs: list[bytes], revised: str | None) -> dict:
     return {"created": int(time.time()), "data": data}
 
 
-def models_answer(served: ServedModel) -> dict:
+def models_answer(served: ServedModel | list[ServedModel]) -> dict:
     return {"object": "list", "data": [{
-        "id": served.id, "object": "model", "created": served.created, "owned_by": "argen",
-        "argen": {"kind": served.kind, "size": served.size, "image_size": served.image_size,
-                  "num_classes": served.num_classes, "class_names": served.class_names, "accepts": served.accepts,
-                  "defaults": served.defaults, "max_images_per_request": served.max_images}}]}
+        "id": one.id, "object": "model", "created": one.created, "owned_by": "argen",
+        "argen": {"kind": one.kind, "size": one.size, "image_size": one.image_size,
+                  "num_classes": one.num_classes, "class_names": one.class_names, "accepts": one.accepts,
+                  "defaults": one.defaults, "max_images_per_request": one.max_images, "adapter": one.adapter,
+                  "base": one.base}} for one in (served if isinstance(served, list) else [served])]}

@@ -11,6 +11,9 @@ Contract:
 - `params` echoes every effective setting (the model's own or per-kind defaults of `SamplingParams.for_model` filled in,
   the seed drawn when none was given). A guidance scale above `MAX_CFG_SCALE` (whose guided logits
   would overflow) is a 422.
+- `adapter`: the name of a LoRA adapter the server serves (`argen serve --lora NAME=DIR`; GET /v1/models lists
+  them as BASE:NAME); absent or null: the base model. An unknown name is a 404 naming the served adapters.
+  Class ids are checked against the chosen model's classes (an adapter may bring its own).
 - `wants_png(accept, images)`: the answer is the PNG itself when `Accept` lists `image/png` (or
   `image/*`) at least as high as JSON and the request makes one image; a PNG-only `Accept` for
   several images is refused with 406 before any work.
@@ -49,6 +52,8 @@ class GenerateRequest(BaseModel):
     top_p: float | None = Field(None, description="nucleus filter in (0, 1] (default: the model's, else 1.0)")
     temperature: float | None = Field(None, description="default: the model's, else 1.0")
     seed: int | None = Field(None, ge=0, lt=2**63, description="default: drawn at random, echoed in params")
+    adapter: str | None = Field(None, description="a LoRA adapter of this server by name (GET /v1/models lists "
+                                                  "them as BASE:NAME); default: the base model")
 
 
 class RequestError(Exception):
@@ -70,7 +75,19 @@ def _either(names: list[str], word: str = "or") -> str:
     return f" {word} ".join(f"`{n}`" for n in names)
 
 
-def _request_conditions(body: GenerateRequest, service: GenerationService) -> tuple[list, dict]:
+def _adapter(body: GenerateRequest, service: GenerationService) -> int | None:
+    """The request's adapter index (None: the base); 404 for a name the server does not serve."""
+    if body.adapter is None:
+        return None
+    names = service.adapter_names
+    if body.adapter not in names:
+        served = f"it serves {', '.join(repr(n) for n in names)} (or none: the base)" if names else \
+            "it serves the base model only"
+        raise RequestError(404, f"unknown adapter {body.adapter!r}: {served}")
+    return names.index(body.adapter)
+
+
+def _request_conditions(body: GenerateRequest, service: GenerationService, adapter: int | None) -> tuple[list, dict]:
     """The request's conditions (one per class id / prompt / caption) and their echo for `params`."""
     cfg = service.gpt.config
     given = [name for name in ("classes", "prompts", "features") if getattr(body, name) is not None]
@@ -88,9 +105,10 @@ def _request_conditions(body: GenerateRequest, service: GenerationService) -> tu
     if name == "classes":
         if not body.classes:
             raise RequestError(422, "`classes` is empty")
-        bad = [c for c in body.classes if not 0 <= c < cfg.num_classes]
+        classes = service.num_classes(adapter)
+        bad = [c for c in body.classes if not 0 <= c < classes]
         if bad:
-            raise RequestError(422, f"class ids must lie in [0, {cfg.num_classes - 1}], got {bad[:5]}")
+            raise RequestError(422, f"class ids must lie in [0, {classes - 1}], got {bad[:5]}")
         return body.classes, {"classes": body.classes}
     if name == "prompts":
         if not body.prompts:
@@ -114,7 +132,8 @@ def parse_request(body: bytes, service: GenerationService) -> tuple[JobSpec, dic
         request = GenerateRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestError(422, _schema_message(exc)) from None
-    conditions, echo = _request_conditions(request, service)
+    adapter = _adapter(request, service)
+    conditions, echo = _request_conditions(request, service, adapter)
     total = len(conditions) * request.n
     limit = service.config.max_images_per_request
     if total > limit:
@@ -129,8 +148,9 @@ def parse_request(body: bytes, service: GenerationService) -> tuple[JobSpec, dic
         raise RequestError(422, str(exc)) from None
     seed = secrets.randbits(62) if request.seed is None else request.seed
     expanded = [c for c in conditions for _ in range(request.n)]
-    return JobSpec(expanded, params, seed), {**params.to_dict(), "seed": seed, "n": request.n,
-                                             "images": total, **echo}
+    echo.update({"adapter": request.adapter} if adapter is not None else {})
+    return JobSpec(expanded, params, seed, adapter=adapter), {**params.to_dict(), "seed": seed, "n": request.n,
+                                                              "images": total, **echo}
 
 
 def _accept_quality(accept: str) -> dict[str, float]:

@@ -8,6 +8,9 @@ Contract:
   image; a condition is a class id (c2i), a prompt or a `Caption` of precomputed features (t2i;
   prompts and captions may share a batch). It raises `Overloaded` when the queued images would
   exceed `max_queue`, `ShuttingDown` after `close()` began.
+- Adapters (a generator loaded with `load_gpt(adapters=...)`, batched LoRA): `JobSpec.adapter` (index into
+  `adapter_names`, None = the base) goes onto each of its images' slots (`SlotRequest.adapter`); images of
+  different adapters and of the base share the steps of either scheduler, each with its adapter's weights.
 - Every image has its own generator seeded with `image_seed(request seed, image index)` and its
   own `SamplingParams`, so a request's images do not depend on what else runs with them.
 - Both schedulers run the engine's one decode loop (`argen.engine.slots.SlotDecoder`); its step
@@ -55,6 +58,7 @@ from argen.engine import Batches, JacobiStep, PlainStep, SlotDecoder, SlotReques
 from argen.engine.jacobi import check_decode
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
+from argen.nn.lora import multi_lora
 from argen.sampling.logits import SamplingParams
 from argen.sampling.seeds import image_seed
 from argen.serving.features import Caption
@@ -107,6 +111,7 @@ class JobSpec:
     params: SamplingParams
     seed: int
     forced: torch.Tensor | None = None  # (N,) int64 for an edit: the kept token, -1 where sampled (all images)
+    adapter: int | None = None  # index into the served LoRA adapters (GenerationService.adapter_names); None: base
 
     def row_seed(self, index: int) -> int:
         return image_seed(self.seed, index)
@@ -261,6 +266,19 @@ class GenerationService:
             return ["classes"]
         return (["prompts"] if self.encode_prompts is not None else []) + ["features"]
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The served LoRA adapters' names (a request's `adapter` indexes them)."""
+        lora = multi_lora(self.gpt)
+        return list(lora.names) if lora is not None else []
+
+    def num_classes(self, adapter: int | None) -> int:
+        """How many classes the base (None) or adapter `adapter` takes (c2i)."""
+        lora = multi_lora(self.gpt)
+        if adapter is None or lora is None:
+            return self.gpt.config.num_classes
+        return lora.embedder(self.gpt, adapter + 1).num_classes
+
     def count_invalid(self) -> None:
         with self._lock:
             self.counters["requests"] += 1
@@ -373,6 +391,7 @@ class GenerationService:
         self.decoder.admit([
             SlotRequest(cond[i], None if mask is None else mask[i], row.job.spec.params,
                         torch.Generator(device=self.device).manual_seed(row.job.spec.row_seed(row.index)), tag=row,
+                        adapter=row.job.spec.adapter,
                         **({} if row.job.spec.forced is None else {"forced": row.job.spec.forced.to(self.device)}))
             for i, row in enumerate(rows)])
 
@@ -445,7 +464,9 @@ class GenerationService:
             tokens = self.gpt.config.num_image_tokens
             forced = torch.stack([torch.full((tokens,), -1, dtype=torch.long) if row.job.spec.forced is None
                                   else row.job.spec.forced.cpu().long() for row in batch])  # (B, N)
-        result = self.engine.run(cond, mask, params, row_generators=gens, step=self._step_policy(), forced=forced)
+        adapters = [row.job.spec.adapter for row in batch]
+        result = self.engine.run(cond, mask, params, row_generators=gens, step=self._step_policy(), forced=forced,
+                                 adapters=adapters if any(a is not None for a in adapters) else None)
         codes = result.tokens.cpu()  # (B, N); waits for the device
         return batch, codes, start, time.perf_counter()
 
