@@ -19,12 +19,21 @@ killed midway still leaves its finished rows.
 CPU mode: GPT-tiny/mini/small, batch 8 with guidance (cfg 4.0, top-k 100), float32 (`--dtype bf16`:
 both in bfloat16); engine and reference alternate and the best of --repeats is kept (the machine may
 be shared).
+
+Every row also reports the workload's matmul floor: the time of all the linear layers one decode
+step calls (each block's wqkv, wo, w1, w3, w2 and the output head, as the modules they are: int8 or
+wrapped ones included) at the step's row count (2 per image with guidance), one token per row, same
+dtype, threads and clock, best of several rounds taken between the engine's repeats; and the ratio
+step / floor. On a CPU the issue's targets are a step within 1.15x of that floor and >= 1.5x the
+reference sampler. `--packed` runs the engine (only) on a copy of the model whose linear layers keep
+their weights reordered for oneDNN (`argen.nn.packed`); the floor stays the aten one.
 Random weights give the same cost as trained ones: every step does the same work.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -36,6 +45,7 @@ import torch
 
 from argen.engine import Engine
 from argen.models.gpt import GPT, gpt_config
+from argen.nn.packed import pack_linears
 from argen.sampling import reference_generate
 from argen.sampling.logits import SamplingParams
 
@@ -76,6 +86,41 @@ def make_condition(model: GPT, batch: int, device, dtype):
     return (cond * mask[..., None]).to(device=device, dtype=dtype), mask.to(device)
 
 
+def step_linears(model: GPT) -> list[torch.nn.Module]:
+    """The linear layers one decode step calls, as modules (int8 or wrapped ones as they are)."""
+    modules = []
+    for layer in model.layers:
+        attention, ffn = layer.attention, layer.feed_forward
+        modules += [attention.wqkv, attention.wo, ffn.w1, ffn.w3, ffn.w2]
+    return modules + [model.output]
+
+
+class MatmulFloor:
+    """Times `step_linears(model)` at `rows` rows of one token each: the step's matmul floor (seconds,
+    the best round so far). `measure(rounds)` adds rounds; call it between the engine's runs so that
+    both see the same machine."""
+
+    def __init__(self, model: GPT, rows: int, device):
+        dtype = model.tok_embeddings.weight.dtype
+        self.modules = step_linears(model)
+        widths = {getattr(m, "in_features", None) or m.weight.shape[1] for m in self.modules}
+        self.inputs = {w: torch.randn(rows, 1, w, dtype=dtype, device=device) for w in widths}
+        self.device = device
+        self.best = math.inf
+
+    def run(self) -> None:
+        for module in self.modules:
+            width = getattr(module, "in_features", None) or module.weight.shape[1]
+            module(self.inputs[width])
+
+    def measure(self, rounds: int = 5) -> float:
+        with torch.inference_mode():
+            self.run()  # warm
+            for _ in range(rounds):
+                self.best = min(self.best, timed(self.run, self.device))
+        return self.best
+
+
 def run_workload(model: GPT, batch: int, args, device, dtype, budget_s: float = math.inf) -> dict:
     """Time one (model, batch) workload; stops repeating once `budget_s` seconds are spent."""
     started = time.perf_counter()
@@ -83,7 +128,7 @@ def run_workload(model: GPT, batch: int, args, device, dtype, budget_s: float = 
     cond, mask = make_condition(model, batch, device, dtype)
     params = SamplingParams(cfg_scale=args.cfg_scale, top_k=args.top_k)
     gen = torch.Generator(device=device)
-    engine = Engine(model)
+    engine = Engine(pack_linears(copy.deepcopy(model)) if getattr(args, "packed", False) else model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -98,6 +143,8 @@ def run_workload(model: GPT, batch: int, args, device, dtype, budget_s: float = 
         return time.perf_counter() - started
 
     first = timed(run_engine, device)
+    floor = MatmulFloor(model, batch * (2 if params.guided else 1), device)
+    floor.measure()
     peak = float("nan")
     engine_times, ref_times = [], []
     notes = []
@@ -106,6 +153,7 @@ def run_workload(model: GPT, batch: int, args, device, dtype, budget_s: float = 
             notes.append(f"{i} of {args.repeats} repeats (time budget)")
             break
         engine_times.append(timed(run_engine, device))
+        floor.measure()
         if i == 0 and device.type == "cuda":  # the engine's own peak, before any reference run
             peak = torch.cuda.max_memory_allocated(device) / 2**30
         if i < args.reference_repeats:
@@ -118,9 +166,11 @@ def run_workload(model: GPT, batch: int, args, device, dtype, budget_s: float = 
             else:
                 ref_times.append(timed(run_reference, device))
     eng, ref = min(engine_times), min(ref_times) if ref_times else float("nan")
+    step_ms = eng / cfg.num_image_tokens * 1e3
     return {"model": cfg.name, "kind": cfg.kind, "image_size": cfg.image_size, "tokens": cfg.num_image_tokens,
             "batch": batch, "engine_s": eng, "engine_img_s": batch / eng,
-            "engine_ms_per_step": eng / cfg.num_image_tokens * 1e3, "first_call_s": first, "peak_gib": peak,
+            "engine_ms_per_step": step_ms, "floor_ms": floor.best * 1e3, "floor_ratio": step_ms / (floor.best * 1e3),
+            "first_call_s": first, "peak_gib": peak,
             "reference_s": ref, "speedup": ref / eng, "seconds_spent": spent(), "error": None,
             "note": "; ".join(notes) or None}
 
@@ -133,14 +183,20 @@ def failed_row(name, image_size, batch, kind, error: str) -> dict:
 TARGETS = {("GPT-B", 384, 8): ("engine_s", 0.20), ("GPT-XL", 384, 8): ("engine_s", 0.45),
            ("GPT-B", 384, 64): ("engine_img_s", 250.0), ("GPT-XL", 384, 64): ("engine_img_s", 45.0)}
 FIRST_CALL_TARGET_S = 20.0
-CPU_SPEEDUP_TARGET = 2.0
+CPU_SPEEDUP_TARGET = 1.5  # issue 24: >= 1.5x the reference sampler on a CPU (the old 2x cannot be met in fp32)
+CPU_FLOOR_TARGET = 1.15  # issue 24: a CPU step within 1.15x of its matmul floor
 
 
 def target_lines(rows: list[dict], gpu: bool = True) -> list[str]:
-    """The issue's targets that these rows measure: the H200 ones on a GPU, the 2x one on a CPU."""
+    """The issue's targets that these rows measure: the H200 ones on a GPU, the floor ratio and the
+    speed-up over the reference on a CPU."""
     lines = []
     if not gpu:
         for row in rows:
+            if not row.get("error") and row.get("floor_ratio") is not None:
+                met = row["floor_ratio"] <= CPU_FLOOR_TARGET
+                lines.append(f"{row['model']} batch {row['batch']}: step {row['floor_ratio']:.2f}x its matmul floor "
+                             f"(target <= {CPU_FLOOR_TARGET}x): {'met' if met else 'MISSED'}")
             if not row.get("error") and row.get("speedup") is not None and not math.isnan(row["speedup"]):
                 met = row["speedup"] >= CPU_SPEEDUP_TARGET
                 lines.append(f"{row['model']} batch {row['batch']}: engine {row['speedup']:.2f}x the reference "
@@ -173,10 +229,11 @@ def fmt(value, spec: str) -> str:
 def print_row(row: dict) -> None:
     if row.get("error"):
         print(f"| {row['model']} | {row['image_size']} | - | {row['batch']} | FAILED: {row['error']} "
-              f"| | | | | | |", flush=True)
+              f"| | | | | | | | |", flush=True)
         return
     print(f"| {row['model']} | {row['image_size']} | {row['tokens']} | {row['batch']} | "
           f"{row['engine_s']:.3f} | {row['engine_img_s']:.1f} | {row['engine_ms_per_step']:.2f} | "
+          f"{row['floor_ms']:.2f} | {row['floor_ratio']:.2f} | "
           f"{row['first_call_s']:.2f} | {fmt(row['peak_gib'], '.2f')} | {fmt(row['reference_s'], '.3f')} | "
           f"{fmt(row['speedup'], '.2f')} |" + (f" {row['note']}" if row.get("note") else ""), flush=True)
 
@@ -201,6 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-repeats", type=int, default=None, help="default: GPU 1, CPU = repeats")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--packed", action="store_true",
+                        help="CPU mode: the engine's linears use oneDNN-packed weights (argen.nn.packed)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall (default) or process CPU time (steadier on a shared CPU; CPU mode only)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file (after every workload)")
@@ -234,11 +293,13 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         device_name = (f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     else:
-        device_name = f"CPU, {args.threads} thread(s); torch {torch.__version__}"
+        device_name = (f"CPU, {args.threads} thread(s){', engine on oneDNN-packed linears' if args.packed else ''}; "
+                       f"torch {torch.__version__}")
     print(f"# device: {device_name}; {args.kind}; dtype {str(dtype).replace('torch.', '')}; cfg {args.cfg_scale}; "
           f"top-k {args.top_k}; best of {args.repeats}; {args.clock} clock")
-    print("| model | px | tokens | batch | engine s | img/s | ms/step | first call s | peak GiB | reference s | x |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | px | tokens | batch | engine s | img/s | ms/step | floor ms | step/floor | first call s "
+          "| peak GiB | reference s | x |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows: list[dict] = []
     started = time.perf_counter()
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)

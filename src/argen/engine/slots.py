@@ -183,6 +183,8 @@ class _State:
         self.top_p = torch.ones(n, 1, device=device)
         self.guided_rows = torch.zeros(n, 1, dtype=torch.bool, device=device)
         self.key_valid = torch.ones(rows, cache_len, dtype=torch.bool, device=device)
+        # key_valid as attention adds it (0 / -inf in the cache dtype), kept beside it: no per-step mask build
+        self.key_bias = torch.zeros(rows, cache_len, dtype=self.cache[0].dtype, device=device)
         self.out = torch.zeros(n, tokens, dtype=torch.long, device=device)
         self.forced = torch.full((n, tokens), -1, dtype=torch.long, device=device)  # kept tokens, -1 sampled
         self.adapter = torch.zeros(rows, dtype=torch.long, device=device)  # per row: 0 base, k + 1 adapter k
@@ -193,7 +195,7 @@ class _State:
                 self.top_p, self.guided_rows, self.out, self.forced) + self.extra
 
     def per_row(self):
-        return self.tokens, self.key_valid, self.adapter
+        return self.tokens, self.key_valid, self.key_bias, self.adapter
 
 
 def kept_runs(forced: list[int]) -> list[int]:
@@ -260,11 +262,11 @@ class PlainStep:
         if shared_pos is not None:
             positions = d.positions[shared_pos:shared_pos + 1]  # (1,) shared by every row
             masked = any(slot.masked for slot in d.slots[:n])
-            mask = additive_mask(st.key_valid[rows, :kv], st.cache[0].dtype)[:, None, None, :] if masked else None
+            mask = st.key_bias[rows, None, None, :kv] if masked else None  # (rows, 1, 1, kv)
         else:
             pos = st.pos[:n, None].expand(n, twins).reshape(-1)  # (rows,) the rows of a slot at its position
-            visible = (d.positions[:kv] <= pos[:, None]) & st.key_valid[rows, :kv]  # (rows, kv)
-            mask = additive_mask(visible, st.cache[0].dtype)[:, None, None, :]  # (rows, 1, 1, kv)
+            ahead = d.positions[:kv] > pos[:, None]  # (rows, kv) slots past a row's position
+            mask = st.key_bias[rows, :kv].masked_fill(ahead, float("-inf"))[:, None, None, :]  # (rows, 1, 1, kv)
             positions = pos[:, None]
         h = gpt.embed_tokens(st.tokens[rows, None])  # (rows, 1, C)
         with rows_of(gpt, d.adapter_index(rows)):
@@ -541,6 +543,7 @@ class SlotDecoder:
         st.key_valid[r0:r1] = True
         if key_mask is not None:
             st.key_valid[r0:r1, :length] = key_mask
+        st.key_bias[r0:r1] = additive_mask(st.key_valid[r0:r1], st.key_bias.dtype)
         built = build_row_params(params, k, self.num_tokens, self.vocab_size, self.device)
         s = slice(first, first + k)
         for name in ("temperature", "top_k", "top_p", "guided_rows", "scales"):
@@ -639,6 +642,7 @@ class SlotDecoder:
         st.pos[last] = 0
         st.step[last] = 0
         st.key_valid[2 * last:2 * last + 2] = True
+        st.key_bias[2 * last:2 * last + 2] = 0
 
 
 class _EagerGraph:

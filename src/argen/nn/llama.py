@@ -93,22 +93,20 @@ class Attention(nn.Module):
         additive float. Returns (B, T, C), no dropout."""
         batch, seq, _ = x.shape
         n_head, n_kv, head_dim = self.n_head, self.n_kv_head, self.head_dim
-        kv_dim = n_kv * head_dim
-        qkv = self.wqkv(x)  # (B, T, C + 2 kv_dim)
-        pairs = qkv[..., :self.dim + kv_dim].float().view(batch, seq, n_head + n_kv, head_dim // 2, 2)
+        qkv = self.wqkv(x).contiguous()  # (B, T, C + 2 kv_dim), rotated in place below
+        pairs = qkv[..., :self.dim + n_kv * head_dim].view(batch, seq, n_head + n_kv, head_dim // 2, 2)
         rot = rotation[None, :, None] if rotation.ndim == 2 else rotation[:, :, None]  # (B|1, T, 1, D/2)
-        rotated = torch.view_as_real(torch.view_as_complex(pairs) * rot).flatten(3).to(x.dtype)  # (B, T, H+H_kv, D)
-        q = rotated[:, :, :n_head].transpose(1, 2)  # (B, H, T, D)
-        k = rotated[:, :, n_head:].transpose(1, 2).to(cache.dtype)  # (B, H_kv, T, D)
-        v = qkv[..., self.dim + kv_dim:].view(batch, seq, n_kv, head_dim).transpose(1, 2).to(cache.dtype)
-        cache_k, cache_v = cache[0], cache[1]  # (B, H_kv, S, D)
-        if positions.ndim == 1:
-            cache_k.index_copy_(2, positions, k)
-            cache_v.index_copy_(2, positions, v)
+        if pairs.dtype == torch.float32:
+            torch.view_as_complex(pairs).mul_(rot)  # q and k in one complex multiply
+        else:  # rotated in float32, rounded back once
+            pairs.copy_(torch.view_as_real(torch.view_as_complex(pairs.float()) * rot))
+        q = qkv[..., :self.dim].view(batch, seq, n_head, head_dim).transpose(1, 2)  # (B, H, T, D)
+        new_kv = qkv[..., self.dim:].view(batch, seq, 2, n_kv, head_dim).permute(2, 0, 3, 1, 4)  # (2, B, H_kv, T, D)
+        if positions.ndim == 1:  # keys and values in one write
+            cache.index_copy_(3, positions, new_kv.to(cache.dtype))
         else:  # one position per row and token
-            index = positions[:, None, :, None].expand(batch, n_kv, seq, head_dim)
-            cache_k.scatter_(2, index, k)
-            cache_v.scatter_(2, index, v)
+            cache.scatter_(3, positions[None, :, None, :, None].expand(new_kv.shape), new_kv.to(cache.dtype))
+        cache_k, cache_v = cache[0], cache[1]  # (B, H_kv, S, D)
         keys, values = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]  # (B, H_kv, kv, D)
         if n_kv != n_head:
             keys = keys.repeat_interleave(n_head // n_kv, dim=1)
@@ -160,4 +158,5 @@ class TransformerBlock(nn.Module):
         h = x + self.attention.forward_cached(self.attention_norm(x), rotation, cache, positions, kv_len, mask)
         ff = self.feed_forward
         y = self.ffn_norm(h)
-        return h + ff.w2(F.silu(ff.w1(y)) * ff.w3(y))  # (B, T, C)
+        gate = F.silu(ff.w1(y), inplace=True).mul_(ff.w3(y))  # (B, T, hidden)
+        return h + ff.w2(gate)  # (B, T, C)

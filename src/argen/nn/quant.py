@@ -79,15 +79,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Swap every bias-free `nn.Linear` (qualified name not in `skip`) for an `Int8Linear`, in place."""
+def replace_linears(model: nn.Module, make, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Swap every bias-free `nn.Linear` (exactly that type; qualified name not in `skip`) for
+    `make(linear)`, in place; returns the model."""
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.bias is None and name not in skip]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_linear(linear))
+        setattr(parent, child, make(linear))
     return model
+
+
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Swap every bias-free `nn.Linear` (qualified name not in `skip`) for an `Int8Linear`, in place."""
+    return replace_linears(model, Int8Linear.from_linear, skip)
 
 
 def is_quantized(model: nn.Module) -> bool:
