@@ -7,6 +7,7 @@ them alike, best (and median) of --repeats kept:
   engine fp32 / engine bf16
   engine int8 fp32 / engine int8 bf16   block linears int8, head in the model's dtype
   engine int8+head fp32 / bf16          the output head int8 too
+  ... packed                            the float linears (the head) on oneDNN-packed weights (--cpu-kernels packed)
 Reports ms per token step (wall clock, and CPU time of the process: steadier on a shared machine,
 summed over the threads), the ratio to the reference, the weights in MB, and the issue's target
 (int8 >= 2.5x the reference fp32 sampler, by wall clock).
@@ -18,6 +19,10 @@ summed over the threads), the ratio to the reference, the weights in MB, and the
 Quality (--quality GPT_CHECKPOINT): teacher-forced argmax agreement of the int8 model (head kept
 and head quantised) with the float32 one, on --quality-images sequences the float32 engine samples
 itself (cfg 4.0, top-k 100, classes in turn; for t2i the learned empty caption). Target >= 99%.
+With --classifier-seeds (a demo generator): the bundled classifier's scores of fp32 and int8 samples
+(8 a class or prompt, the model's own settings) on those seeds, and whether they lie within 1 s.e.:
+
+    python benchmarks/bench_int8.py --threads 1 --quality demo-c2i --classifier-seeds 0,1,2,3,4,5,6,7,8,9
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ import torch
 from argen.checkpoint import load_gpt, quantize_gpt
 from argen.engine import Engine
 from argen.models.gpt import GPT, gpt_config
+from argen.nn.packed import pack_linears
 from argen.nn.quant import weight_bytes
 from argen.sampling import reference_generate
 from argen.sampling.logits import SamplingParams
 
 VARIANTS = ("reference fp32", "engine fp32", "engine bf16", "engine int8 fp32", "engine int8 bf16",
-            "engine int8+head fp32", "engine int8+head bf16")
+            "engine int8+head fp32", "engine int8+head bf16", "engine fp32 packed", "engine int8 fp32 packed",
+            "engine int8 bf16 packed")
 SPEEDUP_TARGET = 2.5
 AGREEMENT_TARGET = 0.99
 MARGIN = 0.05  # logits: top-2 gaps below this are near-ties that any rounding may flip
@@ -52,7 +59,8 @@ def build_variant(base: GPT, name: str, device) -> GPT:
     model.eval()
     if "int8" in name:
         quantize_gpt(model, "int8", head="+head" in name)
-    return model.to(device=device, dtype=DTYPES[name.split()[-1]])
+    model.to(device=device, dtype=DTYPES[name.split()[-2 if name.endswith("packed") else -1]])
+    return pack_linears(model) if name.endswith("packed") else model
 
 
 def sync(device) -> None:
@@ -163,6 +171,15 @@ def quality(args) -> int:
         print(f"| {name} | {agree:.4f} | {same[decisive].float().mean().item():.4f} | {tv:.4f} |")
     print(f"\n- target: argmax agreement >= {AGREEMENT_TARGET} (int8, head kept): "
           f"{'met' if worst >= AGREEMENT_TARGET else 'MISSED'} (worst {worst:.4f})")
+    if args.classifier_seeds:
+        from classifier_check import paired_scores
+
+        int8 = quantize_gpt(load_gpt(args.quality), "int8")
+        print(f"\n# the bundled classifier's scores, fp32 against int8 fp32 (head kept), {args.quality}")
+        paired_scores(fp32, {
+            "fp32": lambda c, m, p, g: Engine(fp32).generate(c, m, params=p, generator=g),
+            "int8": lambda c, m, p, g: Engine(int8).generate(c, m, params=p, generator=g),
+        }, [int(s) for s in args.classifier_seeds.split(",")])
     return 0
 
 
@@ -179,6 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the speed rows here")
     parser.add_argument("--quality", default=None, help="a generator checkpoint: run the quality check instead")
     parser.add_argument("--quality-images", type=int, default=100)
+    parser.add_argument("--classifier-seeds", default="",
+                        help="with --quality on a demo generator: also the bundled classifier's scores of fp32 and "
+                             "int8 samples on these seeds (comma-separated), paired")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return quality(args) if args.quality else speed(args)

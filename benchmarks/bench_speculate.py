@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+from classifier_check import conditions as classifier_conditions
+from classifier_check import paired_scores
 from speculate import Spec, speculative_decode
 
 from argen import generate, load_gpt
@@ -42,14 +44,9 @@ VARIANTS = {
 
 
 def conditions(gpt, per_item: int):
-    """Each class (c2i) or demo prompt (t2i), `per_item` times."""
-    if gpt.config.kind == "c2i":
-        return torch.arange(gpt.config.num_classes).repeat_interleave(per_item), None
-    from argen.data.text_encoders import load_text_encoder
-    from argen.training.demo import PROMPTS
-
-    feats, mask = load_text_encoder("minilm").encode(PROMPTS, gpt.config.caption_len)
-    return feats.repeat_interleave(per_item, dim=0), mask.repeat_interleave(per_item, dim=0)
+    """Each class (c2i) or demo prompt (t2i), `per_item` times: (cond, mask or None)."""
+    cond, mask, _ = classifier_conditions(gpt, per_item)
+    return cond, mask
 
 
 def passes(name: str, gpt, variants: dict, per_item: int, seed: int) -> list[dict]:
@@ -105,35 +102,12 @@ def batch_one(name: str, gpt, variants: dict, images: int) -> list[dict]:
 
 
 def quality(gpt, variant: str, seeds: list[int], per_item: int = 8) -> list[dict]:
-    """The bundled classifier's c2i accuracy (`training.demo.DemoScorer`, the demo report's score) of
-    plain samples and of the variant's, per seed, with the mean difference and its standard error."""
-    import numpy as np
-
-    from argen import load_tokenizer
-    from argen.data.datasets import DemoDataset
-    from argen.engine import decode_codes
-    from argen.training.demo import DemoScorer
-
-    tokenizer = load_tokenizer("demo-vq")
-    scorer = DemoScorer(DemoDataset("train"))
-    cond, _ = conditions(gpt, per_item)
-    labels = np.repeat(np.arange(gpt.config.num_classes), per_item)
-    params = SamplingParams.for_model(gpt)
-    rows = []
-    for seed in seeds:
-        plain = generate(gpt, cond, params=params, generator=torch.Generator().manual_seed(seed))
-        spec = speculative_decode(gpt, cond, None, params, VARIANTS[variant],
-                                  generator=torch.Generator().manual_seed(seed)).tokens
-        score = {name: scorer.c2i(decode_codes(tokenizer, codes), labels)["accuracy"]
-                 for name, codes in (("plain", plain), (variant, spec))}
-        rows.append(dict(seed=seed, **{k: round(v, 4) for k, v in score.items()}))
-        print(f"  seed {seed}: classifier plain {score['plain']:.1%}, {variant} {score[variant]:.1%}", flush=True)
-    diff = np.array([r[variant] - r["plain"] for r in rows])
-    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-    print(f"c2i classifier over {len(seeds)} seeds x {len(cond)} images: plain "
-          f"{np.mean([r['plain'] for r in rows]):.1%}, {variant} {np.mean([r[variant] for r in rows]):.1%}, "
-          f"difference {diff.mean():+.1%} +- {se:.1%} (s.e.)", flush=True)
-    return rows
+    """The bundled classifier's scores of plain samples and of the variant's, per seed, with the mean
+    difference and its standard error (`classifier_check.paired_scores`)."""
+    return paired_scores(gpt, {
+        "plain": lambda c, m, p, g: generate(gpt, c, m, params=p, generator=g),
+        variant: lambda c, m, p, g: speculative_decode(gpt, c, m, p, VARIANTS[variant], generator=g).tokens,
+    }, seeds, per_item)
 
 
 def main() -> None:

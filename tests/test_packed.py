@@ -92,3 +92,45 @@ def test_engine_logits_and_tokens_with_packed_linears():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     agree = (generate(model, cond, cfg_scale=2.0, top_k=1) == tokens).float().mean().item()
     assert agree >= 0.9  # the same greedy tokens up to the rare near-tie the last bits can flip
+
+
+def test_every_sampling_command_loads_packed_kernels_when_asked(tmp_path):
+    """`--cpu-kernels packed` on sample, sample-batch, serve and edit packs the float linears (int8 ones
+    stay int8); aten, the default, leaves plain linears."""
+    import argen
+    from argen.cli.common import load_models
+    from argen.cli.main import build_parser
+    from conftest import tiny_gpt, tiny_tokenizer
+
+    argen.save_tokenizer(tiny_tokenizer(), tmp_path / "tok")
+    argen.save_gpt(tiny_gpt("c2i"), tmp_path / "gpt")
+    commands = (("sample", ["--classes", "0"]), ("serve", []), ("edit", ["--image", "x.png", "--box", "0,0,16,16", "--classes", "0"]),
+                ("sample-batch", ["--out", str(tmp_path / "o"), "--num-samples", "2"]))
+    for command, extra in commands:
+        common = [command, "--tokenizer", str(tmp_path / "tok"), "--gpt", str(tmp_path / "gpt"), "--device", "cpu",
+                  *extra]
+        for flags, wqkv, head in ((["--cpu-kernels", "packed"], PackedLinear, PackedLinear), ([], nn.Linear, nn.Linear),
+                                  (["--cpu-kernels", "packed", "--quantize", "int8"], Int8Linear, PackedLinear)):
+            args = build_parser([command]).parse_args([*common, *flags])
+            _, gpt, _, _ = load_models(args)
+            assert type(gpt.layers[0].attention.wqkv) is wqkv, (command, flags)
+            assert type(gpt.output) is head, (command, flags)
+
+
+def test_bad_cpu_kernels_are_refused(tmp_path, capsys):
+    import argen
+    from argen.checkpoint.loading import load_gpt
+    from argen.cli.main import main
+    from argen.utils.errors import ArgenError
+    from conftest import tiny_gpt
+
+    argen.save_gpt(tiny_gpt("c2i"), tmp_path / "gpt")
+    with pytest.raises(ArgenError, match="choose from aten, packed"):
+        load_gpt(tmp_path / "gpt", cpu_kernels="mkl")
+    with pytest.raises(ArgenError, match="for a CPU model"):
+        load_gpt(tmp_path / "gpt", cpu_kernels="packed", device="cuda")
+    assert is_packed(load_gpt(tmp_path / "gpt", cpu_kernels="packed"))
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--gpt", "x", "--cpu-kernels", "fast"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "invalid choice: 'fast'" in err and len(err.strip().splitlines()) == 1

@@ -14,6 +14,7 @@ from argen.checkpoint.released import extract_state_dict, read_torch_file
 from argen.models.classifier import ClassifierConfig, ImageClassifier
 from argen.models.gpt import GPT, GPTConfig, gpt_config
 from argen.models.tokenizer import VQConfig, VQModel, vq_config
+from argen.nn.packed import pack_linears
 from argen.nn.quant import Int8Linear, is_quantized, quantize_int8
 from argen.utils.errors import ArgenError, CheckpointError
 from argen.utils.io import atomic_write, atomic_write_json
@@ -21,6 +22,7 @@ from argen.utils.io import atomic_write, atomic_write_json
 FORMAT = "argen"
 FILE_STEMS = {"vq": "tokenizer", "gpt": "gpt", "classifier": "classifier"}
 QUANTIZE_CHOICES = ("none", "int8")
+CPU_KERNELS = ("aten", "packed")
 
 
 # ------------------------------------------------------------------ strict loading
@@ -189,7 +191,7 @@ def save_gpt(model: GPT, path: str | Path, extra: dict | None = None) -> Path:
 def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str | None = None,
              image_size: int | None = None, downsample: int | None = None, device=None,
              dtype: torch.dtype | None = None, container: str | None = None, quantize: str | None = None,
-             lora=None, adapters=None) -> GPT:
+             lora=None, adapters=None, cpu_kernels: str = "aten") -> GPT:
     """Load a generator in eval mode. Released files need `config` and usually `kind`,
     `image_size` and `downsample`; argen files carry their own config (a different
     `image_size` may be given to sample at another resolution, since RoPE is not stored).
@@ -205,9 +207,18 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     adapter pushed with `argen push`, fetched through huggingface_hub).
     adapters: LoRA adapters to serve side by side, unmerged (batched LoRA, `argen.nn.lora`): a list of
     `"[NAME=]DIR[:SCALE]"` (DIR may be hf://...), or a dict NAME -> `"DIR[:SCALE]"`; a request picks one per
-    image (`SlotRequest.adapter`, 0-based in this order), or none for the base. Not with `lora`."""
+    image (`SlotRequest.adapter`, 0-based in this order), or none for the base. Not with `lora`.
+    cpu_kernels: "aten" (default: torch's linear kernels, the tokens every test pins) or "packed" (the
+    float linear layers multiply by oneDNN-reordered weight copies, `argen.nn.packed`: about 2x faster
+    matrix multiplies when decoding on a CPU, a second copy of those weights in memory, and sampled
+    tokens that may differ from aten's, rarely, in the last bits). "packed" needs a CPU model."""
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ArgenError(f"unknown quantize {quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
+    if cpu_kernels not in CPU_KERNELS:
+        raise ArgenError(f"unknown cpu_kernels {cpu_kernels!r}; choose from {', '.join(CPU_KERNELS)}")
+    if cpu_kernels == "packed" and device is not None and torch.device(device).type != "cpu":
+        raise ArgenError(f"packed linear kernels are for a CPU model, and this one goes to {device}; "
+                         f"leave cpu_kernels (--cpu-kernels) at aten")
     served = _read_served(adapters)
     if served and lora:
         raise ArgenError("give LoRA adapters either to merge (lora=, sample --lora) or to serve side by side "
@@ -234,7 +245,7 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
         load_strict(model, _load_argen_weights(argen_file), str(argen_file), f"generator config {cfg.name!r}")
         model.sampling_defaults = info.get("sampling")
         model = _with_adapters(model, ref, adapters, served, asked_size)
-        return _place_for_inference(quantize_gpt(model, quantize), device, dtype)
+        return _for_kernels(_place_for_inference(quantize_gpt(model, quantize), device, dtype), cpu_kernels)
     if config is None:
         raise ArgenError(f"{path} is a released (torch) checkpoint: pass the generator config, e.g. "
                          f"config='GPT-B', kind='c2i', image_size=256, downsample=16")
@@ -244,7 +255,13 @@ def load_gpt(path: str | Path, config: str | GPTConfig | None = None, kind: str 
     desc = f"generator config {cfg.name!r} (kind={cfg.kind}, image_size={cfg.image_size}, downsample={cfg.downsample})"
     load_strict(model, state, str(path), desc)
     model = _with_adapters(model, ref, adapters, served, asked_size)
-    return _place_for_inference(quantize_gpt(model, quantize), device, dtype)
+    return _for_kernels(_place_for_inference(quantize_gpt(model, quantize), device, dtype), cpu_kernels)
+
+
+def _for_kernels(model: GPT, cpu_kernels: str) -> GPT:
+    if cpu_kernels == "packed":
+        pack_linears(model)
+    return model
 
 
 def _read_adapters(lora) -> list:

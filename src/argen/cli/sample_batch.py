@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             "gpt_config": gpt.config.name, "tokenizer_config": tokenizer.config.name, "dtype": args.dtype}
     if args.quantize != "none":  # int8 samples differ from fp32 ones; the key is left out otherwise, as before
         info["quantize"] = args.quantize
+    if args.cpu_kernels != "aten":  # packed kernels may change sampled tokens, rarely
+        info["cpu_kernels"] = args.cpu_kernels
     if args.lora:  # merged adapters change the samples; the key is left out otherwise, as before
         from argen.checkpoint.adapters import parse_lora
 
