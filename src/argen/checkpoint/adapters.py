@@ -56,7 +56,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from argen.checkpoint.hub import HF_PREFIX, hub_folder
-from argen.checkpoint.loading import load_strict
+from argen.checkpoint.loading import build_gpt_config, load_strict
 from argen.checkpoint.released import released_name
 from argen.models.gpt import GPT, CaptionEmbedder, GPTConfig, LabelEmbedder
 from argen.nn.lora import install
@@ -463,9 +463,7 @@ def attach_adapters(model: GPT, ref: str | Path, named: list[tuple[str, Adapter,
     size = _served_size(named, model, image_size)
     configs = [_fit(adapter, model, size) for _, adapter, _ in named]
     if size != model.config.image_size:  # RoPE is not stored: the same weights at another grid
-        fields = model.config.to_dict()
-        fields["image_size"] = size
-        moved = GPT(GPTConfig.from_dict(fields))
+        moved = GPT(build_gpt_config(model.config, image_size=size))
         moved.load_state_dict(model.state_dict())
         moved.sampling_defaults, moved.class_names = model.sampling_defaults, getattr(model, "class_names", None)
         model = moved

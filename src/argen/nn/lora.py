@@ -164,10 +164,7 @@ def install(model: nn.Module, names: list[str], layers: dict[str, tuple[torch.Te
     count, rank = shapes.pop() if shapes else (len(names) + 1, 1)
     rows = AdapterRows(count, rank)
     for name, (a, b) in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        setattr(parent, child, BatchedLoraLinear(base, a, b, rows))
+        model.set_submodule(name, BatchedLoraLinear(model.get_submodule(name), a, b, rows))
     lora = MultiLora(names, embedders, rows)
     model.multi_lora = lora
     return lora

@@ -85,9 +85,7 @@ def replace_linears(model: nn.Module, make, skip: tuple[str, ...] = ()) -> nn.Mo
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.bias is None and name not in skip]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(linear))
+        model.set_submodule(name, make(linear))
     return model
 
 
