@@ -131,8 +131,8 @@ def verify(p: torch.Tensor, length: torch.Tensor, drafts: torch.Tensor, q: torch
     at = accepted[:, None, None].expand(count, 1, vocab)
     p_at = p.gather(1, at)[:, 0]  # (A, V)
     if n_drafts:
-        q_at = torch.cat([q, q.new_zeros(count, 1, vocab)], dim=1).gather(1, at)[:, 0]
-        rejected = (accepted < length - 1)[:, None]
+        rejected = (accepted < length - 1)[:, None]  # then accepted < W-1: q_at is the rejected draft's proposal
+        q_at = q.gather(1, at.clamp(max=n_drafts - 1))[:, 0]
         residual = torch.where(rejected, (p_at - q_at).clamp_(min=0.0), p_at)
         residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_at)
     else:
@@ -218,16 +218,24 @@ def _gumbel(u: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u.clamp(min=1e-30)))
 
 
-def draw_grouped(generators: Sequence[torch.Generator | None], size: int, device) -> torch.Tensor:
+def draw_grouped(generators: Sequence[torch.Generator | None], size: int, device,
+                 out: torch.Tensor | None = None, rows: Sequence[int] | None = None) -> torch.Tensor:
     """(A, size) U[0, 1) numbers, row i from generators[i]; rows sharing one generator come from one
-    draw of that generator, in row order (the numbers a static batch of them draws)."""
-    out = torch.empty(len(generators), size, device=device)
+    draw of that generator, in row order (the numbers a static batch of them draws). With `out`, row i
+    is written to out[rows[i]] (default i) and `out` is returned."""
+    rows = list(range(len(generators))) if rows is None else list(rows)
+    if out is None:
+        out = torch.empty(len(generators), size, device=device)
     groups: dict[int, list[int]] = {}
     for i, gen in enumerate(generators):
         groups.setdefault(id(gen), []).append(i)
-    for rows in groups.values():
-        drawn = torch.rand(len(rows), size, generator=generators[rows[0]], device=device)
-        out.index_copy_(0, torch.tensor(rows, device=device), drawn)
+    for group in groups.values():
+        gen = generators[group[0]]
+        if len(group) == 1:  # the same numbers as a one-row draw, written in place
+            torch.rand(size, generator=gen, device=device, out=out[rows[group[0]]])
+        else:
+            drawn = torch.rand(len(group), size, generator=gen, device=device)
+            out.index_copy_(0, torch.tensor([rows[i] for i in group], device=device), drawn)
     return out
 
 
@@ -282,8 +290,8 @@ class JacobiStep:
         slots = self.decoder.slots
         self.forcing = any(slot.runs is not None for slot in slots)
         order = sorted(range(len(slots)), key=lambda i: slots[i].order)
-        drawn = draw_grouped([slots[i].request.generator for i in order], self.u.shape[1], self.decoder.device)
-        self.u[torch.tensor(order, device=self.u.device)] = drawn
+        draw_grouped([slots[i].request.generator for i in order], self.u.shape[1], self.decoder.device,
+                     out=self.u, rows=order)
 
     def facts(self) -> tuple:
         """What the step's shape depends on besides the sampling facts: whether some slot has kept tokens."""
@@ -336,11 +344,13 @@ class JacobiStep:
             flat = flat.view(count, 2, length, vocab).transpose(1, 2)
         flat = flat.reshape(-1, vocab)  # (A T [x 2], V): a slot's tokens, each with its twin
 
-        def per_token(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat_interleave(length, dim=0)
+        def per_token(t: torch.Tensor, read: bool) -> torch.Tensor:  # only what the filters read is expanded
+            return t.repeat_interleave(length, dim=0) if read else t
 
-        rows = dataclasses.replace(rp, temperature=per_token(rp.temperature), top_k=per_token(rp.top_k),
-                                   top_p=per_token(rp.top_p), guided_rows=per_token(rp.guided_rows))
+        shared = rp.uniform is not None  # one setting for all: the filters read it, not the tensors
+        rows = dataclasses.replace(rp, temperature=per_token(rp.temperature, not shared),
+                                   top_k=per_token(rp.top_k, not shared), top_p=per_token(rp.top_p, rp.use_top_p),
+                                   guided_rows=per_token(rp.guided_rows, rp.guided and not rp.all_guided))
         weights = filtered_weights(combine_guidance_pairs(flat, rows, scale.reshape(-1, 1)), rows)
         return (weights / weights.sum(dim=-1, keepdim=True)).view(count, length, vocab)
 
