@@ -54,7 +54,8 @@ class DraftTree:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ArgenError(f"draft tree {name} must be an integer, got {value!r}")
         if self.candidates < 2:
-            raise ArgenError(f"a draft tree needs candidates >= 2 (the draft and an alternative), got {self.candidates}")
+            raise ArgenError(f"a draft tree needs candidates >= 2 (the draft and an alternative), "
+                             f"got {self.candidates}")
         if self.depth < 1 or (self.groups is not None and self.groups < 1):
             raise ArgenError(f"draft tree depth and groups must be >= 1, got {self.depth} and {self.groups}")
 
@@ -218,7 +219,8 @@ def chain(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, checked: torch
     draft; rejected (A,) bool; the closing draw's distribution (A, V))."""
     count, length, vocab = p.shape[0], drafts.shape[1], p.shape[-1]
     if length:
-        keep = accept(uniforms, q.gather(-1, drafts[..., None])[..., 0], p[:, :length].gather(-1, drafts[..., None])[..., 0])
+        keep = accept(uniforms, q.gather(-1, drafts[..., None])[..., 0],
+                      p[:, :length].gather(-1, drafts[..., None])[..., 0])
         if forced is not None:
             keep |= forced[:, :length] >= 0
         keep &= checked

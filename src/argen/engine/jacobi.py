@@ -57,8 +57,19 @@ from collections.abc import Callable, Sequence
 import torch
 
 from argen.engine.batches import BatchResult, engine_for
-from argen.engine.draft_tree import (DraftTree, chain, commit_branch_cache, extra_candidates, first_token, parse_tree,
-                                     reject_update, tree_inputs, tree_layout, tree_mask, tree_slots)
+from argen.engine.draft_tree import (
+    DraftTree,
+    chain,
+    commit_branch_cache,
+    extra_candidates,
+    first_token,
+    parse_tree,
+    reject_update,
+    tree_inputs,
+    tree_layout,
+    tree_mask,
+    tree_slots,
+)
 from argen.engine.draft_tree import accept as _accept
 from argen.engine.draft_tree import draw as _draw
 from argen.engine.sampler import RowParams, combine_guidance_pairs, filtered_weights
@@ -273,7 +284,8 @@ def resolve_tree(p: torch.Tensor, p_tree: torch.Tensor, length: torch.Tensor, dr
     k, depth, groups = tree.candidates, tree.depth, tree.groups
     rows = torch.arange(count, device=p.device)
     t = torch.arange(depth, device=p.device)
-    tested, head_draw, branch_tests, branch_draws = numbers[:, :k + 2 * depth - 1].split([k - 1, 1, depth - 1, depth], 1)
+    sizes = [k - 1, 1, depth - 1, depth]
+    tested, head_draw, branch_tests, branch_draws = numbers[:, :sum(sizes)].split(sizes, dim=1)
     tried = (accepted < length - 1) & (accepted < groups)  # a rejection at a position with alternatives
     at = accepted.clamp(max=groups - 1)
     spot = accepted.clamp(max=width - 2)
