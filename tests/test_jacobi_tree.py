@@ -255,3 +255,26 @@ def test_long_windows_with_trees_keep_the_exact_distribution():
     assert chi_square_pvalue(result.tokens, exact_joint(model, torch.tensor([3]), None, params), vocab=2) > 1e-3
     other = exact_joint(model, torch.tensor([4]), None, params)
     assert chi_square_pvalue(result.tokens, other, vocab=2) < 1e-6  # the test can tell classes apart
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_tree_step_on_gpu():
+    """Real CUDA graphs of the iteration with a tree: greedy tokens are the float32 model's guided
+    argmax (teacher forcing) and replays repeat them; sampled, alternatives win inside the graph."""
+    from argen.engine import Batches
+    from test_engine import guided_gaps
+
+    model = tiny_gpt("c2i", head_std=2.0, image_size=128).cuda()
+    cond = (torch.arange(6) % 10).cuda()
+    decoder = Batches(model)
+    params = SamplingParams(cfg_scale=3.0, top_k=1)
+    got = decoder.run(cond, None, params, step=JacobiStep(8, "4x2"))
+    assert any(d.graphs for d in decoder._decoders.values())
+    assert torch.equal(decoder.run(cond, None, params, step=JacobiStep(8, "4x2")).tokens, got.tokens)
+    gaps, spread = guided_gaps(model, cond, None, got.tokens, 3.0)
+    assert float(gaps.max()) <= 1e-3 * spread, (float(gaps.max()), spread)
+    sampled = decoder.run(cond, None, SamplingParams(cfg_scale=2.0, top_k=50, temperature=1.2),
+                          row_generators=[torch.Generator("cuda").manual_seed(s) for s in range(6)],
+                          step=JacobiStep(4, "3x2"))
+    assert sampled.rescued > 0

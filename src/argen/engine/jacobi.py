@@ -1,9 +1,11 @@
 """Speculative Jacobi decoding: several image tokens per forward pass, the same distribution.
 
-Contract: `jacobi_generate(gpt, cond, cond_mask, params, window=W, ...)` returns (B, N) int64
-tokens distributed exactly as autoregressive sampling with the same `SamplingParams`
-(`argen.sampling.reference_generate`), and with top_k=1 exactly the greedy tokens.
-`jacobi_decode` returns the same tokens with counts (forward passes per image, drafts, accepts).
+Contract: `jacobi_generate(gpt, cond, cond_mask, params, window=W, tree=None, ...)` returns (B, N)
+int64 tokens distributed exactly as autoregressive sampling with the same `SamplingParams`
+(`argen.sampling.reference_generate`), and with top_k=1 exactly the greedy tokens, with or without
+a draft tree (`tree`: a `argen.engine.draft_tree.DraftTree` or its spelling "KxD" / "KxDxG").
+`jacobi_decode` returns the same tokens with counts (forward passes per image, drafts, accepts,
+rescues by the tree).
 Both are static batches over the one decode loop (`argen.engine.batches`, `argen.engine.slots`)
 with `JacobiStep` as its step policy; the continuous server uses the same policy.
 
@@ -31,6 +33,17 @@ draft is an exact sample of q_i, verified with fresh uniforms. The speculative-s
 then gives P(x_i = v | x_{<i}) = min(p_i(v), q_i(v)) + the residual's share = p_i(v). Greedy (p
 one-hot): a draft is kept iff it is the argmax and the residual of a rejection is the argmax itself.
 
+Draft tree (K candidates, depth D, G positions): the same forward also feeds, for each of the
+tokens n..n+G-1, K-1 alternatives drawn from its draft's proposal without the draft (`extra_candidates`),
+each followed by the D-1 spine drafts after it, under a tree mask, their keys/values in scratch cache
+slots after the window (the decoder's cache rows are longer by G (K-1) D: `JacobiStep.scratch_slots`).
+At the spine's first rejection i < n+G, x_i is decided by recursive rejection over i's alternatives
+against what the rejection left, norm(max(0, p_i - q_i)) (`first_token`); if alternative b wins, its
+branch's later tokens are verified against the branch's own outputs (`chain`), its keys/values are
+moved into place (`commit_branch_cache`) and the next drafts come from its outputs. Each step is
+exact by the same identity (docs/engine.md, "Draft trees"). No tree on a moved-back window; a kept
+token is never rejected, so it gets no alternatives.
+
 Keys/values written for rejected drafts lie at positions >= the new prefix length; the next forward
 rewrites them before any query can see them (attention is causal by position), so they never leak.
 Near the end of the grid the window is moved back so that it stays W positions long; the accepted
@@ -38,7 +51,9 @@ tokens it covers again are rewritten with the same values and their outputs igno
 
 Randomness: each image draws W + (W-1) V uniforms per iteration (W-1 verification tests, one
 residual or bonus draw by inverse CDF as in `argen.engine.sampler`, and the Gumbel noise of the
-tokens entering the window), from its own generator (row_generators) or as one row of a draw from
+tokens entering the window), then with a tree K + 2D - 1 + G V more (`DraftTree.numbers`: the
+alternatives' tests, a residual draw, the branch's tests and closing draws, the alternatives' Gumbel
+noise), from its own generator (row_generators) or as one row of a draw from
 `generator`. With row generators an image's tokens do not depend on its batch.
 
 `JacobiStep` is the step policy of `argen.engine.slots.SlotDecoder` that runs this iteration for
@@ -47,6 +62,8 @@ CUDA graph per kv bucket and static sampling facts on CUDA, like any step. Betwe
 draws each active slot's numbers into a static buffer (slots sharing one generator draw together, in
 admission order: the order of a static batch's images) and reads the accepted counts back (the
 step's one host read). Slots that are not active run a parked window whose outputs are ignored.
+The tree's part is fixed-shape for a given (W, K, D, G), with no host read and no draw, so it is
+captured with the rest of the iteration.
 """
 
 from __future__ import annotations
@@ -352,6 +369,7 @@ class JacobiStep:
         self.window, self.tree = self._fit(decoder.num_tokens, vocab)
         width, tree = self.window, self.tree
         self.layout = None if tree is None else tree_layout(width, tree.candidates, tree.depth, tree.groups, device)
+        self.scratch = self.scratch_slots(decoder.gpt.config)
         self.spine_numbers = width + (width - 1) * vocab  # W tests and draws, the entering tokens' noise
         extra = 0 if tree is None else tree.numbers(vocab)  # the tree's numbers come after the spine's
         self.canvas = torch.zeros(n, decoder.num_tokens + width, dtype=torch.long, device=device)  # tokens, drafts
@@ -388,7 +406,7 @@ class JacobiStep:
     def kv_len(self) -> int:
         d = self.decoder
         slots = d.cond_len + max(min(slot.steps, d.num_tokens - self.window) for slot in d.slots) + self.window - 1
-        return slots + self.scratch_slots(d.gpt.config)  # the branches' scratch slots after the window
+        return slots + self.scratch  # the branches' scratch slots after the window
 
     def before_step(self) -> None:
         """Draw each active slot's numbers for this iteration from its request's generator."""
