@@ -39,10 +39,9 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
     `window` positions per forward, default `argen.engine.jacobi.DEFAULT_WINDOW`; the same
     distribution, fewer forward passes; see `argen.engine.jacobi`), with a draft tree if `tree` is given
     (`argen.engine.draft_tree.DraftTree` or its spelling "KxD" / "KxDxG", e.g. "4x2"; "jacobi" only).
-    forced_tokens: (B, max_new_tokens)
-    int64, the token to keep at each position or -1 where it is sampled (editing: a kept token is given,
-    a run of kept tokens costs one forward pass, a sampled token draws the number it would draw
-    without forced tokens; see `argen.engine.slots`).
+    forced_tokens: (B, max_new_tokens) int64, the token to keep at each position or -1 where it is
+    sampled (editing: a kept token is given, a run of kept tokens costs one forward pass, a sampled
+    token draws the number it would draw without forced tokens; see `argen.engine.slots`).
     """
     window = check_decode(decode, window)
     tree = check_tree(decode, tree)
