@@ -245,8 +245,9 @@ def test_trees_sample_the_exact_distribution_and_wrong_rules_are_caught(case, mo
 @pytest.mark.parametrize("tree", ["2x3x3", "2x2"])
 def test_long_windows_with_trees_keep_the_exact_distribution(tree):
     """9 binary tokens (512 sequences), W = 8 with 2 candidates at the first 3 positions and branches of
-    3 tokens, or at every position with branches of 2: drafts stay in the window over several iterations, branches are accepted and their
-    keys/values moved into place, the window is moved back at the end of the grid."""
+    3 tokens, or at every position with branches of 2: drafts stay in the window over several
+    iterations, branches are accepted and their keys/values moved into place, the window is moved
+    back at the end of the grid."""
     model = toy_gpt("c2i", vocab=2, grid=3, embedding_gain=10.0)
     params = SamplingParams(cfg_scale=2.5)
     samples = 10000
