@@ -1,19 +1,20 @@
-"""Jacobi decoding v2 pieces (`benchmarks/speculate.py`), each on its own: forward passes per image, the
-tokens gained per pass (histogram), and wall time one image at a time against plain decoding.
+"""Jacobi decoding with draft trees and longer windows (`jacobi_decode(window=, tree=)`): forward passes
+per image, the tokens gained per pass (histogram), the passes an alternative of the tree rescued, and
+wall time one image at a time against plain decoding.
 
     python benchmarks/bench_speculate.py                       # bundled demo-c2i and demo-t2i
     python benchmarks/bench_speculate.py --kinds c2i --per-item 4 --batch-one 10 --json out.json
     python benchmarks/bench_speculate.py --kinds c2i --per-item 0 --quality-seeds 0,1,2,3 --quality-variant best
 
-Variants (name: Spec(window, candidates, depth, groups, coupling)):
-- base: Spec(8), the algorithm of `argen.engine.jacobi` (Gumbel-coupled redrafts, no tree);
-- couple: maximal-coupling redrafts (SJD-PAC's adaptive continuation, in its exact form);
-- tree-first: 4 candidates for the first unverified token, branches of depth 3;
-- tree-all: 4 candidates at every spine position, depth 2;
-- W16, W32: longer windows alone;
-- best: W16 + maximal coupling + 4 candidates at every position, depth 3.
-Models at their own recommended sampling settings (`SamplingParams.for_model`). Timings on a shared
-CPU are noisy; each wall time is the total over the images of one pass.
+Variants (name: window, tree as candidates x depth [x groups]):
+- base: W = 8, no tree (`decode="jacobi"`'s default);
+- tree-first: W = 8, 4 candidates for the first unverified token only, branches of 3 tokens (4x3x1);
+- tree-all: W = 8, 4 candidates at every spine position, branches of 2 tokens (4x2);
+- W16: W = 16, no tree;
+- best: W = 16 with 4 candidates at every position, branches of 3 tokens (4x3).
+Models at their own recommended sampling settings (`SamplingParams.for_model`). The pass counts come
+from `jacobi_decode`'s static batch with a step that also records each slot's gain per pass. Timings
+on a shared CPU are noisy; each wall time is the total over the images of one pass.
 """
 
 from __future__ import annotations
@@ -25,22 +26,33 @@ from pathlib import Path
 import torch
 from classifier_check import conditions as classifier_conditions
 from classifier_check import paired_scores
-from speculate import Spec, speculative_decode
 
 from argen import generate, load_gpt
-from argen.engine.jacobi import jacobi_decode
+from argen.engine import Batches
+from argen.engine.jacobi import JacobiStep, jacobi_decode
 from argen.sampling import SamplingParams
 from argen.utils.io import atomic_write_json
 
 VARIANTS = {
-    "base": Spec(8),
-    "couple": Spec(8, coupling="max"),
-    "tree-first": Spec(8, 4, 3, 1),
-    "tree-all": Spec(8, 4, 2, 7),
-    "W16": Spec(16),
-    "W32": Spec(32),
-    "best": Spec(16, 4, 3, 15, "max"),
+    "base": (8, None),
+    "tree-first": (8, "4x3x1"),
+    "tree-all": (8, "4x2"),
+    "W16": (16, None),
+    "best": (16, "4x3"),
 }
+
+
+class RecordedStep(JacobiStep):
+    """`JacobiStep` that also records the tokens each active slot gained in each pass."""
+
+    def __init__(self, window: int, tree, gains: list[int]):
+        super().__init__(window, tree)
+        self.gains = gains  # shared with the decoder's copy of the step
+
+    def advance(self) -> None:
+        before = [slot.steps for slot in self.decoder.slots]
+        super().advance()
+        self.gains += [slot.steps - b for slot, b in zip(self.decoder.slots, before)]
 
 
 def conditions(gpt, per_item: int):
@@ -53,30 +65,29 @@ def passes(name: str, gpt, variants: dict, per_item: int, seed: int) -> list[dic
     cond, mask = conditions(gpt, per_item)
     params = SamplingParams.for_model(gpt)
     n = gpt.config.num_image_tokens
-    ref = jacobi_decode(gpt, cond, mask, params, window=8, generator=torch.Generator().manual_seed(seed))
-    ref_fpi = float(ref.forwards.double().mean())
-    print(f"{name}: {len(cond)} images x {n} tokens, {params}; argen.engine.jacobi W=8: {ref_fpi:.2f} forwards/image "
-          f"({n / ref_fpi:.2f}x fewer than plain)", flush=True)
-    rows = [dict(model=name, variant="jacobi_decode W=8", forwards_per_image=round(ref_fpi, 2),
-                 fewer=round(n / ref_fpi, 2))]
-    for label, spec in variants.items():
+    print(f"{name}: {len(cond)} images x {n} tokens, {params}", flush=True)
+    rows = []
+    for label, (window, tree) in variants.items():
+        gains: list[int] = []
         t0 = time.perf_counter()
-        res = speculative_decode(gpt, cond, mask, params, spec, generator=torch.Generator().manual_seed(seed))
+        # jacobi_decode's static batch (a fresh Batches: its decoder holds this recording step)
+        res = Batches(gpt).run(cond, mask, params, generator=torch.Generator().manual_seed(seed),
+                               step=RecordedStep(window, tree, gains))
         seconds = time.perf_counter() - t0
         fpi = float(res.forwards.double().mean())
-        hist = res.gained.tolist()
+        hist = torch.bincount(torch.tensor(gains, dtype=torch.long), minlength=window + 1).tolist()
         total = max(sum(hist), 1)
-        rows.append(dict(model=name, variant=label, spec=repr(spec), forwards_per_image=round(fpi, 2),
-                         fewer=round(n / fpi, 2), gained=hist, rescues=res.rescues.tolist(),
+        rows.append(dict(model=name, variant=label, window=window, tree=tree, forwards_per_image=round(fpi, 2),
+                         fewer=round(n / fpi, 2), gained=hist, rescued=res.rescued,
                          one_token_passes=round(hist[1] / total, 3), batch_s=round(seconds, 2)))
         print(f"  {label:10s} {fpi:6.2f} forwards/image ({n / fpi:4.2f}x fewer); passes adding 1..W tokens "
-              f"{hist[1:]}; 1-token passes {hist[1] / total:.0%}; rescues {res.rescues.tolist()}; "
+              f"{hist[1:]}; 1-token passes {hist[1] / total:.0%}; rescued {res.rescued} of {total} passes; "
               f"{seconds:.1f} s for the batch", flush=True)
     return rows
 
 
 def batch_one(name: str, gpt, variants: dict, images: int) -> list[dict]:
-    """Wall time of `images` conditions sampled one at a time: plain, argen.engine.jacobi, each variant."""
+    """Wall time of `images` conditions sampled one at a time: plain, then each variant."""
     cond, mask = conditions(gpt, 1)
     params = SamplingParams.for_model(gpt)
     picks = [(cond[i:i + 1], None if mask is None else mask[i:i + 1]) for i in range(min(images, len(cond)))]
@@ -91,11 +102,8 @@ def batch_one(name: str, gpt, variants: dict, images: int) -> list[dict]:
     plain = total(lambda c, m, g: generate(gpt, c, m, params=params, generator=g))
     rows = [dict(model=name, variant="plain", wall_s=round(plain, 3))]
     print(f"{name}, batch 1 x {len(picks)} images: plain {plain:.2f} s", flush=True)
-    runs = {"jacobi_decode W=8": lambda c, m, g: jacobi_decode(gpt, c, m, params, window=8, generator=g)}
-    runs.update({label: (lambda c, m, g, s=spec: speculative_decode(gpt, c, m, params, s, generator=g))
-                 for label, spec in variants.items()})
-    for label, fn in runs.items():
-        t = total(fn)
+    for label, (window, tree) in variants.items():
+        t = total(lambda c, m, g, w=window, s=tree: jacobi_decode(gpt, c, m, params, window=w, tree=s, generator=g))
         rows.append(dict(model=name, variant=label, wall_s=round(t, 3), speedup=round(plain / t, 2)))
         print(f"  {label:18s} {t:.2f} s ({plain / t:.2f}x plain)", flush=True)
     return rows
@@ -104,9 +112,10 @@ def batch_one(name: str, gpt, variants: dict, images: int) -> list[dict]:
 def quality(gpt, variant: str, seeds: list[int], per_item: int = 8) -> list[dict]:
     """The bundled classifier's scores of plain samples and of the variant's, per seed, with the mean
     difference and its standard error (`classifier_check.paired_scores`)."""
+    window, tree = VARIANTS[variant]
     return paired_scores(gpt, {
         "plain": lambda c, m, p, g: generate(gpt, c, m, params=p, generator=g),
-        variant: lambda c, m, p, g: speculative_decode(gpt, c, m, p, VARIANTS[variant], generator=g).tokens,
+        variant: lambda c, m, p, g: jacobi_decode(gpt, c, m, p, window=window, tree=tree, generator=g).tokens,
     }, seeds, per_item)
 
 

@@ -166,21 +166,21 @@ def test_an_edit_does_not_depend_on_its_co_tenants(kind, graphs):
             out[i].forced = forced[i]
         return out
 
-    for policy in (None, JacobiStep(3)):
-        crowd = run_staggered(SlotDecoder(model, 3, policy, cuda_graphs=graphs, kv_bucket=8), requests(),
+    for policy in (lambda: None, lambda: JacobiStep(3), lambda: JacobiStep(3, "3x2")):  # plain, Jacobi, a tree
+        crowd = run_staggered(SlotDecoder(model, 3, policy(), cuda_graphs=graphs, kv_bucket=8), requests(),
                               joins=[0, 1, 4, 6])
         for i in (0, 1, 2):
-            alone = SlotDecoder(model, 1, None if policy is None else JacobiStep(3)).run([requests()[i]])[0]
-            assert torch.equal(crowd[i], alone), (policy, i)
+            alone = SlotDecoder(model, 1, policy()).run([requests()[i]])[0]
+            assert torch.equal(crowd[i], alone), (policy(), i)
         for i in (0, 2):
             assert torch.equal(crowd[i][forced[i] >= 0], source[i][forced[i] >= 0])
-        greedy = run_staggered(SlotDecoder(model, 3, None if policy is None else JacobiStep(3), cuda_graphs=graphs,
-                                           kv_bucket=8), requests(top_k=1), joins=[0, 1, 4, 6])
+        greedy = run_staggered(SlotDecoder(model, 3, policy(), cuda_graphs=graphs, kv_bucket=8), requests(top_k=1),
+                               joins=[0, 1, 4, 6])
         for i, s in enumerate(settings):
             r = requests(top_k=1)[i]
             want = reference_generate(model, r.cond[None], None if r.cond_mask is None else r.cond_mask[None],
                                       top_k=1, forced_tokens=None if r.forced is None else r.forced[None], **s)[0]
-            assert torch.equal(greedy[i], want), (policy, i)
+            assert torch.equal(greedy[i], want), (policy(), i)
 
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
@@ -207,9 +207,10 @@ def test_forced_tokens_through_captured_graphs(kind, simulated_cuda_graphs):
             assert torch.equal(results[r.tag], want), (policy, r.tag)
 
 
-def test_jacobi_with_forced_tokens_samples_the_exact_conditional():
+@pytest.mark.parametrize("tree", [None, "3x2"])
+def test_jacobi_with_forced_tokens_samples_the_exact_conditional(tree):
     """4 tokens of 5 codes, token 1 kept: Jacobi's samples of the other three fit the exact AR
-    conditional given the kept token (and not the unconditioned joint)."""
+    conditional given the kept token (and not the unconditioned joint), with or without a draft tree."""
     from test_jacobi import chi_square_pvalue, exact_joint, toy_gpt
 
     model = toy_gpt("c2i")
@@ -232,8 +233,9 @@ def test_jacobi_with_forced_tokens_samples_the_exact_conditional():
     forced[:, kept_at] = kept
     result = argen.engine.jacobi.jacobi_decode(model, cond.expand(samples), None, params, window=3,
                                                generator=torch.Generator().manual_seed(0), max_batch=samples,
-                                               forced_tokens=forced)
+                                               forced_tokens=forced, tree=tree)
     assert bool((result.tokens[:, kept_at] == kept).all())
+    assert (result.rescued > 0) == (tree is not None)
     assert result.accepted > 0.2 * result.drafted
     assert chi_square_pvalue(result.tokens, target) > 1e-3
     assert chi_square_pvalue(result.tokens, joint) < 1e-6  # the test can fail: the unedited joint is rejected

@@ -404,9 +404,9 @@ def captured_decoder(model: GPT, **kwargs) -> Batches:
     return decoder
 
 
-def decode(batches: Batches, cond, mask, params, window: int, **kwargs) -> jacobi.JacobiResult:
+def decode(batches: Batches, cond, mask, params, window: int, tree=None, **kwargs) -> jacobi.JacobiResult:
     """A static batch of Jacobi steps through `batches` (the captured-step path)."""
-    return batches.run(cond, mask, params, step=JacobiStep(window), **kwargs)
+    return batches.run(cond, mask, params, step=JacobiStep(window, tree), **kwargs)
 
 
 def verify_buckets(decoder: Batches, model: GPT, width: int) -> int:
@@ -455,6 +455,30 @@ def test_captured_verify_step_samples_like_the_eager_jacobi_loop(simulated_cuda_
             assert torch.equal(got.forwards, want.forwards)
             assert (got.model_calls, got.drafted, got.accepted) == (want.model_calls, want.drafted, want.accepted)
             assert 0 < got.accepted < got.drafted
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_captured_tree_step_replays_like_the_eager_loop(kind, simulated_cuda_graphs):
+    """The Jacobi iteration with a draft tree captured (simulated CUDA graphs) per kv bucket: greedy
+    tokens are the reference's; sampled tokens and counts (rescues included) are the eager loop's."""
+    model = tiny_gpt(kind, seed=2, image_size=80)  # 25 tokens
+    cond, mask = condition(kind, batch=3)  # padded to 4
+    decoder = captured_decoder(model)
+    settings = dict(cfg_scale=3.0, cfg_schedule="linear")
+    got = decode(decoder, cond, mask, SamplingParams(top_k=1, **settings), window=6, tree="3x2")
+    assert torch.equal(got.tokens, reference_generate(model, cond, mask, top_k=1, **settings))
+    assert _SimGraph.created >= 2
+    rescued = 0
+    for params, window, tree in ((SamplingParams(cfg_scale=3.0, top_k=40, temperature=1.3), 4, "3x2"),
+                                 (SamplingParams(top_p=0.9), 6, "4x2x1")):
+        gens = [torch.Generator().manual_seed(s) for s in range(21, 24)]
+        got = decode(decoder, cond, mask, params, window=window, tree=tree, row_generators=gens)
+        gens = [torch.Generator().manual_seed(s) for s in range(21, 24)]
+        want = jacobi_decode(model, cond, mask, params, window=window, tree=tree, row_generators=gens)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.forwards, want.forwards), (params, tree)
+        assert (got.drafted, got.accepted, got.rescued) == (want.drafted, want.accepted, want.rescued)
+        rescued += got.rescued
+    assert rescued > 0  # alternatives won inside the graph
 
 
 def test_simulator_refuses_a_host_read_in_the_verify_step(simulated_cuda_graphs, monkeypatch):

@@ -91,7 +91,8 @@ def test_the_adapters_change_the_tokens(models):
     assert not torch.equal(tokens[0], tokens[2]) and not torch.equal(tokens[1], tokens[2])
 
 
-@pytest.mark.parametrize("step", [PlainStep, lambda: JacobiStep(4)], ids=["plain", "jacobi"])
+@pytest.mark.parametrize("step", [PlainStep, lambda: JacobiStep(4), lambda: JacobiStep(4, "3x2")],
+                         ids=["plain", "jacobi", "jacobi-tree"])
 def test_slot_decoder_mixes_adapters_in_one_step(models, step):
     """Requests join at different steps (continuous admission) with x, y and the base in the same slots."""
     multi, single = models

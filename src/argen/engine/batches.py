@@ -40,7 +40,8 @@ class BatchResult:
     forwards: torch.Tensor  # (B,) int64: forward passes each image took (prefill, steps, extends of kept runs)
     model_calls: int  # forward passes of the model (prefill, batched steps, extends of kept runs)
     drafted: int  # drafts verified (Jacobi)
-    accepted: int  # drafts accepted (Jacobi)
+    accepted: int  # tokens gained past the first of each Jacobi iteration (accepted drafts, with a tree its branch's)
+    rescued: int = 0  # Jacobi iterations in which an alternative of the draft tree won
 
     @property
     def acceptance_rate(self) -> float:
@@ -147,7 +148,7 @@ class Batches:
                                torch.zeros(0, dtype=torch.long), 0, 0, 0)
         return BatchResult(torch.cat([r.tokens for r in results]), torch.cat([r.forwards for r in results]),
                            sum(r.model_calls for r in results), sum(r.drafted for r in results),
-                           sum(r.accepted for r in results))
+                           sum(r.accepted for r in results), sum(r.rescued for r in results))
 
     def _decoder(self, slots: int, step) -> SlotDecoder:
         key = (slots,) + step.key
@@ -192,7 +193,7 @@ class Batches:
         forwards = torch.tensor([r.forwards for r in requests], dtype=torch.long)
         return BatchResult(torch.stack([out[i] for i in range(batch)]), forwards,
                            1 + gained["decode_steps"] + gained["extends"],
-                           gained.get("drafted", 0), gained.get("accepted", 0))
+                           gained.get("drafted", 0), gained.get("accepted", 0), gained.get("rescued", 0))
 
 
 Engine = Batches  # the earlier name of the static-batch entry point

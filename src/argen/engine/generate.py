@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from argen.engine.batches import engine_for
-from argen.engine.jacobi import check_decode, jacobi_generate
+from argen.engine.draft_tree import DraftTree
+from argen.engine.jacobi import check_decode, check_tree, jacobi_generate
 from argen.models.gpt import GPT
 from argen.sampling.logits import SamplingParams
 from argen.utils.errors import ArgenError
@@ -26,7 +27,8 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
              cfg_schedule: str | None = None, cfg_power: float | None = None,
              row_generators: Sequence[torch.Generator] | None = None,
              progress: Callable[[int], None] | None = None, decode: str = "ar",
-             window: int | None = None, forced_tokens: torch.Tensor | None = None) -> torch.Tensor:
+             window: int | None = None, forced_tokens: torch.Tensor | None = None,
+             tree: DraftTree | str | None = None) -> torch.Tensor:
     """Sample (B, max_new_tokens) int64 image tokens (default: the full grid) on the model's device.
 
     row_generators: one generator per image instead of `generator`, so that an image depends only on
@@ -35,12 +37,14 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
     `SamplingParams`, instead of the keyword settings (unset keywords take SamplingParams' defaults).
     decode: "ar" (one token per forward, the engine) or "jacobi" (speculative Jacobi decoding with
     `window` positions per forward, default `argen.engine.jacobi.DEFAULT_WINDOW`; the same
-    distribution, fewer forward passes; see `argen.engine.jacobi`). forced_tokens: (B, max_new_tokens)
-    int64, the token to keep at each position or -1 where it is sampled (editing: a kept token is given,
-    a run of kept tokens costs one forward pass, a sampled token draws the number it would draw
-    without forced tokens; see `argen.engine.slots`).
+    distribution, fewer forward passes; see `argen.engine.jacobi`), with a draft tree if `tree` is given
+    (`argen.engine.draft_tree.DraftTree` or its spelling "KxD" / "KxDxG", e.g. "4x2"; "jacobi" only).
+    forced_tokens: (B, max_new_tokens) int64, the token to keep at each position or -1 where it is
+    sampled (editing: a kept token is given, a run of kept tokens costs one forward pass, a sampled
+    token draws the number it would draw without forced tokens; see `argen.engine.slots`).
     """
     window = check_decode(decode, window)
+    tree = check_tree(decode, tree)
     settings = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
                     temperature=temperature, top_k=top_k, top_p=top_p)
     given = {name: value for name, value in settings.items() if value is not None}
@@ -51,6 +55,6 @@ def generate(gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
     if decode == "jacobi":
         return jacobi_generate(gpt, cond, cond_mask, params, window, generator=generator,
                                row_generators=row_generators, max_new_tokens=max_new_tokens, progress=progress,
-                               forced_tokens=forced_tokens)
+                               forced_tokens=forced_tokens, tree=tree)
     return engine_for(gpt).generate(cond, cond_mask, params, generator=generator, row_generators=row_generators,
                                     max_new_tokens=max_new_tokens, progress=progress, forced=forced_tokens)

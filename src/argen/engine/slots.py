@@ -24,7 +24,8 @@ Contract:
   from the request's generator, or the request's own `uniforms`) or `argen.engine.jacobi.JacobiStep`
   (a Jacobi iteration of a window). A policy is a set of functions on the decoder's tensors, not a
   decoder: it starts new slots from their prefill logits, runs a graph-safe step, and keeps the host
-  bookkeeping.
+  bookkeeping. It also says how many cache slots its step needs after the grid (`scratch_slots`: the
+  branches of a Jacobi draft tree), which the decoder adds to each cache row.
 - `admit(requests)` prefills new requests into free slots (between steps only) and starts them;
   `step()` advances every active slot, then retires the finished slots and returns their tokens;
   `cancel(predicate)` frees slots at once; `run(requests)` does it all. Static batching is a
@@ -235,6 +236,10 @@ class PlainStep:
         st.tokens[2 * first:2 * (first + k)] = token.repeat_interleave(2)
         self.feed_kept(range(first, first + k))
 
+    def scratch_slots(self, config) -> int:
+        """Cache slots the step needs after the grid (for a model of this `GPTConfig`): none."""
+        return 0
+
     def kv_len(self) -> int:
         return max(slot.pos for slot in self.decoder.slots) + 1
 
@@ -372,7 +377,8 @@ class SlotDecoder:
         self.use_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         self._capture_on_device = self.use_graphs and self.device.type == "cuda"
         self.kv_bucket = kv_bucket
-        full = cfg.cond_len + cfg.num_image_tokens
+        self.policy = step if step is not None else PlainStep()
+        full = cfg.cond_len + cfg.num_image_tokens + self.policy.scratch_slots(cfg)  # + the step's scratch slots
         self.cache_len = kv_bucket * math.ceil(full / kv_bucket) if self.use_graphs else full
         self.positions = torch.arange(self.cache_len, device=self.device)
         self.state = _State(gpt, num_slots, self.cache_len, self.device)
@@ -383,7 +389,6 @@ class SlotDecoder:
         self._admitted = 0
         self.counters = {"prefills": 0, "decode_steps": 0, "slot_steps": 0, "extends": 0}
         self.lora = multi_lora(gpt)
-        self.policy = step if step is not None else PlainStep()
         self.policy.bind(self)
 
     @property
