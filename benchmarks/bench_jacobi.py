@@ -3,6 +3,11 @@
     python benchmarks/bench_jacobi.py --demo /work/runs/demo                # demo generators
     python benchmarks/bench_jacobi.py --demo /work/runs/demo --quality-seeds 0,1,2
     python benchmarks/bench_jacobi.py --gpt-b --gpt-b-windows 4,8          # full-size GPT-B, random weights
+    python benchmarks/bench_jacobi.py --bundled --windows 8 --tree 4x2 --slots 4 --batch-one 10
+
+`--bundled` takes the generators that ship with argen (`demo-c2i`, `demo-t2i`) at their own sampling
+settings (`SamplingParams.for_model`) instead of a demo folder at the demo settings; `--tree KxD[xG]`
+gives every Jacobi run of every section that draft tree (`argen.engine.draft_tree`).
 
 Sections (each optional):
 - window sweep on the demo generators (`<demo>/gpt-c2i`, `<demo>/gpt-t2i`) at the demo's sampling
@@ -66,9 +71,18 @@ def best_time(fn, repeats: int):
     return best, out
 
 
+def settings(gpt: GPT) -> SamplingParams:
+    """The sampling settings of a run: the model's own (--bundled) or the demo report's."""
+    return SamplingParams.for_model(gpt) if BUNDLED else SamplingParams(**DEMO_SETTINGS)
+
+
+BUNDLED = False  # --bundled
+TREE = None  # --tree: the draft tree of every Jacobi run
+
+
 def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: int, repeats: int) -> list[dict]:
     cond, mask = demo_conditions(gpt, per_item)
-    params = SamplingParams(**DEMO_SETTINGS)
+    params = settings(gpt)
     n = gpt.config.num_image_tokens
     ar_s, _ = best_time(lambda: generate(gpt, cond, mask, params=params, generator=torch.Generator().manual_seed(seed)),
                         repeats)
@@ -76,7 +90,7 @@ def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: i
                  acceptance=None, wall_s=round(ar_s, 3), speedup_forwards=1.0, speedup_wall=1.0)]
     print(f"{name}: {len(cond)} images x {n} tokens, plain decoding {ar_s:.2f} s", flush=True)
     for w in windows:
-        t, res = best_time(lambda w=w: jacobi_decode(gpt, cond, mask, params, window=w,
+        t, res = best_time(lambda w=w: jacobi_decode(gpt, cond, mask, params, window=w, tree=TREE,
                                                      generator=torch.Generator().manual_seed(seed)), repeats)
         fpi = float(res.forwards.double().mean())
         row = dict(model=name, images=len(cond), tokens=n, window=w, forwards_per_image=round(fpi, 2),
@@ -89,55 +103,69 @@ def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: i
     return rows
 
 
-def batch_one(name: str, gpt: GPT, windows: list[int], images: int) -> list[dict]:
-    """Latency: `images` demo conditions sampled one at a time, plain and Jacobi, total wall time."""
+def batch_one(name: str, gpt: GPT, windows: list[int], images: int, repeats: int = 1) -> list[dict]:
+    """Latency: `images` demo conditions sampled one at a time, plain and Jacobi, total wall time
+    (each image's plain and Jacobi runs back to back, `repeats` times over, so that a machine's load
+    falls on both alike)."""
     cond, mask = demo_conditions(gpt, 1)
-    params = SamplingParams(**DEMO_SETTINGS)
+    params = settings(gpt)
     picks = [(cond[i:i + 1], None if mask is None else mask[i:i + 1]) for i in range(min(images, len(cond)))]
-
-    def total(fn) -> tuple[float, int]:
-        seconds, calls = 0.0, 0
-        for i, (c, m) in enumerate(picks):
-            t0 = time.perf_counter()
-            calls += fn(c, m, torch.Generator().manual_seed(i))
-            seconds += time.perf_counter() - t0
-        return seconds, calls
-
     n = gpt.config.num_image_tokens
     c, m = picks[0]  # warm-up: the engine's first call builds its cache
     generate(gpt, c, m, params=params, generator=torch.Generator().manual_seed(0))
-    jacobi_decode(gpt, c, m, params, window=windows[0] if windows else 8, generator=torch.Generator().manual_seed(0))
-    ar_s, _ = total(lambda c, m, g: generate(gpt, c, m, params=params, generator=g).shape[1])
-    rows = [dict(model=name, batch=1, images=len(picks), window="ar", wall_s=round(ar_s, 3))]
-    print(f"{name}, batch 1 x {len(picks)} images: plain decoding {ar_s:.2f} s", flush=True)
     for w in windows:
-        t, calls = total(lambda c, m, g, w=w: jacobi_decode(gpt, c, m, params, window=w, generator=g).model_calls)
-        rows.append(dict(model=name, batch=1, images=len(picks), window=w, wall_s=round(t, 3),
-                         forwards_per_image=round(calls / len(picks), 2), speedup_wall=round(ar_s / t, 2)))
-        print(f"  W={w:3d}: {calls / len(picks):6.2f} forwards/image ({n * len(picks) / calls:4.2f}x fewer), "
-              f"{t:.2f} s ({ar_s / t:4.2f}x plain)", flush=True)
+        jacobi_decode(gpt, c, m, params, window=w, tree=TREE, generator=torch.Generator().manual_seed(0))
+    wall = {w: 0.0 for w in ["ar"] + windows}
+    calls = {w: 0 for w in windows}
+    for _ in range(repeats):
+        for i, (c, m) in enumerate(picks):
+            for w in ["ar"] + windows:
+                t0 = time.perf_counter()
+                if w == "ar":
+                    generate(gpt, c, m, params=params, generator=torch.Generator().manual_seed(i))
+                else:
+                    calls[w] += jacobi_decode(gpt, c, m, params, window=w, tree=TREE,
+                                              generator=torch.Generator().manual_seed(i)).model_calls
+                wall[w] += time.perf_counter() - t0
+    ar_s, count = wall["ar"], len(picks) * repeats
+    rows = [dict(model=name, batch=1, images=count, window="ar", wall_s=round(ar_s, 3))]
+    print(f"{name}, batch 1 x {count} images: plain decoding {ar_s:.2f} s ({1000 * ar_s / count:.1f} ms an image)",
+          flush=True)
+    for w in windows:
+        t = wall[w]
+        rows.append(dict(model=name, batch=1, images=count, window=w, tree=None if TREE is None else str(TREE),
+                         wall_s=round(t, 3), forwards_per_image=round(calls[w] / count, 2),
+                         speedup_wall=round(ar_s / t, 2)))
+        print(f"  W={w:3d}{'' if TREE is None else ' tree ' + str(TREE)}: {calls[w] / count:6.2f} forwards/image "
+              f"({n * count / calls[w]:4.2f}x fewer), {t:.2f} s ({ar_s / t:4.2f}x plain)", flush=True)
     return rows
 
 
 def slots(name: str, gpt: GPT, windows: list[int], per_item: int, num_slots: int, repeats: int) -> list[dict]:
     """The continuous scheduler: plain slots against Jacobi slots on the same requests."""
-    from argen.engine import JacobiSlotDecoder, SlotDecoder, SlotRequest
+    from argen.engine import JacobiStep, SlotDecoder, SlotRequest
 
     cond, mask = demo_conditions(gpt, per_item)
-    params = SamplingParams(**DEMO_SETTINGS)
+    params = settings(gpt)
 
     def requests():
         return [SlotRequest(cond[i], None if mask is None else mask[i], params, torch.Generator().manual_seed(i))
                 for i in range(len(cond))]
 
+    def run(w):
+        decoder = SlotDecoder(gpt, num_slots) if w == "ar" else SlotDecoder(gpt, num_slots, JacobiStep(w, TREE))
+        t0 = time.perf_counter()
+        decoder.run(requests())
+        return time.perf_counter() - t0, decoder.counters
+
+    best = {}
+    for _ in range(repeats):  # interleaved, so that the machine's load falls on every decoder alike
+        for w in ["ar"] + windows:
+            t, counters = run(w)
+            best[w] = min((t, counters), best.get(w, (float("inf"), None)), key=lambda x: x[0])
     rows = []
     for w in ["ar"] + windows:
-        def run(w=w):
-            decoder = SlotDecoder(gpt, num_slots) if w == "ar" else JacobiSlotDecoder(gpt, num_slots, window=w)
-            decoder.run(requests())
-            return decoder.counters
-
-        t, counters = best_time(run, repeats)
+        t, counters = best[w]
         row = dict(model=name, slots=num_slots, images=len(cond), window=w, wall_s=round(t, 3),
                    decode_steps=counters["decode_steps"], slot_steps=counters["slot_steps"],
                    acceptance=round(counters["accepted"] / max(counters["drafted"], 1), 3) if w != "ar" else None)
@@ -194,8 +222,8 @@ def token_check(gpt: GPT, label: int, images: int, window: int) -> dict:
     cond = torch.full((images,), label)
     out = {}
     for seed, decode in ((1, "ar"), (2, "jacobi")):
-        extra = dict(decode="jacobi", window=window) if decode == "jacobi" else {}
-        out[decode] = generate(gpt, cond, None, generator=torch.Generator().manual_seed(seed), **DEMO_SETTINGS,
+        extra = dict(decode="jacobi", window=window, tree=TREE) if decode == "jacobi" else {}
+        out[decode] = generate(gpt, cond, None, generator=torch.Generator().manual_seed(seed), params=settings(gpt),
                                **extra).numpy()  # (images, N)
     pvalues = []
     for pos in range(out["ar"].shape[1]):
@@ -218,6 +246,25 @@ def token_check(gpt: GPT, label: int, images: int, window: int) -> dict:
         result[name] = {"ar": float(a.mean()), "jacobi": float(j.mean()), "p": float(mannwhitneyu(a, j).pvalue)}
         print(f"  {name}: plain {a.mean():.2f}, Jacobi {j.mean():.2f}, Mann-Whitney p {result[name]['p']:.3f}")
     return result
+
+
+def bundled_quality(models: dict[str, GPT], window: int, seeds: list[int], per_item: int) -> list[dict]:
+    """--bundled: the bundled classifier's scores of plain and Jacobi samples (window, TREE) on the same
+    seeds, and whether their difference is within one standard error (`classifier_check`)."""
+    from classifier_check import paired_scores
+
+    def jacobi(cond, mask, params, gen):
+        return generate(gpt, cond, mask, params=params, generator=gen, decode="jacobi", window=window, tree=TREE)
+
+    def plain(cond, mask, params, gen):
+        return generate(gpt, cond, mask, params=params, generator=gen)
+
+    rows = []
+    for kind, gpt in models.items():
+        print(f"quality, demo-{kind}, W={window}, tree {TREE}:", flush=True)
+        rows += [dict(model=kind, **row) for row in paired_scores(gpt, {"plain": plain, "jacobi": jacobi}, seeds,
+                                                                  per_item)]
+    return rows
 
 
 def gpt_b(windows: list[int], images: int, repeats: int, tokens: int | None) -> list[dict]:
@@ -249,6 +296,8 @@ def gpt_b(windows: list[int], images: int, repeats: int, tokens: int | None) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, help="an `argen demo` output folder (gpt-c2i, gpt-t2i, tokenizer)")
+    ap.add_argument("--bundled", action="store_true", help="the bundled demo-c2i / demo-t2i at their own settings")
+    ap.add_argument("--tree", default=None, help="a draft tree KxD[xG] for every Jacobi run (default none)")
     ap.add_argument("--kinds", default="c2i,t2i", help="which demo generators (default c2i,t2i)")
     ap.add_argument("--windows", type=_ints, default=[2, 4, 8, 12, 16])
     ap.add_argument("--per-item", type=int, default=2, help="images per class/prompt in the window sweep (0: no sweep)")
@@ -275,8 +324,11 @@ def main() -> None:
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {now}")
     results: dict = {}
-    if args.demo:
-        models = {kind: load_gpt(args.demo / f"gpt-{kind}") for kind in args.kinds.split(",")}
+    global BUNDLED, TREE
+    BUNDLED, TREE = args.bundled, args.tree
+    if args.demo or args.bundled:
+        models = {kind: load_gpt(f"demo-{kind}" if args.bundled else args.demo / f"gpt-{kind}")
+                  for kind in args.kinds.split(",")}
         if args.per_item:
             results["sweep"] = [row for kind, gpt in models.items()
                                 for row in window_sweep(f"demo {kind}", gpt, args.windows, args.per_item,
@@ -287,12 +339,14 @@ def main() -> None:
                                                  args.repeats)]
         if args.batch_one:
             results["batch_one"] = [row for kind, gpt in models.items()
-                                    for row in batch_one(f"demo {kind}", gpt, args.windows, args.batch_one)]
+                                    for row in batch_one(f"demo {kind}", gpt, args.windows, args.batch_one,
+                                                         args.repeats)]
         if args.quality_seeds:
             from argen.engine.jacobi import DEFAULT_WINDOW
 
-            results["quality"] = quality(args.demo, models, args.quality_window or DEFAULT_WINDOW,
-                                         args.quality_seeds, per_item=8)
+            window = args.quality_window or DEFAULT_WINDOW
+            results["quality"] = (bundled_quality(models, window, args.quality_seeds, per_item=8) if args.bundled
+                                  else quality(args.demo, models, window, args.quality_seeds, per_item=8))
         if args.token_check and "c2i" in models:
             from argen.engine.jacobi import DEFAULT_WINDOW
 

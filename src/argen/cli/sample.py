@@ -62,23 +62,30 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: str) -> No
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    """--decode/--window: how tokens are decoded (`argen.generate`'s decode and window)."""
+    """--decode/--window/--tree: how tokens are decoded (`argen.generate`'s decode, window and tree)."""
     parser.add_argument("--decode", choices=("ar", "jacobi"), default="ar",
                         help="ar: one token per forward pass (default); jacobi: speculative Jacobi decoding, "
                              "several tokens per forward pass with the same distribution (other images per seed)")
     parser.add_argument("--window", type=positive_int, default=None,
                         help="with --decode jacobi: positions per forward pass (default "
                              "argen.engine.jacobi.DEFAULT_WINDOW)")
+    parser.add_argument("--tree", default=None, metavar="KxD[xG]",
+                        help="with --decode jacobi: a draft tree, K candidates for each of the first G unverified "
+                             "tokens (default every one), each followed by D tokens, verified in the same forward "
+                             "pass (e.g. 4x2: fewer forward passes, more tokens per pass; same distribution)")
 
 
 def decode_options(args: argparse.Namespace) -> dict:
-    """The --decode/--window flags -> generate's keywords; --window without --decode jacobi is an error."""
-    from argen.engine.jacobi import check_decode
+    """The --decode/--window/--tree flags -> generate's keywords; --window or --tree without --decode
+    jacobi is an error."""
+    from argen.engine.jacobi import check_decode, check_tree
     from argen.utils.errors import ArgenError
 
-    if args.window is not None and args.decode != "jacobi":
-        raise ArgenError("--window applies only to --decode jacobi")
-    return dict(decode=args.decode, window=check_decode(args.decode, args.window))
+    for flag, value in (("--window", args.window), ("--tree", args.tree)):
+        if value is not None and args.decode != "jacobi":
+            raise ArgenError(f"{flag} applies only to --decode jacobi")
+    return dict(decode=args.decode, window=check_decode(args.decode, args.window),
+                tree=check_tree(args.decode, args.tree))
 
 
 def sampling_params(args: argparse.Namespace, kind: str | None, gpt=None):

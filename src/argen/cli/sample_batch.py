@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     config = SampleBatchConfig(num_samples=args.num_samples, num_classes=args.num_classes,
                                sampling=sampling_params(args, None), seed=args.seed, batch_size=args.batch_size,
                                shard_size=args.shard_size, eval_size=args.eval_size or None, resize=args.resize,
-                               png=args.png, decode=args.decode, window=args.window)
+                               png=args.png, decode=args.decode, window=args.window,
+                               tree=args.tree)
     from argen.checkpoint.hub import checkpoint_record, default_tokenizer
 
     tokenizer_ref = args.tokenizer or default_tokenizer(args.gpt)

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "scheduler")
     group.add_argument("--window", type=positive_int, default=None,
                        help="with --decode jacobi: positions per forward pass (default 8)")
+    group.add_argument("--tree", default=None, metavar="KxD[xG]",
+                       help="with --decode jacobi: a draft tree for every request (e.g. 4x2: K candidates per "
+                            "unverified token, each followed by D tokens, in the same forward pass)")
     group.add_argument("--max-wait-ms", type=nonneg_float, default=10.0,
                        help="how long the oldest request waits for others to join its batch (default 10)")
     group.add_argument("--max-queue", type=positive_int, default=256, help="queued images before 503 (default 256)")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                          max_images_per_request=args.max_images_per_request, decode_chunk=args.decode_chunk,
                          overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), scheduler=args.scheduler,
-                         decode=args.decode, window=args.window)
+                         decode=args.decode, window=args.window, tree=args.tree)
     bundled = use_bundled_generator(args, args.kind or "t2i")
     args.adapters, args.lora = args.lora, None  # served side by side (batched LoRA), not merged
     tokenizer, gpt, device, _ = load_models(args)

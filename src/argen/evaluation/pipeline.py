@@ -227,14 +227,15 @@ class SampledBatch:
 def sample_images(tokenizer: VQModel, gpt: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | None,
                   params: SamplingParams, seeds: Sequence[int], progress: Callable[[int], None] | None = None,
                   size: int | None = None, resize: str = "bicubic-antialias", decode: str = "ar",
-                  window: int | None = None) -> SampledBatch:
+                  window: int | None = None, tree=None) -> SampledBatch:
     """One batch: image j draws from its own generator seeded with seeds[j]; generate, decode, uint8.
-    decode/window: `argen.generate`'s ("jacobi": speculative Jacobi decoding)."""
+    decode/window/tree: `argen.generate`'s ("jacobi": speculative Jacobi decoding, with a draft tree)."""
     device = gpt.tok_embeddings.weight.device
     gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     t0 = time.perf_counter()
     codes = generate(gpt, cond.to(device), None if cond_mask is None else cond_mask.to(device), params=params,
-                     row_generators=gens, progress=progress, decode=decode, window=window).cpu()  # (b, N)
+                     row_generators=gens, progress=progress, decode=decode, window=window,
+                     tree=tree).cpu()  # (b, N)
     t1 = time.perf_counter()
     grid = gpt.config.grid_size
     resize_fn = None if size is None or size == gpt.config.image_size else \
@@ -261,7 +262,8 @@ def _write(path: Path, write: Callable[[Path], object]) -> None:
 
 def sample_to_folder(tokenizer: VQModel, gpt: GPT, conditions: Conditions, params: SamplingParams, out: str | Path,
                      *, n: int = 1, seed: int = 0, batch_size: int = 32, save_codes: bool = False,
-                     progress: bool = False, decode: str = "ar", window: int | None = None) -> SampleSummary:
+                     progress: bool = False, decode: str = "ar", window: int | None = None,
+                     tree=None) -> SampleSummary:
     """`--n` images per condition, in order, image i seeded with image_seed(seed, i); PNGs as they come."""
     if n < 1 or batch_size < 1:
         raise ArgenError("n and batch_size must be >= 1")
@@ -286,7 +288,7 @@ def sample_to_folder(tokenizer: VQModel, gpt: GPT, conditions: Conditions, param
                 cond, cond_mask = conditions.load(which[start:stop])
                 batch = sample_images(tokenizer, gpt, cond, cond_mask, params,
                                       [image_seed(seed, i) for i in range(start, stop)], steps.start_batch(),
-                                      decode=decode, window=window)
+                                      decode=decode, window=window, tree=tree)
                 summary.generate_s += batch.generate_s
                 summary.decode_s += batch.decode_s
                 for offset, image in enumerate(batch.images):

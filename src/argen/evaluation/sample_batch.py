@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from argen.engine.jacobi import check_decode
+from argen.engine.jacobi import check_decode, check_tree
 from argen.evaluation.npz import NpzImageWriter
 from argen.evaluation.pipeline import RESIZE_MODES, resize_images, sample_images
 from argen.models.gpt import GPT
@@ -65,6 +65,7 @@ class SampleBatchConfig:
     png: bool = False
     decode: str = "ar"  # or "jacobi" (argen.generate's decode), with `window`
     window: int | None = None
+    tree: str | None = None  # a Jacobi draft tree's spelling, "KxD[xG]" (argen.engine.draft_tree)
 
     def validate(self) -> None:
         if self.num_samples < 1:
@@ -80,6 +81,8 @@ class SampleBatchConfig:
         if self.eval_size is not None and self.eval_size < 8:
             raise ArgenError("--eval-size must be >= 8 (or 0 to keep the generated size)")
         self.window = check_decode(self.decode, self.window)
+        tree = check_tree(self.decode, self.tree)
+        self.tree = None if tree is None else str(tree)
 
     def identity(self) -> dict:
         """The fields that decide the images (png output and the batch size do not)."""
@@ -89,6 +92,8 @@ class SampleBatchConfig:
         if self.decode == "ar":  # Jacobi decoding draws other images for a seed; plain runs keep their identity
             data.pop("decode")
             data.pop("window")
+        if self.tree is None:  # runs without a tree keep the identity they had before trees existed
+            data.pop("tree")
         return data
 
 
@@ -192,7 +197,7 @@ def _sample_batch(tokenizer: VQModel, gpt: GPT, config: SampleBatchConfig, out: 
             batch = sample_images(tokenizer, gpt, cond, cond_mask, config.sampling,
                                   [image_seed(config.seed, i) for i in range(start, stop)], size=size,
                                   resize=config.resize, decode=config.decode,
-                                  window=config.window)  # images (b, E, E, 3) uint8
+                                  window=config.window, tree=config.tree)  # images (b, E, E, 3) uint8
             if config.png:
                 for offset, image in enumerate(batch.images):
                     save_png(image, out / "png" / f"{start + offset:06d}.png")

@@ -147,7 +147,7 @@ def create_app(service: GenerationService, manage_service: bool = True, model_id
                 "device": str(service.device), "queue_depth": service.queue_depth(),
                 "max_batch_size": limits.max_batch_size, "max_images_per_request": limits.max_images_per_request,
                 "max_body_bytes": limits.max_body_bytes, "scheduler": limits.scheduler, "decode": limits.decode,
-                "window": limits.window, "adapters": service.adapter_names}
+                "window": limits.window, "tree": limits.tree, "adapters": service.adapter_names}
 
     @app.get("/metrics")
     async def metrics():

@@ -14,8 +14,8 @@ Contract:
 - Every image has its own generator seeded with `image_seed(request seed, image index)` and its
   own `SamplingParams`, so a request's images do not depend on what else runs with them.
 - Both schedulers run the engine's one decode loop (`argen.engine.slots.SlotDecoder`); its step
-  policy is `PlainStep` or, with `decode="jacobi"`, `JacobiStep(window)` (a Jacobi iteration of
-  `window` positions per slot). They differ only in when images are admitted.
+  policy is `PlainStep` or, with `decode="jacobi"`, `JacobiStep(window, tree)` (a Jacobi iteration of
+  `window` positions per slot, with a draft tree if one is set). They differ only in when images are admitted.
 - `scheduler="continuous"` (default): a `SlotDecoder` with `max_batch_size` slots. At every step
   boundary the worker frees the slots of cancelled requests, admits the oldest queued images into
   the free slots (prefill), runs one decode step of all active slots, and hands the images that
@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 
 from argen.engine import Batches, JacobiStep, PlainStep, SlotDecoder, SlotRequest, decode_codes
-from argen.engine.jacobi import check_decode
+from argen.engine.jacobi import check_decode, check_tree
 from argen.models.gpt import GPT
 from argen.models.tokenizer import VQModel
 from argen.nn.lora import multi_lora
@@ -88,11 +88,14 @@ class ServeConfig:
     scheduler: str = "continuous"  # or "static" (batches run to the end); continuous: max_batch_size slots
     decode: str = "ar"  # "jacobi": Jacobi decoding for every request, `window` positions per forward pass
     window: int | None = None
+    tree: str | None = None  # with "jacobi": a draft tree, "KxD[xG]" (argen.engine.draft_tree)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise ArgenError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         object.__setattr__(self, "window", check_decode(self.decode, self.window))
+        tree = check_tree(self.decode, self.tree)
+        object.__setattr__(self, "tree", None if tree is None else str(tree))
         for name in ("max_batch_size", "max_queue", "max_images_per_request", "decode_chunk", "max_body_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ArgenError(f"--{name.replace('_', '-')} must be >= 1")
@@ -167,7 +170,8 @@ class GenerationService:
         self.encode_prompts = encode_prompts
         self.device = gpt.tok_embeddings.weight.device
         self.continuous = config.scheduler == "continuous"
-        self._step_policy = (lambda: PlainStep()) if config.decode == "ar" else (lambda: JacobiStep(config.window))
+        self._step_policy = ((lambda: PlainStep()) if config.decode == "ar"
+                             else (lambda: JacobiStep(config.window, config.tree)))
         if self.continuous:
             self.engine = None
             self.decoder = SlotDecoder(gpt, config.max_batch_size, self._step_policy())
