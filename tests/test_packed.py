@@ -104,7 +104,8 @@ def test_every_sampling_command_loads_packed_kernels_when_asked(tmp_path):
 
     argen.save_tokenizer(tiny_tokenizer(), tmp_path / "tok")
     argen.save_gpt(tiny_gpt("c2i"), tmp_path / "gpt")
-    commands = (("sample", ["--classes", "0"]), ("serve", []), ("edit", ["--image", "x.png", "--box", "0,0,16,16", "--classes", "0"]),
+    commands = (("sample", ["--classes", "0"]), ("serve", []),
+                ("edit", ["--image", "x.png", "--box", "0,0,16,16", "--classes", "0"]),
                 ("sample-batch", ["--out", str(tmp_path / "o"), "--num-samples", "2"]))
     for command, extra in commands:
         common = [command, "--tokenizer", str(tmp_path / "tok"), "--gpt", str(tmp_path / "gpt"), "--device", "cpu",
