@@ -3,11 +3,12 @@
     python benchmarks/bench_jacobi.py --demo /work/runs/demo                # demo generators
     python benchmarks/bench_jacobi.py --demo /work/runs/demo --quality-seeds 0,1,2
     python benchmarks/bench_jacobi.py --gpt-b --gpt-b-windows 4,8          # full-size GPT-B, random weights
-    python benchmarks/bench_jacobi.py --bundled --windows 8 --tree 4x2 --slots 4 --batch-one 10
+    python benchmarks/bench_jacobi.py --bundled --windows 8,8:4x2,16,16:4x3 --per-item 0 --slots 4 --batch-one 10
 
 `--bundled` takes the generators that ship with argen (`demo-c2i`, `demo-t2i`) at their own sampling
-settings (`SamplingParams.for_model`) instead of a demo folder at the demo settings; `--tree KxD[xG]`
-gives every Jacobi run of every section that draft tree (`argen.engine.draft_tree`).
+settings (`SamplingParams.for_model`) instead of a demo folder at the demo settings. A `--windows`
+entry is W or W:KxD[xG], a window with a draft tree (`argen.engine.draft_tree`); `--tree` is the tree
+of the entries without one and of the quality and token checks.
 
 Sections (each optional):
 - window sweep on the demo generators (`<demo>/gpt-c2i`, `<demo>/gpt-t2i`) at the demo's sampling
@@ -50,6 +51,22 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _variants(text: str) -> list[str]:
+    """--windows: "8,8:4x2,16" -> ["8", "8:4x2", "16"] (each checked by `jacobi_args`)."""
+    labels = [x.strip() for x in text.split(",") if x.strip()]
+    for label in labels:
+        jacobi_args(label)
+    return labels
+
+
+def jacobi_args(label: str) -> dict:
+    """A --windows entry, W or W:KxD[xG] -> jacobi_decode's window= and tree= (default --tree)."""
+    from argen.engine.draft_tree import parse_tree
+
+    window, _, tree = str(label).partition(":")
+    return dict(window=int(window), tree=parse_tree(tree or TREE))
+
+
 def demo_conditions(gpt: GPT, per_item: int):
     """The demo report's conditions: each class (c2i) or each demo prompt (t2i), `per_item` times."""
     from argen.training.demo import PROMPTS
@@ -80,7 +97,7 @@ BUNDLED = False  # --bundled
 TREE = None  # --tree: the draft tree of every Jacobi run
 
 
-def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: int, repeats: int) -> list[dict]:
+def window_sweep(name: str, gpt: GPT, windows: list[str], per_item: int, seed: int, repeats: int) -> list[dict]:
     cond, mask = demo_conditions(gpt, per_item)
     params = settings(gpt)
     n = gpt.config.num_image_tokens
@@ -90,7 +107,7 @@ def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: i
                  acceptance=None, wall_s=round(ar_s, 3), speedup_forwards=1.0, speedup_wall=1.0)]
     print(f"{name}: {len(cond)} images x {n} tokens, plain decoding {ar_s:.2f} s", flush=True)
     for w in windows:
-        t, res = best_time(lambda w=w: jacobi_decode(gpt, cond, mask, params, window=w, tree=TREE,
+        t, res = best_time(lambda w=w: jacobi_decode(gpt, cond, mask, params, **jacobi_args(w),
                                                      generator=torch.Generator().manual_seed(seed)), repeats)
         fpi = float(res.forwards.double().mean())
         row = dict(model=name, images=len(cond), tokens=n, window=w, forwards_per_image=round(fpi, 2),
@@ -98,12 +115,12 @@ def window_sweep(name: str, gpt: GPT, windows: list[int], per_item: int, seed: i
                    speedup_forwards=round(n / fpi, 2), speedup_wall=round(ar_s / t, 2),
                    batched_forwards=res.model_calls)
         rows.append(row)
-        print(f"  W={w:3d}: {fpi:6.2f} forwards/image ({n / fpi:4.2f}x fewer), acceptance {res.acceptance_rate:5.1%}, "
+        print(f"  W={w:>3s}: {fpi:6.2f} forwards/image ({n / fpi:4.2f}x fewer), acceptance {res.acceptance_rate:5.1%}, "
               f"{res.model_calls} batched forwards, {t:.2f} s ({ar_s / t:4.2f}x plain)", flush=True)
     return rows
 
 
-def batch_one(name: str, gpt: GPT, windows: list[int], images: int, repeats: int = 1) -> list[dict]:
+def batch_one(name: str, gpt: GPT, windows: list[str], images: int, repeats: int = 1) -> list[dict]:
     """Latency: `images` demo conditions sampled one at a time, plain and Jacobi, total wall time
     (each image's plain and Jacobi runs back to back, `repeats` times over, so that a machine's load
     falls on both alike)."""
@@ -114,7 +131,7 @@ def batch_one(name: str, gpt: GPT, windows: list[int], images: int, repeats: int
     c, m = picks[0]  # warm-up: the engine's first call builds its cache
     generate(gpt, c, m, params=params, generator=torch.Generator().manual_seed(0))
     for w in windows:
-        jacobi_decode(gpt, c, m, params, window=w, tree=TREE, generator=torch.Generator().manual_seed(0))
+        jacobi_decode(gpt, c, m, params, **jacobi_args(w), generator=torch.Generator().manual_seed(0))
     wall = {w: 0.0 for w in ["ar"] + windows}
     calls = {w: 0 for w in windows}
     for _ in range(repeats):
@@ -124,7 +141,7 @@ def batch_one(name: str, gpt: GPT, windows: list[int], images: int, repeats: int
                 if w == "ar":
                     generate(gpt, c, m, params=params, generator=torch.Generator().manual_seed(i))
                 else:
-                    calls[w] += jacobi_decode(gpt, c, m, params, window=w, tree=TREE,
+                    calls[w] += jacobi_decode(gpt, c, m, params, **jacobi_args(w),
                                               generator=torch.Generator().manual_seed(i)).model_calls
                 wall[w] += time.perf_counter() - t0
     ar_s, count = wall["ar"], len(picks) * repeats
@@ -133,15 +150,15 @@ def batch_one(name: str, gpt: GPT, windows: list[int], images: int, repeats: int
           flush=True)
     for w in windows:
         t = wall[w]
-        rows.append(dict(model=name, batch=1, images=count, window=w, tree=None if TREE is None else str(TREE),
-                         wall_s=round(t, 3), forwards_per_image=round(calls[w] / count, 2),
+        rows.append(dict(model=name, batch=1, images=count, window=w, wall_s=round(t, 3),
+                         forwards_per_image=round(calls[w] / count, 2),
                          speedup_wall=round(ar_s / t, 2)))
-        print(f"  W={w:3d}{'' if TREE is None else ' tree ' + str(TREE)}: {calls[w] / count:6.2f} forwards/image "
+        print(f"  W={w:>3s}: {calls[w] / count:6.2f} forwards/image "
               f"({n * count / calls[w]:4.2f}x fewer), {t:.2f} s ({ar_s / t:4.2f}x plain)", flush=True)
     return rows
 
 
-def slots(name: str, gpt: GPT, windows: list[int], per_item: int, num_slots: int, repeats: int) -> list[dict]:
+def slots(name: str, gpt: GPT, windows: list[str], per_item: int, num_slots: int, repeats: int) -> list[dict]:
     """The continuous scheduler: plain slots against Jacobi slots on the same requests."""
     from argen.engine import JacobiStep, SlotDecoder, SlotRequest
 
@@ -153,7 +170,8 @@ def slots(name: str, gpt: GPT, windows: list[int], per_item: int, num_slots: int
                 for i in range(len(cond))]
 
     def run(w):
-        decoder = SlotDecoder(gpt, num_slots) if w == "ar" else SlotDecoder(gpt, num_slots, JacobiStep(w, TREE))
+        step = None if w == "ar" else JacobiStep(**jacobi_args(w))
+        decoder = SlotDecoder(gpt, num_slots, step)
         t0 = time.perf_counter()
         decoder.run(requests())
         return time.perf_counter() - t0, decoder.counters
@@ -299,7 +317,8 @@ def main() -> None:
     ap.add_argument("--bundled", action="store_true", help="the bundled demo-c2i / demo-t2i at their own settings")
     ap.add_argument("--tree", default=None, help="a draft tree KxD[xG] for every Jacobi run (default none)")
     ap.add_argument("--kinds", default="c2i,t2i", help="which demo generators (default c2i,t2i)")
-    ap.add_argument("--windows", type=_ints, default=[2, 4, 8, 12, 16])
+    ap.add_argument("--windows", type=_variants, default=["2", "4", "8", "12", "16"],
+                    help="W or W:KxD[xG] (a window with a draft tree), comma-separated")
     ap.add_argument("--per-item", type=int, default=2, help="images per class/prompt in the window sweep (0: no sweep)")
     ap.add_argument("--sweep-seed", type=int, default=0)
     ap.add_argument("--slots", type=int, default=0, help="also compare plain and Jacobi slot decoders (continuous "

@@ -1,10 +1,12 @@
-"""Jacobi decoding with draft trees and longer windows (`jacobi_decode(window=, tree=)`): forward passes
-per image, the tokens gained per pass (histogram), the passes an alternative of the tree rescued, and
-wall time one image at a time against plain decoding.
+"""Jacobi decoding with draft trees and longer windows (`jacobi_decode(window=, tree=)`), each on its
+own: forward passes per image, the tokens gained per pass (histogram) and the passes an alternative of
+the tree rescued.
 
     python benchmarks/bench_speculate.py                       # bundled demo-c2i and demo-t2i
-    python benchmarks/bench_speculate.py --kinds c2i --per-item 4 --batch-one 10 --json out.json
-    python benchmarks/bench_speculate.py --kinds c2i --per-item 0 --quality-seeds 0,1,2,3 --quality-variant best
+    python benchmarks/bench_speculate.py --kinds c2i --per-item 4 --json out.json
+
+Wall time (batch 1, slots), the classifier's scores and the token-level check of the same variants
+are `bench_jacobi.py --bundled --windows 8,8:4x3x1,8:4x2,16,16:4x3 ...`.
 
 Variants (name: window, tree as candidates x depth [x groups]):
 - base: W = 8, no tree (`decode="jacobi"`'s default);
@@ -25,11 +27,10 @@ from pathlib import Path
 
 import torch
 from classifier_check import conditions as classifier_conditions
-from classifier_check import paired_scores
 
-from argen import generate, load_gpt
+from argen import load_gpt
 from argen.engine import Batches
-from argen.engine.jacobi import JacobiStep, jacobi_decode
+from argen.engine.jacobi import JacobiStep
 from argen.sampling import SamplingParams
 from argen.utils.io import atomic_write_json
 
@@ -86,48 +87,12 @@ def passes(name: str, gpt, variants: dict, per_item: int, seed: int) -> list[dic
     return rows
 
 
-def batch_one(name: str, gpt, variants: dict, images: int) -> list[dict]:
-    """Wall time of `images` conditions sampled one at a time: plain, then each variant."""
-    cond, mask = conditions(gpt, 1)
-    params = SamplingParams.for_model(gpt)
-    picks = [(cond[i:i + 1], None if mask is None else mask[i:i + 1]) for i in range(min(images, len(cond)))]
-
-    def total(fn) -> float:
-        t0 = time.perf_counter()
-        for i, (c, m) in enumerate(picks):
-            fn(c, m, torch.Generator().manual_seed(i))
-        return time.perf_counter() - t0
-
-    generate(gpt, *picks[0], params=params, generator=torch.Generator().manual_seed(0))  # warm-up
-    plain = total(lambda c, m, g: generate(gpt, c, m, params=params, generator=g))
-    rows = [dict(model=name, variant="plain", wall_s=round(plain, 3))]
-    print(f"{name}, batch 1 x {len(picks)} images: plain {plain:.2f} s", flush=True)
-    for label, (window, tree) in variants.items():
-        t = total(lambda c, m, g, w=window, s=tree: jacobi_decode(gpt, c, m, params, window=w, tree=s, generator=g))
-        rows.append(dict(model=name, variant=label, wall_s=round(t, 3), speedup=round(plain / t, 2)))
-        print(f"  {label:18s} {t:.2f} s ({plain / t:.2f}x plain)", flush=True)
-    return rows
-
-
-def quality(gpt, variant: str, seeds: list[int], per_item: int = 8) -> list[dict]:
-    """The bundled classifier's scores of plain samples and of the variant's, per seed, with the mean
-    difference and its standard error (`classifier_check.paired_scores`)."""
-    window, tree = VARIANTS[variant]
-    return paired_scores(gpt, {
-        "plain": lambda c, m, p, g: generate(gpt, c, m, params=p, generator=g),
-        variant: lambda c, m, p, g: jacobi_decode(gpt, c, m, p, window=window, tree=tree, generator=g).tokens,
-    }, seeds, per_item)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="c2i,t2i")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--per-item", type=int, default=4, help="images per class/prompt for the pass counts (0: none)")
-    ap.add_argument("--batch-one", type=int, default=0, help="also time this many images one at a time")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quality-seeds", default="", help="seeds for the c2i classifier check (none by default)")
-    ap.add_argument("--quality-variant", default="best")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -136,15 +101,11 @@ def main() -> None:
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
-    results: dict = {"passes": [], "batch_one": []}
+    results: dict = {"passes": []}
     for kind in args.kinds.split(","):
         gpt = load_gpt(f"demo-{kind}")
         if args.per_item:
             results["passes"] += passes(f"demo-{kind}", gpt, variants, args.per_item, args.seed)
-        if args.batch_one:
-            results["batch_one"] += batch_one(f"demo-{kind}", gpt, variants, args.batch_one)
-        if args.quality_seeds and kind == "c2i":
-            results["quality"] = quality(gpt, args.quality_variant, [int(x) for x in args.quality_seeds.split(",")])
     if args.json:
         atomic_write_json(args.json, results)
 
