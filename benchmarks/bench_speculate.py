@@ -43,6 +43,12 @@ VARIANTS = {
 }
 
 
+def variant(label: str) -> tuple[int, str | None]:
+    """A --variants entry that is not a name: W or W:KxD[xG] -> (window, tree)."""
+    window, _, tree = label.partition(":")
+    return int(window), tree or None
+
+
 class RecordedStep(JacobiStep):
     """`JacobiStep` that also records the tokens each active slot gained in each pass."""
 
@@ -90,7 +96,7 @@ def passes(name: str, gpt, variants: dict, per_item: int, seed: int) -> list[dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="c2i,t2i")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="names above, or W or W:KxD[xG] entries")
     ap.add_argument("--per-item", type=int, default=4, help="images per class/prompt for the pass counts (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -98,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    variants = {name: VARIANTS[name] if name in VARIANTS else variant(name) for name in args.variants.split(",")}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     results: dict = {"passes": []}
