@@ -32,6 +32,7 @@ Timings on a shared CPU are noisy: each figure is the best of --repeats runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -266,6 +267,34 @@ def token_check(gpt: GPT, label: int, images: int, window: int) -> dict:
     return result
 
 
+def forward_cost(name: str, gpt: GPT, sizes: list[int], repeats: int) -> list[dict]:
+    """One image with guidance (2 rows): the model's cached forward of T tokens from a mid-image root,
+    against T = 1 (best of `repeats` x 200 calls). Tokens past the grid sit at its last position and
+    write to their own cache slots, as a draft tree's branches do. Bounds what Jacobi decoding can gain
+    in wall time where the sampling work costs nothing: passes saved / this ratio."""
+    cfg = gpt.config
+    root = cfg.cond_len + cfg.num_image_tokens // 2
+    cache = gpt.new_cache(2, root + max(sizes) + 1)
+    rows, first = [], None
+    with torch.inference_mode():
+        for size in sizes:
+            slots = torch.arange(root, root + size)
+            positions = slots.clamp(max=cfg.cond_len + cfg.num_image_tokens - 1)
+            keys = torch.arange(root + size)
+            mask = (keys <= slots[:, None])[None, None].expand(2, 1, size, root + size) if size > 1 else None
+            call = functools.partial(gpt.forward_cached, torch.randn(2, size, cfg.dim), positions, cache,
+                                     root + size, mask, slots=slots if size > 1 else None)
+            for _ in range(20):
+                call()
+            t, _ = best_time(functools.partial(lambda f: [f() for _ in range(200)], call), repeats)
+            ms = 1000 * t / 200
+            first = first or ms
+            rows.append(dict(model=name, tokens=size, ms=round(ms, 3), vs_one=round(ms / first, 2)))
+    print(f"{name}, one forward with guidance: " + ", ".join(f"T={r['tokens']} {r['ms']:.3f} ms ({r['vs_one']:.2f}x)"
+                                                           for r in rows), flush=True)
+    return rows
+
+
 def bundled_quality(models: dict[str, GPT], window: int, seeds: list[int], per_item: int) -> list[dict]:
     """--bundled: the bundled classifier's scores of plain and Jacobi samples (window, TREE) on the same
     seeds, and whether their difference is within one standard error (`classifier_check`)."""
@@ -325,6 +354,8 @@ def main() -> None:
                     "batching) with this many slots on the demo conditions x --slots-per-item")
     ap.add_argument("--slots-per-item", type=int, default=4, help="requests per class/prompt for --slots")
     ap.add_argument("--batch-one", type=int, default=0, help="also time this many images one at a time")
+    ap.add_argument("--forward-cost", type=_ints, default=[], help="also time one forward of these token counts "
+                    "(e.g. 1,8,16,50,151: the first is the reference)")
     ap.add_argument("--quality-seeds", type=_ints, default=[], help="seeds for the class/prompt match check")
     ap.add_argument("--quality-window", type=int, default=None, help="default: argen's DEFAULT_WINDOW")
     ap.add_argument("--token-check", type=int, default=0, help="images per decoder for the token-level check "
@@ -356,6 +387,10 @@ def main() -> None:
             results["slots"] = [row for kind, gpt in models.items()
                                 for row in slots(f"demo {kind}", gpt, args.windows, args.slots_per_item, args.slots,
                                                  args.repeats)]
+        if args.forward_cost:
+            results["forward_cost"] = [row for kind, gpt in models.items()
+                                       for row in forward_cost(f"demo {kind}", gpt, args.forward_cost,
+                                                               max(args.repeats, 5))]
         if args.batch_one:
             results["batch_one"] = [row for kind, gpt in models.items()
                                     for row in batch_one(f"demo {kind}", gpt, args.windows, args.batch_one,

@@ -226,7 +226,7 @@ def iterate(gpt: GPT, canvas: torch.Tensor, n: torch.Tensor, q: torch.Tensor, no
     window = None if forced is None else forced.gather(1, n[:, None] + steps)  # (A, W)
     if tree is None:
         positions = repeat_rows(cfg.cond_len + inputs)  # (rows, W)
-        h = repeat_rows(gpt.embed_tokens(canvas.gather(1, inputs)))  # (rows, W, C)
+        h = gpt.embed_tokens(repeat_rows(canvas.gather(1, inputs)))  # (rows, W, C)
         logits = gpt.forward_cached(h, positions, cache, kv_len, _visible(key_valid, positions, kv_len))
         index = start[:, None] + steps
     else:
@@ -242,7 +242,7 @@ def iterate(gpt: GPT, canvas: torch.Tensor, n: torch.Tensor, q: torch.Tensor, no
         slots = repeat_rows(tree_slots(root, layout, root[:, None] + width, depth))  # (rows, T)
         positions = repeat_rows((root[:, None] + layout["depth"]).clamp(max=cfg.cond_len + cfg.num_image_tokens - 1))
         mask = tree_mask(key_valid, repeat_rows(root), slots, layout["ancestors"], kv_len)
-        logits = gpt.forward_cached(repeat_rows(gpt.embed_tokens(fed)), positions, cache, kv_len, mask, slots=slots)
+        logits = gpt.forward_cached(gpt.embed_tokens(repeat_rows(fed)), positions, cache, kv_len, mask, slots=slots)
         index = (start[:, None] + layout["depth"]).clamp(max=cfg.num_image_tokens - 1)
     p_tree = probs(logits, index)  # (A, T, V)
     p = p_tree[:, :width]
