@@ -552,9 +552,10 @@ class GenerationService:
                      "prefills_total": dec["prefills"], "decode_steps_total": steps,
                      "prefills_per_s": dec["prefills"] / uptime if uptime > 0 else 0.0,
                      "decode_steps_per_s": steps / uptime if uptime > 0 else 0.0}
-            if "drafted" in dec:  # Jacobi slots: a step advances a slot by 1 + its accepted drafts
+            if "drafted" in dec:  # Jacobi slots: a step advances a slot by 1 + its accepted tokens
                 slots.update(jacobi_drafted_total=dec["drafted"], jacobi_accepted_total=dec["accepted"],
-                             jacobi_acceptance=dec["accepted"] / dec["drafted"] if dec["drafted"] else None)
+                             jacobi_acceptance=dec["accepted"] / dec["drafted"] if dec["drafted"] else None,
+                             jacobi_rescued_total=dec["rescued"])  # steps an alternative of a draft tree won
         else:
             slots = {"scheduler": "static"}
         percentiles = ({"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
