@@ -318,10 +318,9 @@ def test_jacobi_slots_on_gpu_pick_the_argmax_whenever_requests_join(kind):
             assert float(gaps.max()) <= tolerance * spread, (r.tag, float(gaps.max()), spread)
 
 # ---------------------------------------------------------------- command line
-def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
-    from argen.cli.main import main
-    from argen.evaluation.sample_batch import SampleBatchConfig, sample_batch
-    from argen.sampling import image_seed
+def released_c2i(tmp_path):
+    """A tiny tokenizer and c2i generator saved as released files: (tokenizer path, the CLI flags that
+    load them, the generator as loaded)."""
     from conftest import save_released, tiny_tokenizer
     from conftest import tiny_gpt as random_gpt
 
@@ -329,7 +328,15 @@ def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
     c2i = save_released(random_gpt("c2i"), tmp_path / "c2i.pt")
     flags = ["--tokenizer", str(tok), "--tokenizer-config", "VQ-tiny-16", "--gpt", str(c2i), "--gpt-config",
              "GPT-tiny", "--kind", "c2i", "--image-size", "64", "--device", "cpu"]
-    gpt = argen.load_gpt(c2i, config="GPT-tiny", kind="c2i", image_size=64, downsample=16)
+    return tok, flags, argen.load_gpt(c2i, config="GPT-tiny", kind="c2i", image_size=64, downsample=16)
+
+
+def test_sample_and_sample_batch_take_decode_jacobi(tmp_path, capsys):
+    from argen.cli.main import main
+    from argen.evaluation.sample_batch import SampleBatchConfig, sample_batch
+    from argen.sampling import image_seed
+
+    tok, flags, gpt = released_c2i(tmp_path)
     rc = main(["sample", *flags, "--classes", "1,2,3", "--top-k", "20", "--seed", "5", "--decode", "jacobi",
                "--window", "4", "--save-codes", "--out", str(tmp_path / "j")])
     assert rc == 0

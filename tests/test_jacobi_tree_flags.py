@@ -20,14 +20,9 @@ from test_engine import tiny_gpt
 def test_sample_and_sample_batch_take_a_tree(tmp_path, capsys):
     from argen.cli.main import main
     from argen.evaluation.sample_batch import SampleBatchConfig, sample_batch
-    from conftest import save_released, tiny_tokenizer
-    from conftest import tiny_gpt as random_gpt
+    from test_jacobi import released_c2i
 
-    tok = save_released(tiny_tokenizer(), tmp_path / "vq.pt")
-    c2i = save_released(random_gpt("c2i"), tmp_path / "c2i.pt")
-    flags = ["--tokenizer", str(tok), "--tokenizer-config", "VQ-tiny-16", "--gpt", str(c2i), "--gpt-config",
-             "GPT-tiny", "--kind", "c2i", "--image-size", "64", "--device", "cpu"]
-    gpt = argen.load_gpt(c2i, config="GPT-tiny", kind="c2i", image_size=64, downsample=16)
+    tok, flags, gpt = released_c2i(tmp_path)
     rc = main(["sample", *flags, "--classes", "1,2,3", "--top-k", "20", "--seed", "5", "--decode", "jacobi",
                "--window", "4", "--tree", "3x2", "--save-codes", "--out", str(tmp_path / "t")])
     assert rc == 0
