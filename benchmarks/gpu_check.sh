@@ -18,8 +18,9 @@
 #   slots      benchmarks/gpu_stages.py slots: SlotDecoder (continuous batching) vs static batches of 16,
 #              GPT-B 256 px, closed loop then 48 Poisson arrivals at 0.8 x the static capacity; and
 #              the closed loop through JacobiSlotDecoder (W=8, captured)
-#   jacobi     benchmarks/gpu_stages.py jacobi: Jacobi decoding W=4,8 vs plain, GPT-B 256 px random
-#              weights, 8 images x 64 tokens
+#   jacobi     benchmarks/gpu_stages.py jacobi: Jacobi decoding W=8, 16, with draft trees 4x2 and 4x3 (issue
+#              29) vs plain, GPT-B 256 px random weights, 8 images x 64 tokens; the bundled demo-c2i at batch
+#              1 and 8 (its acceptance is real: passes and wall time where a forward is flat in its tokens)
 #   int8       benchmarks/bench_int8.py: the engine in bf16 vs int8 weight-only (block linears; and the head
 #              too), GPT-B 256 px, 2 images + cfg 4.0, top-k 2000: ms per step and weights MB
 #   reference_xl  as reference, GPT-XL, on the time that is left (compilation is the longest item)
@@ -170,9 +171,9 @@ run_stage sample "$([ "$DRY" = 1 ] && echo 150 || echo 70)" "$PY" "$S" sample-ev
   --json "$WORK/sample.json"
 run_stage slots "$([ "$DRY" = 1 ] && echo 90 || echo 60)" "$PY" "$S" slots "${D[@]}" --slots 16 --requests 48 --duration 20 --json "$WORK/slots.json"
 if [ "$DRY" = 1 ]; then
-  run_stage jacobi 40 "$PY" "$S" jacobi --dry --images 2 --tokens 8 --windows 4 --json "$WORK/jacobi.json"
+  run_stage jacobi 60 "$PY" "$S" jacobi --dry --images 2 --tokens 8 --windows 4,4:2x2 --json "$WORK/jacobi.json"
 else
-  run_stage jacobi 40 "$PY" "$S" jacobi --images 8 --tokens 64 --windows 4,8 --json "$WORK/jacobi.json"
+  run_stage jacobi 60 "$PY" "$S" jacobi --images 8 --tokens 64 --windows 8,8:4x2,16,16:4x3 --json "$WORK/jacobi.json"
 fi
 I8=(--device cuda --tokens 256 --repeats 2)
 [ "$DRY" = 1 ] && I8=(--device cpu --model GPT-tiny --tokens 4 --repeats 1 --top-k 10)

@@ -3,7 +3,7 @@
     python benchmarks/gpu_stages.py train --json train.json        # GPT-B, 256 px, batch 64, bf16
     python benchmarks/gpu_stages.py sample-eval --work /tmp/x       # argen sample-batch, then argen evaluate
     python benchmarks/gpu_stages.py slots --json slots.json         # continuous (SlotDecoder) vs static batches
-    python benchmarks/gpu_stages.py jacobi --windows 4,8            # Jacobi decoding vs plain, few tokens
+    python benchmarks/gpu_stages.py jacobi --windows 4,8,8:4x2      # Jacobi decoding (trees too) vs plain
     python benchmarks/gpu_stages.py <stage> --dry ...               # the same on the CPU with tiny settings
 
 - train: `argen.training.generator.train` (the library call behind `argen train`) on random codes
@@ -262,8 +262,10 @@ def stage_slots(args) -> int:
 
 # --------------------------------------------------------------------------------------- jacobi
 def stage_jacobi(args) -> int:
-    from argen.engine import generate
-    from argen.engine.jacobi import jacobi_decode
+    """GPT-B (random weights: the cost of a W-token and a tree forward) and the bundled demo-c2i at its
+    own settings (trained: real acceptance) through `jacobi_decode`, each --windows entry (W or W:KxD[xG],
+    a window with a draft tree) against plain decoding on the same batch."""
+    from argen import load_gpt
     from argen.models.gpt import GPT, gpt_config
     from argen.sampling import SamplingParams
 
@@ -278,6 +280,25 @@ def stage_jacobi(args) -> int:
     n = min(args.tokens, gpt.config.num_image_tokens)
     cond = torch.arange(args.images, device=device) * 7 % gpt.config.num_classes  # (B,)
     params = SamplingParams(cfg_scale=4.0, top_k=args.top_k if not args.dry else 50)
+    result: dict = {"config": gpt.config.name, "image_size": gpt.config.image_size, "images": args.images,
+                    "tokens": n, "dtype": str(dtype).replace("torch.", "")}
+    code = _jacobi_against_plain(gpt, cond, params, n, args.windows, device, result, "")
+    demo = load_gpt("demo-c2i", device=device)  # bundled, float32
+    demo_n = min(args.tokens, demo.config.num_image_tokens) if args.dry else demo.config.num_image_tokens
+    for batch in (1, args.images):
+        classes = torch.arange(batch, device=device) % demo.config.num_classes
+        code |= _jacobi_against_plain(demo, classes, SamplingParams.for_model(demo), demo_n, args.windows, device,
+                                      result, f"demo_b{batch}_")
+    _report(result, args.json)
+    return code
+
+
+def _jacobi_against_plain(gpt, cond, params, n: int, windows: list[str], device, result: dict, prefix: str) -> int:
+    """Plain decoding, then `jacobi_decode` for each window entry, on one batch: seconds (first call with
+    graph capture, then the best of 2), forward passes per image, acceptance, ms per forward; into
+    `result` under `prefix`. Returns 1 if an entry failed (its error is recorded), else 0."""
+    from argen.engine import generate
+    from argen.engine.jacobi import jacobi_decode
 
     def gen():
         return torch.Generator(device=device).manual_seed(0)
@@ -289,27 +310,26 @@ def stage_jacobi(args) -> int:
         _sync(device)
         return time.perf_counter() - t0, out
 
-    result: dict = {"config": gpt.config.name, "image_size": gpt.config.image_size, "images": args.images,
-                    "tokens": n, "dtype": str(dtype).replace("torch.", "")}
     ar = lambda: generate(gpt, cond, params=params, max_new_tokens=n, generator=gen())  # noqa: E731
-    result["ar_first_s"], _ = timed(ar)
-    result["ar_s"] = min(timed(ar)[0] for _ in range(2))
+    result[f"{prefix}ar_first_s"], _ = timed(ar)
+    result[f"{prefix}ar_s"] = min(timed(ar)[0] for _ in range(2))
     code = 0
-    for w in args.windows:
+    for entry in windows:
+        window, _, tree = entry.partition(":")
+        key = f"{prefix}W{entry.replace(':', '_')}"
         try:
-            run = lambda w=w: jacobi_decode(gpt, cond, None, params, window=w, max_new_tokens=n,  # noqa: E731
-                                            generator=gen())
-            result[f"W{w}_first_s"], _ = timed(run)
+            run = lambda w=int(window), t=tree or None: jacobi_decode(  # noqa: E731
+                gpt, cond, None, params, window=w, tree=t, max_new_tokens=n, generator=gen())
+            result[f"{key}_first_s"], _ = timed(run)
             t, res = min((timed(run) for _ in range(2)), key=lambda x: x[0])
-            result[f"W{w}_s"] = t
-            result[f"W{w}_forwards_per_image"] = float(res.forwards.double().mean())
-            result[f"W{w}_acceptance"] = res.acceptance_rate
-            result[f"W{w}_ms_per_forward"] = 1e3 * t / res.model_calls
-            result[f"W{w}_speedup_vs_ar"] = result["ar_s"] / t
+            result[f"{key}_s"] = t
+            result[f"{key}_forwards_per_image"] = float(res.forwards.double().mean())
+            result[f"{key}_acceptance"] = res.acceptance_rate
+            result[f"{key}_ms_per_forward"] = 1e3 * t / res.model_calls
+            result[f"{key}_speedup_vs_ar"] = result[f"{prefix}ar_s"] / t
         except Exception as exc:  # noqa: BLE001 - report it and go on with the next window
             code = 1
-            result[f"W{w}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    _report(result, args.json)
+            result[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return code
 
 
@@ -334,8 +354,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jacobi-window", type=int, default=8, help="slots: window of the Jacobi slot decoder")
     parser.add_argument("--requests", type=int, default=48, help="slots: open-loop requests")
     parser.add_argument("--duration", type=float, default=20.0, help="slots: seconds of arrivals at most")
-    parser.add_argument("--windows", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8],
-                        help="jacobi: windows")
+    parser.add_argument("--windows", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                        default=["4", "8"], help="jacobi: windows, W or W:KxD[xG] (a draft tree)")
     parser.add_argument("--images", type=int, default=8, help="jacobi: images per batch (with guidance)")
     parser.add_argument("--tokens", type=int, default=64, help="jacobi: tokens per image")
     args = parser.parse_args(argv)
