@@ -24,7 +24,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    pixels = np.array(images, order="C")  # a writable copy: PIL's arrays are read-only, which torch warns about
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
