@@ -72,7 +72,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree", default=None, metavar="KxD[xG]",
                         help="with --decode jacobi: a draft tree, K candidates for each of the first G unverified "
                              "tokens (default every one), each followed by D tokens, verified in the same forward "
-                             "pass (e.g. 4x2: fewer forward passes, more tokens per pass; same distribution)")
+                             "pass (e.g. 4x2: fewer forward passes, more tokens per pass; same distribution; "
+                             "pays where a forward's cost is flat in its tokens, i.e. on a GPU: slower on a CPU)")
 
 
 def decode_options(args: argparse.Namespace) -> dict:

@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --decode jacobi: positions per forward pass (default 8)")
     group.add_argument("--tree", default=None, metavar="KxD[xG]",
                        help="with --decode jacobi: a draft tree for every request (e.g. 4x2: K candidates per "
-                            "unverified token, each followed by D tokens, in the same forward pass)")
+                            "unverified token, each followed by D tokens, in the same forward pass; for GPUs: "
+                            "slower than none on a CPU)")
     group.add_argument("--max-wait-ms", type=nonneg_float, default=10.0,
                        help="how long the oldest request waits for others to join its batch (default 10)")
     group.add_argument("--max-queue", type=positive_int, default=256, help="queued images before 503 (default 256)")
