@@ -14,6 +14,7 @@ import torch
 from scipy.stats import chisquare
 
 import argen
+import argen.engine.draft_tree as draft_tree
 import argen.engine.jacobi as jacobi
 from argen.engine import JacobiSlotDecoder, SlotRequest
 from argen.engine.jacobi import jacobi_decode
@@ -190,7 +191,7 @@ def test_jacobi_samples_the_exact_ar_distribution_and_a_wrong_rule_is_caught(kin
     right = draw(0)
     assert right.accepted > 0.2 * right.drafted  # drafts are used, not just rejected
     assert chi_square_pvalue(right.tokens, joint) > 1e-3
-    monkeypatch.setattr(jacobi, "_accept", lambda u, q, p: torch.ones_like(u, dtype=torch.bool))
+    monkeypatch.setattr(draft_tree, "accept", lambda u, q, p: torch.ones_like(u, dtype=torch.bool))
     wrong = draw(0)
     assert wrong.accepted == wrong.drafted
     assert chi_square_pvalue(wrong.tokens, joint) < 1e-6

@@ -190,8 +190,8 @@ def _sample(model, cond, mask, params, tree, window=3, samples=SAMPLES, seed=0):
 
 
 def _past_the_rejection(p, drafts, q, checked, uniforms, draws, forced=None):
-    """Inexact: after the branch's first rejection, keep verifying its later drafts against outputs
-    that saw the rejected draft, and commit them up to the next rejection."""
+    """Inexact: after a chain's first rejection (the spine's or a branch's), keep verifying its later
+    drafts against outputs that saw the rejected draft, and commit them up to the next rejection."""
     count, length = drafts.shape
     tokens = torch.cat([drafts, drafts.new_zeros(count, 1)], dim=1)
     committed = torch.zeros(count, dtype=torch.long)
@@ -212,12 +212,12 @@ def _past_the_rejection(p, drafts, q, checked, uniforms, draws, forced=None):
         tokens[:, j] = torch.where(stop, draw(p[:, j], draws[:, j]), tokens[:, j])
         committed += stop.long()
         rejections = torch.where(stop, 2, rejections)
-    return committed.clamp(min=1), tokens, torch.zeros(count, dtype=torch.bool), p[:, 0]
+    return committed.clamp(min=1), tokens, torch.zeros(count, dtype=torch.bool)
 
 
 WRONG_RULES = {  # per distribution case: an inexact rule the chi-square test must catch
     0: ("reject_update", lambda r, q: r),  # the alternatives' target: p itself, not the residual
-    2: ("chain", _past_the_rejection),  # a branch commits past its first rejection
+    2: ("chain", _past_the_rejection),  # a chain (spine or branch) commits past its first rejection
 }
 
 

@@ -208,7 +208,8 @@ def first_token(p: torch.Tensor, q: torch.Tensor, candidates: torch.Tensor, vali
 
 def chain(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, checked: torch.Tensor, uniforms: torch.Tensor,
           draws: torch.Tensor, forced: torch.Tensor | None = None):
-    """Left-to-right verification of a chain whose context is exact up to its first draft.
+    """Left-to-right verification of a chain whose context is exact up to its first draft (the Jacobi
+    window's spine, and an accepted tree branch).
 
     p (A, L+1, V): p[:, i] the distribution of draft i (i < L) and of the token after the last;
     drafts (A, L) drawn from q (A, L, V); checked (A, L): drafts that may be tested (a leading run);
@@ -216,7 +217,7 @@ def chain(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, checked: torch
     tokens (-1: sampled), a kept draft always accepted and a kept closing token given. Returns
     (count (A,) tokens committed, 1..L+1; tokens (A, L+1), valid up to count: the leading accepted
     drafts, then a draw from max(0, p - q) at the first rejection, or from p after the last checked
-    draft; rejected (A,) bool; the closing draw's distribution (A, V))."""
+    draft; rejected (A,) bool)."""
     count, length, vocab = p.shape[0], drafts.shape[1], p.shape[-1]
     if length:
         keep = accept(uniforms, q.gather(-1, drafts[..., None])[..., 0],
@@ -224,19 +225,20 @@ def chain(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, checked: torch
         if forced is not None:
             keep |= forced[:, :length] >= 0
         keep &= checked
-        lead = keep.long().cumprod(dim=1).sum(dim=1)  # (A,)
+        lead = keep.long().cumprod(dim=1).sum(dim=1)  # (A,) leading accepted drafts
         rejected = lead < checked.long().sum(dim=1)
-        at = lead[:, None, None].expand(count, 1, vocab)
-        p_at = p.gather(1, at)[:, 0]
-        q_at = torch.cat([q, q.new_zeros(count, 1, vocab)], dim=1).gather(1, at)[:, 0]
-        weights = torch.where(rejected[:, None], reject_update(p_at, q_at), p_at)
     else:
         lead = torch.zeros(count, dtype=torch.long, device=p.device)
         rejected = torch.zeros(count, dtype=torch.bool, device=p.device)
-        weights = p[:, 0]
+    at = lead[:, None, None].expand(count, 1, vocab)
+    weights = p.gather(1, at)[:, 0]  # (A, V)
+    if length:  # at a rejection lead < L: q_at is the rejected draft's proposal; unnormalised residual
+        q_at = q.gather(1, at.clamp(max=length - 1))[:, 0]
+        residual = torch.where(rejected[:, None], (weights - q_at).clamp_(min=0.0), weights)
+        weights = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, weights)
     last = draw(weights, draws.gather(1, lead[:, None])[:, 0])
     if forced is not None:
         given = forced.gather(1, lead[:, None])[:, 0]
         last = torch.where(given >= 0, given, last)
     tokens = torch.cat([drafts, drafts.new_zeros(count, 1)], dim=1).scatter(1, lead[:, None], last[:, None])
-    return lead + 1, tokens, rejected, weights
+    return lead + 1, tokens, rejected

@@ -78,6 +78,7 @@ from argen.engine.draft_tree import (
     DraftTree,
     chain,
     commit_branch_cache,
+    draw,
     extra_candidates,
     first_token,
     parse_tree,
@@ -87,8 +88,6 @@ from argen.engine.draft_tree import (
     tree_mask,
     tree_slots,
 )
-from argen.engine.draft_tree import accept as _accept
-from argen.engine.draft_tree import draw as _draw
 from argen.engine.sampler import RowParams, combine_guidance_pairs, filtered_weights
 from argen.engine.slots import SlotRequest, row_slice
 from argen.models.gpt import GPT
@@ -145,30 +144,11 @@ def verify(p: torch.Tensor, length: torch.Tensor, drafts: torch.Tensor, q: torch
     count, width, vocab = p.shape
     n_drafts = width - 1
     index = torch.arange(width, device=p.device)
-    if n_drafts:
-        p_draft = p[:, :n_drafts].gather(-1, drafts[..., None])[..., 0]  # (A, W-1)
-        q_draft = q.gather(-1, drafts[..., None])[..., 0]
-        checked = index[None, :n_drafts] < (length - 1)[:, None]
-        keep = _accept(uniforms[:, :n_drafts], q_draft, p_draft)
-        if forced is not None:
-            keep |= forced[:, :n_drafts] >= 0
-        keep &= checked
-        accepted = keep.long().cumprod(dim=1).sum(dim=1)  # (A,) leading accepted drafts
-    else:
-        accepted = torch.zeros(count, dtype=torch.long, device=p.device)
-    at = accepted[:, None, None].expand(count, 1, vocab)
-    p_at = p.gather(1, at)[:, 0]  # (A, V)
-    if n_drafts:
-        rejected = (accepted < length - 1)[:, None]  # then accepted < W-1: q_at is the rejected draft's proposal
-        q_at = q.gather(1, at.clamp(max=n_drafts - 1))[:, 0]
-        residual = torch.where(rejected, (p_at - q_at).clamp_(min=0.0), p_at)
-        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_at)
-    else:
-        residual = p_at
-    token = _draw(residual, uniforms[:, n_drafts])
-    if forced is not None:
-        given = forced.gather(1, accepted[:, None])[:, 0]
-        token = torch.where(given >= 0, given, token)
+    checked = index[None, :n_drafts] < (length - 1)[:, None]  # (A, W-1)
+    gained, tokens, _ = chain(p, drafts, q, checked, uniforms[:, :n_drafts],
+                              uniforms[:, n_drafts:n_drafts + 1].expand(count, width), forced)
+    accepted = gained - 1
+    token = tokens.gather(1, accepted[:, None])[:, 0]
     source = (accepted[:, None] + 1 + index[None, :n_drafts]).minimum(length[:, None] - 1)  # (A, W-1)
     return accepted, token, p.gather(1, source[..., None].expand(count, n_drafts, vocab))
 
@@ -314,14 +294,14 @@ def resolve_tree(p: torch.Tensor, p_tree: torch.Tensor, length: torch.Tensor, dr
     winner, left = first_token(target, rest, candidates, valid[rows, at] & tried[:, None], tested)
     won = winner < k - 1
     pick = winner.clamp(max=k - 2)
-    head = torch.where(won, candidates.gather(1, pick[:, None])[:, 0], _draw(left, head_draw[:, 0]))
+    head = torch.where(won, candidates.gather(1, pick[:, None])[:, 0], draw(left, head_draw[:, 0]))
     token = torch.where(tried, head, token)
     node = (at * (k - 1) + pick) * depth  # the branch's first input after the spine
     p_branch = p_tree.gather(1, (width + node[:, None] + t)[..., None].expand(count, depth, vocab))
     later = accepted[:, None] + 1 + t[:depth - 1]  # the branch's drafts: the spine's of tokens n+a+1..
     spots = later.clamp(max=width - 2)
     kept = None if forced is None else forced.gather(1, (accepted[:, None] + 1 + t).clamp(max=width - 1))
-    extra, branch, _, _ = chain(p_branch, drafts.gather(1, spots), q.gather(1, spots[..., None].expand(-1, -1, vocab)),
+    extra, branch, _ = chain(p_branch, drafts.gather(1, spots), q.gather(1, spots[..., None].expand(-1, -1, vocab)),
                                 later < (length - 1)[:, None], branch_tests, branch_draws, kept)
     return token, branch, torch.where(won, extra, 0), won, p_branch, node
 
